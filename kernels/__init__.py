@@ -1,0 +1,1 @@
+"""Triton kernels of bayeslayers (imported as `bayeslayers.kernels`); they know only tensors."""

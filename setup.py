@@ -1,0 +1,53 @@
+"""bayeslayers: Triton-fused Bayesian layers for fine-tuning diffusion models.
+
+The source tree keeps `kernels/` and `integrations/` at the top level; both install
+under the single import namespace `bayeslayers` (`bayeslayers.kernels`,
+`bayeslayers.integrations`). No top-level `kernels` module is ever installed.
+"""
+
+from setuptools import find_packages, setup
+
+PACKAGE_DIRS = {
+    "bayeslayers": "bayeslayers",
+    "bayeslayers.kernels": "kernels",
+    "bayeslayers.integrations": "integrations",
+}
+
+
+def _packages():
+    names = []
+    for package, directory in PACKAGE_DIRS.items():
+        names.append(package)
+        names.extend(f"{package}.{sub}" for sub in find_packages(directory))
+    return names
+
+
+setup(
+    name="bayeslayers",
+    version="0.1.0",
+    description="Triton-fused Bayesian neural-network layers for fine-tuning diffusion models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=_packages(),
+    package_dir=PACKAGE_DIRS,
+    package_data={"bayeslayers.integrations": ["tiny_sd/assets/**/*", "tiny_sd/assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.4,<3.10; platform_system == 'Linux'",
+        "numpy",
+    ],
+    extras_require={
+        "diffusers": ["diffusers>=0.30", "transformers>=4.40", "accelerate>=0.30", "peft>=0.12", "safetensors",
+                      "pillow", "tqdm"],
+        "bench": ["matplotlib"],
+        "test": ["pytest", "build", "wheel"],
+    },
+    entry_points={
+        "console_scripts": [
+            "bayeslayers-dreambooth=bayeslayers.integrations.dreambooth:cli",
+            "bayeslayers-sample=bayeslayers.integrations.sample:cli",
+        ]
+    },
+)
