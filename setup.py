@@ -45,6 +45,10 @@ setup(
         "test": ["pytest", "build", "wheel"],
     },
     entry_points={
+        "bayeslayers.presets": [
+            "dreambooth-bnn=bayeslayers.integrations.presets:DREAMBOOTH_BNN",
+            "dreambooth-bnn-lora=bayeslayers.integrations.presets:DREAMBOOTH_BNN_LORA",
+        ],
         "console_scripts": [
             "bayeslayers-dreambooth=bayeslayers.integrations.dreambooth:cli",
             "bayeslayers-sample=bayeslayers.integrations.sample:cli",

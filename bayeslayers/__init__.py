@@ -1,2 +1,30 @@
-"""bayeslayers: Bayesian layers for fine-tuning diffusion models."""
+"""bayeslayers: Bayesian layers for fine-tuning diffusion models.
+
+A converted layer holds a Gaussian posterior N(mu, softplus(rho)^2) per weight, mu initialised at the
+pretrained weight, and a prior centred on the pretrained weight. Training draws one weight sample per step
+(reparameterization trick) and adds ``kl_weight * kl_loss(model)`` to the loss; eval uses the mean weights.
+
+    import bayeslayers
+    bayeslayers.convert(unet, preset="dreambooth-bnn")
+    loss = diffusion_loss + kl_weight * bayeslayers.kl_loss(unet)
+"""
+
+from .backends import get_backend, set_backend
+from .convert import bayesian_modules, convert, posterior_layers, to_deterministic
+from .diagnostics import LayerStats, Summary, summary
+from .layers import BayesConv2d, BayesianLayer, BayesLinear, BayesLoRAConv2d, BayesLoRALinear
+from .objectives import kl_loss
+from .presets import available_presets, get_preset, register_preset
+from .registry import register_layer_type
+from .rng import materialize_eps
+from .sampling import sampling
+from .serialization import load, read_metadata, save
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "BayesConv2d", "BayesianLayer", "BayesLinear", "BayesLoRAConv2d", "BayesLoRALinear", "LayerStats", "Summary",
+    "available_presets", "bayesian_modules", "convert", "get_backend", "get_preset", "kl_loss", "load",
+    "materialize_eps", "posterior_layers", "read_metadata", "register_layer_type", "register_preset", "sampling",
+    "save", "set_backend", "summary", "to_deterministic",
+]

@@ -1,0 +1,62 @@
+"""Backend dispatch: one interface, several implementations of the reparameterized layer op.
+
+- ``reference``: plain eager PyTorch; autograd keeps eps, sigma and the sampled weight (the test oracle and
+  the benchmark baseline, what a hand-written Bayesian layer does).
+- ``torch``: a custom autograd Function that regenerates eps from the seed in backward and adds the KL
+  gradient analytically; the CPU default.
+- ``triton``: fused Triton kernels (``bayeslayers.kernels``); the CUDA default when available.
+
+Choose with :func:`set_backend` or the ``BAYESLAYERS_BACKEND`` environment variable; ``auto`` picks triton on
+CUDA when it is usable and torch otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import Backend
+from .reference import ReferenceBackend
+from .torch_backend import TorchBackend
+from .triton_backend import TritonBackend
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), TorchBackend(), TritonBackend())}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+ENV_VAR = "BAYESLAYERS_BACKEND"
+
+_selected: str | None = None
+
+
+def _check_name(name: str, argument: str) -> str:
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"{argument} must be one of {BACKEND_CHOICES}, got {name!r}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Selects the backend for all Bayesian layers: 'auto', 'reference', 'torch' or 'triton'."""
+    global _selected
+    _selected = _check_name(name, "backend")
+
+
+def get_backend() -> str:
+    """The selected backend name: set_backend's, else $BAYESLAYERS_BACKEND, else 'auto'."""
+    if _selected is not None:
+        return _selected
+    return _check_name(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
+
+
+def resolve_backend(device: torch.device, name: str | None = None) -> Backend:
+    """The backend object that serves tensors on ``device`` ('auto' resolved)."""
+    name = get_backend() if name is None else _check_name(name, "backend")
+    if name == "auto":
+        triton = BACKENDS["triton"]
+        return triton if device.type == "cuda" and triton.is_available(device) else BACKENDS["torch"]
+    backend = BACKENDS[name]
+    if not backend.is_available(device):
+        raise RuntimeError(f"backend {name!r} cannot run on device {device}: {backend.unavailable_reason(device)}")
+    return backend
+
+
+__all__ = ["Backend", "BACKENDS", "set_backend", "get_backend", "resolve_backend"]

@@ -1,0 +1,138 @@
+"""Gaussian mean-field posterior over one weight tensor, shared by every Bayesian layer type."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..backends import resolve_backend
+from ..kl import check_direction, kl_elementwise
+
+PRIOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def inverse_softplus(sigma: float) -> float:
+    """rho such that softplus(rho) == sigma (stable for small sigma)."""
+    return sigma + math.log(-math.expm1(-sigma))
+
+
+def check_positive(value: float, argument: str) -> float:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{argument} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes in: the autocast dtype when autocast is on, else the input's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class BayesianLayer(nn.Module):
+    """Posterior N(weight_mu, softplus(weight_rho)^2) per weight element; prior N(prior_mu, prior_sigma^2).
+
+    ``weight_mu`` and ``weight_rho`` are fp32 parameters whatever the model's dtype; ``prior_mu`` is a
+    non-trainable buffer (None for a zero-mean prior), optionally stored in bf16/fp16.
+
+    In ``train()`` mode every forward draws one fresh weight sample shared by the whole batch; in ``eval()``
+    mode the posterior mean is used (a plain layer's cost). :func:`bayeslayers.sampling` fixes the seed.
+    """
+
+    def __init__(self, weight_shape, *, init_sigma=0.01, prior_sigma=0.01, kl_direction="qp", prior_mean=None,
+                 prior_dtype=None, device=None):
+        super().__init__()
+        init_sigma = check_positive(init_sigma, "init_sigma")
+        self.prior_sigma = check_positive(prior_sigma, "prior_sigma")
+        self.kl_direction = check_direction(kl_direction)
+        self.weight_mu = nn.Parameter(torch.empty(weight_shape, dtype=torch.float32, device=device))
+        self.weight_rho = nn.Parameter(
+            torch.full(weight_shape, inverse_softplus(init_sigma), dtype=torch.float32, device=device))
+        self.register_buffer("prior_mu", self._prior_tensor(prior_mean, prior_dtype, weight_shape, device))
+        self.layer_id = 0
+        self.fixed_seed: int | None = None
+        self._kl_cache = None
+
+    @staticmethod
+    def _prior_tensor(prior_mean, prior_dtype, weight_shape, device):
+        if prior_dtype is not None and prior_dtype not in PRIOR_DTYPES:
+            raise ValueError(f"prior_dtype must be one of {PRIOR_DTYPES} or None, got {prior_dtype!r}")
+        if prior_mean is None:
+            return None
+        if tuple(prior_mean.shape) != tuple(weight_shape):
+            raise ValueError(f"prior_mean must have the weight's shape {tuple(weight_shape)}, "
+                             f"got {tuple(prior_mean.shape)}")
+        dtype = prior_dtype or torch.float32
+        return prior_mean.detach().to(device=device, dtype=dtype).clone()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The posterior mean (what deterministic code reading ``.weight`` expects)."""
+        return self.weight_mu
+
+    @property
+    def weight_sigma(self) -> torch.Tensor:
+        return nn.functional.softplus(self.weight_rho)
+
+    @property
+    def sampling_enabled(self) -> bool:
+        return self.training or self.fixed_seed is not None
+
+    def _reparameterized(self, op, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Applies ``op`` with a weight sample (training / fixed seed) or the posterior mean (eval)."""
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__}: input x must be a floating-point tensor, got {x.dtype}")
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            if not self.sampling_enabled:
+                return op.forward(x, self.weight_mu.to(dtype), bias)
+            backend = resolve_backend(x.device)
+            seed = self.fixed_seed if self.fixed_seed is not None else backend.layer_seed(self.layer_id)
+            y, kl = backend.apply(op, x, self.weight_mu, self.weight_rho, bias, self.prior_mu, self.prior_sigma,
+                                  self.kl_direction, seed)
+        self._kl_cache = (kl, self._param_versions())
+        return y
+
+    def _param_versions(self):
+        return (self.weight_mu._version, self.weight_rho._version,
+                None if self.prior_mu is None else self.prior_mu._version)
+
+    def kl(self) -> torch.Tensor:
+        """Summed closed-form KL of this layer (0-d fp32 tensor, nats).
+
+        Reuses the value the last sampling forward computed in its fused pass when the parameters have not
+        changed since and its autograd state fits the current grad mode; otherwise computes it directly.
+        """
+        wants_grad = torch.is_grad_enabled() and (self.weight_mu.requires_grad or self.weight_rho.requires_grad)
+        if self._kl_cache is not None:
+            kl, versions = self._kl_cache
+            if versions == self._param_versions() and kl.requires_grad == wants_grad:
+                return kl
+        return kl_elementwise(self.weight_mu, self.weight_sigma, self.prior_mu, self.prior_sigma,
+                              self.kl_direction).sum()
+
+    def check_finite(self, name: str = "") -> None:
+        """Raises ValueError naming the first non-finite posterior tensor of this layer."""
+        for argument, tensor in (("weight_mu", self.weight_mu), ("weight_rho", self.weight_rho)):
+            if not bool(torch.isfinite(tensor).all()):
+                where = f" of layer {name!r}" if name else ""
+                raise ValueError(f"{argument}{where} holds NaN or Inf values; expected finite numbers")
+
+    def options(self) -> dict:
+        """Prior and KL options, JSON-friendly (saved with checkpoints)."""
+        prior_dtype = None if self.prior_mu is None else str(self.prior_mu.dtype).replace("torch.", "")
+        return {"prior_sigma": self.prior_sigma, "kl_direction": self.kl_direction, "prior_dtype": prior_dtype}
+
+    def apply_options(self, options: dict) -> None:
+        """Sets the prior width and KL direction from :meth:`options` output."""
+        self.prior_sigma = check_positive(options["prior_sigma"], "prior_sigma")
+        self.kl_direction = check_direction(options["kl_direction"])
+        self._kl_cache = None
+
+    def posterior_repr(self) -> str:
+        prior = "pretrained" if self.prior_mu is not None else "zero"
+        return f"prior_mean={prior}, prior_sigma={self.prior_sigma}, kl_direction={self.kl_direction!r}"

@@ -1,0 +1,154 @@
+"""Bayesian LoRA adapters around a frozen base layer: y = base(x) + scaling * B(A(x)), scaling = alpha / rank.
+
+Each factor is a Bayesian layer or, when left out of ``bayesian_factors``, a plain deterministic one. B's mean
+starts at zero (so the adapted model equals the base model) with a zero-mean prior. A's mean starts at the
+usual LoRA (Kaiming-uniform) initialisation and its prior is centred on that initial value: a zero-mean prior
+of width prior_sigma on A would pull A, and with it the whole update B·A, towards zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .conv import BayesConv2d
+from .linear import BayesLinear
+
+FACTOR_CHOICES = ("AB", "A", "B")
+
+
+def _check_lora_options(rank, lora_alpha, bayesian_factors):
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if lora_alpha is not None and (not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0):
+        raise ValueError(f"lora_alpha must be a positive number or None, got {lora_alpha!r}")
+    if bayesian_factors not in FACTOR_CHOICES:
+        raise ValueError(f"bayesian_factors must be one of {FACTOR_CHOICES}, got {bayesian_factors!r}")
+
+
+class _BayesLoRA(nn.Module):
+    """Shared structure of the LoRA layer types; subclasses build the two factors and the merged update."""
+
+    def __init__(self, base_layer: nn.Module, rank: int = 4, lora_alpha=None, bayesian_factors: str = "AB",
+                 init_sigma=0.01, prior_sigma=0.01, kl_direction="qp", prior_dtype=None):
+        super().__init__()
+        _check_lora_options(rank, lora_alpha, bayesian_factors)
+        self.base_layer = base_layer.requires_grad_(False)
+        self.rank = rank
+        self.lora_alpha = float(rank if lora_alpha is None else lora_alpha)
+        self.scaling = self.lora_alpha / rank
+        self.bayesian_factors = bayesian_factors
+        self.lora_prior_dtype = None if prior_dtype is None else str(prior_dtype).replace("torch.", "")
+        posterior = dict(init_sigma=init_sigma, prior_sigma=prior_sigma, kl_direction=kl_direction,
+                         prior_dtype=prior_dtype)
+        device = base_layer.weight.device
+        lora_A = self._make_A(device)
+        nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+        if "A" in bayesian_factors:
+            lora_A = self._bayesian(lora_A, prior_mean=lora_A.weight.detach(), **posterior)
+        lora_B = self._make_B(device)
+        nn.init.zeros_(lora_B.weight)
+        if "B" in bayesian_factors:
+            lora_B = self._bayesian(lora_B, prior_mean=None, **posterior)
+        self.lora_A, self.lora_B = lora_A, lora_B
+
+    def _make_A(self, device) -> nn.Module:
+        raise NotImplementedError
+
+    def _make_B(self, device) -> nn.Module:
+        raise NotImplementedError
+
+    def _bayesian(self, plain: nn.Module, prior_mean, **posterior) -> nn.Module:
+        raise NotImplementedError
+
+    def merged_delta(self) -> torch.Tensor:
+        """scaling * B·A in the base weight's shape (fp32), from the posterior means."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **options):
+        return cls(module, **options)
+
+    def _posteriors(self):
+        return [f for f in (self.lora_A, self.lora_B) if isinstance(f, (BayesLinear, BayesConv2d))]
+
+    def options(self) -> dict:
+        """LoRA structure plus the factors' prior and KL options, JSON-friendly (saved with checkpoints)."""
+        options = {"rank": self.rank, "lora_alpha": self.lora_alpha, "bayesian_factors": self.bayesian_factors}
+        options.update(self._posteriors()[0].options())
+        options["prior_dtype"] = self.lora_prior_dtype
+        return options
+
+    def apply_options(self, options: dict) -> None:
+        for factor in self._posteriors():
+            factor.apply_options(options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        delta = self.lora_B(self.lora_A(x))
+        return out + (delta * self.scaling).to(out.dtype)
+
+    def to_deterministic(self) -> nn.Module:
+        """The base layer with the mean update merged into its weight (a plain module, no extra cost)."""
+        base = self.base_layer
+        with torch.no_grad():
+            base.weight.copy_((base.weight.float() + self.merged_delta()).to(base.weight.dtype))
+        return base
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, lora_alpha={self.lora_alpha}, bayesian_factors={self.bayesian_factors!r}"
+
+
+def _factor_weight(factor: nn.Module) -> torch.Tensor:
+    return (factor.weight_mu if isinstance(factor, (BayesLinear, BayesConv2d)) else factor.weight).float()
+
+
+class BayesLoRALinear(_BayesLoRA):
+    """Bayesian LoRA on an nn.Linear: A (rank, in) and B (out, rank)."""
+
+    def _make_A(self, device):
+        return nn.Linear(self.base_layer.in_features, self.rank, bias=False, device=device)
+
+    def _make_B(self, device):
+        return nn.Linear(self.rank, self.base_layer.out_features, bias=False, device=device)
+
+    def _bayesian(self, plain, prior_mean, **posterior):
+        layer = BayesLinear(plain.in_features, plain.out_features, bias=False, device=plain.weight.device,
+                            prior_mean=prior_mean, **posterior)
+        with torch.no_grad():
+            layer.weight_mu.copy_(plain.weight)
+        return layer
+
+    def merged_delta(self):
+        return self.scaling * (_factor_weight(self.lora_B) @ _factor_weight(self.lora_A))
+
+
+class BayesLoRAConv2d(_BayesLoRA):
+    """Bayesian LoRA on an nn.Conv2d (groups=1): A is a conv like the base with ``rank`` outputs, B is 1x1."""
+
+    def __init__(self, base_layer: nn.Conv2d, *args, **kwargs):
+        if base_layer.groups != 1:
+            raise ValueError(f"BayesLoRAConv2d needs a base conv with groups=1, got groups={base_layer.groups}")
+        super().__init__(base_layer, *args, **kwargs)
+
+    def _make_A(self, device):
+        base = self.base_layer
+        return nn.Conv2d(base.in_channels, self.rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                         bias=False, padding_mode=base.padding_mode, device=device)
+
+    def _make_B(self, device):
+        return nn.Conv2d(self.rank, self.base_layer.out_channels, 1, bias=False, device=device)
+
+    def _bayesian(self, plain, prior_mean, **posterior):
+        layer = BayesConv2d(plain.in_channels, plain.out_channels, plain.kernel_size, plain.stride, plain.padding,
+                            plain.dilation, plain.groups, False, plain.padding_mode, device=plain.weight.device,
+                            prior_mean=prior_mean, **posterior)
+        with torch.no_grad():
+            layer.weight_mu.copy_(plain.weight)
+        return layer
+
+    def merged_delta(self):
+        b = _factor_weight(self.lora_B)[:, :, 0, 0]
+        return self.scaling * torch.einsum("or,rihw->oihw", b, _factor_weight(self.lora_A))

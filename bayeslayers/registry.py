@@ -1,0 +1,75 @@
+"""The one registry of Bayesian layer types: it drives convert, to_deterministic, save and load.
+
+A layer type registers which plain module it replaces (``source``) in which convert ``mode`` and which options
+its ``from_module`` accepts. Registered classes implement ``from_module(module, **options)``,
+``to_deterministic()`` and ``options()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .layers import BayesConv2d, BayesLinear, BayesLoRAConv2d, BayesLoRALinear
+
+MODES = ("full", "lora")
+POSTERIOR_OPTIONS = ("init_sigma", "prior_sigma", "kl_direction", "prior_dtype")
+LORA_OPTIONS = ("rank", "lora_alpha", "bayesian_factors")
+
+
+@dataclass(frozen=True)
+class LayerType:
+    name: str  # stable name stored in checkpoints
+    mode: str  # "full" or "lora"
+    source: type  # the plain module class it replaces (subclasses match too)
+    layer: type  # the Bayesian module class
+    options: tuple[str, ...]  # keyword options of layer.from_module
+
+
+_TYPES: dict[str, LayerType] = {}
+
+
+def register_layer_type(name: str, mode: str, source: type, layer: type, options=POSTERIOR_OPTIONS) -> LayerType:
+    """Adds a Bayesian layer type; later registrations for the same (mode, source) take precedence."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    layer_type = LayerType(name, mode, source, layer, tuple(options))
+    _TYPES[name] = layer_type
+    return layer_type
+
+
+def layer_type_by_name(name: str) -> LayerType:
+    if name not in _TYPES:
+        raise ValueError(f"unknown Bayesian layer type {name!r}; registered: {sorted(_TYPES)}")
+    return _TYPES[name]
+
+
+def layer_type_for_source(module: nn.Module, mode: str) -> LayerType | None:
+    """The registered type that converts ``module`` in ``mode`` (the most specific source class wins)."""
+    matches = [t for t in _TYPES.values() if t.mode == mode and isinstance(module, t.source)]
+    if not matches:
+        return None
+    return max(matches, key=lambda t: len(t.source.__mro__))
+
+
+def layer_type_of(module: nn.Module) -> LayerType | None:
+    """The registered type of a converted Bayesian module, or None for any other module."""
+    for layer_type in _TYPES.values():
+        if type(module) is layer_type.layer:
+            return layer_type
+    return None
+
+
+def registered_types() -> tuple[LayerType, ...]:
+    return tuple(_TYPES.values())
+
+
+def source_types(mode: str) -> tuple[type, ...]:
+    return tuple(t.source for t in _TYPES.values() if t.mode == mode)
+
+
+register_layer_type("linear", "full", nn.Linear, BayesLinear)
+register_layer_type("conv2d", "full", nn.Conv2d, BayesConv2d)
+register_layer_type("lora_linear", "lora", nn.Linear, BayesLoRALinear, POSTERIOR_OPTIONS + LORA_OPTIONS)
+register_layer_type("lora_conv2d", "lora", nn.Conv2d, BayesLoRAConv2d, POSTERIOR_OPTIONS + LORA_OPTIONS)

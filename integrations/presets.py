@@ -1,0 +1,27 @@
+"""Convert presets for diffusers models (registered with the core through the ``bayeslayers.presets``
+entry-point group declared in setup.py).
+
+``dreambooth-bnn``: the seed paper's choice for full fine-tuning. Inside the down, mid and up blocks of a
+UNet2DConditionModel, the self-attention projections ``attn1.to_q/to_k/to_v/to_out.0`` and the feed-forward
+``ff.net.0.proj`` / ``ff.net.2`` become Bayesian (96 Linear layers, 23 % of SD1.5's UNet weights). Convs,
+cross-attention ``attn2``, time embeddings and norms stay deterministic (and trainable).
+
+``dreambooth-bnn-lora``: the seed paper's LoRA variant: rank-4 LoRA on every attention projection (attn1 and
+attn2) in the blocks, only the LoRA up factor (B) Bayesian.
+"""
+
+_BLOCKS = r".*(?:down_blocks|mid_block|up_blocks)\..*"
+
+DREAMBOOTH_BNN = {
+    "target_modules": _BLOCKS + r"(?:attn1\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2))",
+    "mode": "full",
+}
+
+DREAMBOOTH_BNN_LORA = {
+    "target_modules": _BLOCKS + r"attn[12]\.(?:to_q|to_k|to_v|to_out\.0)",
+    "mode": "lora",
+    "rank": 4,
+    "bayesian_factors": "B",
+}
+
+PRESETS = {"dreambooth-bnn": DREAMBOOTH_BNN, "dreambooth-bnn-lora": DREAMBOOTH_BNN_LORA}
