@@ -34,10 +34,13 @@ def _check_name(name: str, argument: str) -> str:
     return name
 
 
-def set_backend(name: str) -> None:
-    """Selects the backend for all Bayesian layers: 'auto', 'reference', 'torch' or 'triton'."""
+def set_backend(name: str | None) -> None:
+    """Selects the backend for all Bayesian layers: 'auto', 'reference', 'torch' or 'triton'.
+
+    ``None`` clears the selection (back to $BAYESLAYERS_BACKEND, else 'auto').
+    """
     global _selected
-    _selected = _check_name(name, "backend")
+    _selected = None if name is None else _check_name(name, "backend")
 
 
 def get_backend() -> str:

@@ -1,0 +1,74 @@
+"""Bad input gets an error naming the argument and what was expected."""
+
+import pytest
+import torch
+
+import bayeslayers
+
+
+def test_wrong_input_shape_and_dtype():
+    linear = bayeslayers.BayesLinear(8, 4)
+    with pytest.raises(ValueError, match=r"last dimension in_features=8, got shape \(2, 7\)"):
+        linear(torch.randn(2, 7))
+    with pytest.raises(TypeError, match="input x must be a floating-point tensor, got torch.int64"):
+        linear(torch.ones(2, 8, dtype=torch.long))
+    conv = bayeslayers.BayesConv2d(3, 4, 3)
+    with pytest.raises(ValueError, match=r"C=in_channels=3, got shape \(1, 2, 8, 8\)"):
+        conv(torch.randn(1, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"got shape \(8, 8\)"):
+        conv(torch.randn(8, 8))
+
+
+def test_unknown_backend_and_unavailable_triton(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        bayeslayers.set_backend("cuda-magic")
+    monkeypatch.setenv("BAYESLAYERS_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"\$BAYESLAYERS_BACKEND must be one of"):
+        bayeslayers.BayesLinear(4, 4)(torch.randn(1, 4))
+    monkeypatch.setenv("BAYESLAYERS_BACKEND", "torch")
+    assert bayeslayers.get_backend() == "torch"
+
+
+def test_auto_backend_never_picks_triton_without_cuda():
+    from bayeslayers.backends import resolve_backend
+
+    bayeslayers.set_backend("auto")
+    assert resolve_backend(torch.device("cpu")).name == "torch"
+
+
+def test_non_finite_rho_is_reported_by_kl_loss_with_the_layer_name():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    bayeslayers.convert(model, target_modules=["0", "1"])
+    with torch.no_grad():
+        model[1].weight_rho[0, 1] = float("inf")
+    with pytest.raises(ValueError, match="weight_rho of layer '1' holds NaN or Inf"):
+        bayeslayers.kl_loss(model)
+
+
+def test_bad_reduction_and_models_without_bayesian_layers():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="no Bayesian layers"):
+        bayeslayers.kl_loss(model)
+    bayeslayers.convert(model, target_modules=["0"])
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        bayeslayers.kl_loss(model, reduction="max")
+    with pytest.raises(TypeError, match="seed must be an int"):
+        with bayeslayers.sampling(model, seed="1"):
+            pass
+
+
+def test_prior_options_are_checked():
+    with pytest.raises(ValueError, match=r"prior_mean must have the weight's shape \(4, 8\)"):
+        bayeslayers.BayesLinear(8, 4, prior_mean=torch.zeros(8, 4))
+    with pytest.raises(ValueError, match="prior_dtype must be one of"):
+        bayeslayers.BayesLinear(8, 4, prior_mean=torch.zeros(4, 8), prior_dtype=torch.int8)
+
+
+def test_summary_reports_each_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Conv2d(2, 2, 3))
+    bayeslayers.convert(model, target_modules=["0", "1"], init_sigma=0.02, prior_sigma=0.01)
+    rows = bayeslayers.summary(model)
+    assert [r.name for r in rows] == ["0", "1"]
+    assert rows[0].shape == (5, 3) and rows[0].numel == 15
+    assert abs(rows[0].mean_sigma - 0.02) < 1e-6 and rows[0].kl > 0
+    assert "Bayesian layers" in str(rows)

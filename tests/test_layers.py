@@ -1,0 +1,227 @@
+"""Every layer type and backend against a float64 reference that uses the same eps."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bayeslayers
+from bayeslayers.backends import BACKENDS
+from reference import TOLERANCE, kl_reference, relative_error, sampled_weight
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CPU_BACKENDS = ["reference", "torch"]
+KL_WEIGHT = 0.37
+
+
+def _randomize(layer, with_prior=True):
+    """Fresh non-trivial posterior and prior values (never zeros)."""
+    with torch.no_grad():
+        layer.weight_mu.normal_(0, 0.2)
+        layer.weight_rho.uniform_(-6, -3)
+        if layer.prior_mu is not None:
+            layer.prior_mu.copy_(layer.weight_mu + 0.05 * torch.randn_like(layer.weight_mu))
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.normal_(0, 0.5)
+
+
+def _make(kind, direction):
+    if kind == "linear":
+        base = nn.Linear(37, 29)
+        layer = bayeslayers.BayesLinear.from_module(base, kl_direction=direction, prior_sigma=0.03)
+        return layer, torch.randn(3, 5, 37), (lambda x, w, b: F.linear(x, w, b))
+    base = nn.Conv2d(6, 10, 3, stride=2, padding=1, dilation=1, groups=2)
+    layer = bayeslayers.BayesConv2d.from_module(base, kl_direction=direction, prior_sigma=0.03)
+    return layer, torch.randn(2, 6, 11, 9), (lambda x, w, b: F.conv2d(x, w, b, 2, 1, 1, 2))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("direction", ["qp", "pq"])
+def test_layer_matches_float64_reference(backend, dtype, kind, direction):
+    bayeslayers.set_backend(backend)
+    layer, x, op64 = _make(kind, direction)
+    _randomize(layer)
+    layer.fixed_seed = 987654321
+    x = x.to(dtype).requires_grad_(True)
+    y = layer(x)
+    upstream = torch.randn(y.shape, dtype=torch.float64)
+    loss = (y.double() * upstream).sum() + KL_WEIGHT * layer.kl()
+    loss.backward()
+    assert y.dtype == dtype
+
+    eps = bayeslayers.materialize_eps(layer.fixed_seed, layer.weight_mu.shape)
+    mu = layer.weight_mu.detach().double().requires_grad_(True)
+    rho = layer.weight_rho.detach().double().requires_grad_(True)
+    bias = layer.bias.detach().double().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = op64(x64, sampled_weight(mu, rho, eps), bias)
+    kl64 = kl_reference(mu, rho, layer.prior_mu, layer.prior_sigma, direction)
+    ((y64 * upstream).sum() + KL_WEIGHT * kl64).backward()
+
+    tol = TOLERANCE[dtype]
+    assert relative_error(y, y64) < tol
+    assert relative_error(layer.kl(), kl64) < 1e-5
+    assert relative_error(x.grad, x64.grad) < tol
+    assert relative_error(layer.bias.grad, bias.grad) < tol
+    assert relative_error(layer.weight_mu.grad, mu.grad) < tol
+    assert relative_error(layer.weight_rho.grad, rho.grad) < tol
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("factors", ["AB", "B"])
+def test_lora_matches_float64_reference(backend, kind, factors):
+    bayeslayers.set_backend(backend)
+    if kind == "linear":
+        base, x = nn.Linear(21, 13), torch.randn(4, 21)
+        layer = bayeslayers.BayesLoRALinear(base, rank=3, lora_alpha=6, bayesian_factors=factors)
+        op_a = op_b = lambda x, w: F.linear(x, w)
+    else:
+        base, x = nn.Conv2d(5, 7, 3, padding=1), torch.randn(2, 5, 9, 7)
+        layer = bayeslayers.BayesLoRAConv2d(base, rank=3, lora_alpha=6, bayesian_factors=factors)
+        op_a, op_b = (lambda x, w: F.conv2d(x, w, None, 1, 1)), (lambda x, w: F.conv2d(x, w))
+    for factor in (layer.lora_A, layer.lora_B):
+        if isinstance(factor, bayeslayers.BayesianLayer):
+            _randomize(factor)
+            factor.fixed_seed = 1000 + factor.weight_mu.shape[0]
+        else:
+            nn.init.normal_(factor.weight, 0, 0.3)
+    x.requires_grad_(True)
+    y = layer(x)
+    upstream = torch.randn_like(y)
+    ((y * upstream).sum() + KL_WEIGHT * bayeslayers.kl_loss(layer)).backward()
+
+    def weight64(factor):
+        if not isinstance(factor, bayeslayers.BayesianLayer):
+            return factor.weight.detach().double().requires_grad_(True), None
+        mu = factor.weight_mu.detach().double().requires_grad_(True)
+        rho = factor.weight_rho.detach().double().requires_grad_(True)
+        eps = bayeslayers.materialize_eps(factor.fixed_seed, mu.shape)
+        return (mu, rho), sampled_weight(mu, rho, eps)
+
+    (a_params, w_a), (b_params, w_b) = weight64(layer.lora_A), weight64(layer.lora_B)
+    w_a = a_params if w_a is None else w_a
+    w_b = b_params if w_b is None else w_b
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = base.double()(x64) + layer.scaling * op_b(op_a(x64, w_a), w_b)
+    kl64 = 0
+    for factor, params in ((layer.lora_A, a_params), (layer.lora_B, b_params)):
+        if isinstance(factor, bayeslayers.BayesianLayer):
+            kl64 = kl64 + kl_reference(params[0], params[1], factor.prior_mu, factor.prior_sigma, "qp")
+    ((y64 * upstream).sum() + KL_WEIGHT * kl64).backward()
+
+    assert relative_error(y, y64) < 1e-5
+    assert relative_error(x.grad, x64.grad) < 1e-5
+    for factor, params in ((layer.lora_A, a_params), (layer.lora_B, b_params)):
+        if isinstance(factor, bayeslayers.BayesianLayer):
+            assert relative_error(factor.weight_mu.grad, params[0].grad) < 1e-5
+            assert relative_error(factor.weight_rho.grad, params[1].grad) < 1e-5
+        else:
+            assert relative_error(factor.weight.grad, params.grad) < 1e-5
+    assert base.weight.grad is None and not base.weight.requires_grad
+
+
+@pytest.mark.parametrize("direction", ["qp", "pq"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_torch_backend_gradcheck_float64(direction, kind):
+    from bayeslayers.ops import Conv2dOp, LinearOp
+
+    backend = BACKENDS["torch"]
+    if kind == "linear":
+        op, x, shape = LinearOp(), torch.randn(3, 4, dtype=torch.float64), (5, 4)
+    else:
+        op, x, shape = Conv2dOp((1, 1), (1, 1), (1, 1), 1), torch.randn(1, 2, 4, 4, dtype=torch.float64), (3, 2, 3, 3)
+    mu = (0.3 * torch.randn(shape, dtype=torch.float64)).requires_grad_(True)
+    rho = torch.empty(shape, dtype=torch.float64).uniform_(-3, -1).requires_grad_(True)
+    bias = torch.randn(shape[0], dtype=torch.float64, requires_grad=True)
+    prior = mu.detach() + 0.1 * torch.randn_like(mu)
+    x.requires_grad_(True)
+
+    def fn(x, mu, rho, bias):
+        return backend.apply(op, x, mu, rho, bias, prior, 0.2, direction, 424242)
+
+    assert torch.autograd.gradcheck(fn, (x, mu, rho, bias))
+
+
+def test_backward_regenerates_the_forward_eps(monkeypatch):
+    backend = BACKENDS["torch"]
+    calls = []
+    original = backend.noise
+
+    def recording_noise(seed, shape, device):
+        eps = original(seed, shape, device)
+        calls.append((seed, eps.clone()))
+        return eps
+
+    monkeypatch.setattr(backend, "noise", recording_noise)
+    bayeslayers.set_backend("torch")
+    layer = bayeslayers.BayesLinear(33, 17)
+    layer(torch.randn(2, 33)).sum().backward()
+    assert len(calls) == 2
+    (seed_fwd, eps_fwd), (seed_bwd, eps_bwd) = calls
+    assert seed_fwd == seed_bwd
+    assert torch.equal(eps_fwd, eps_bwd)
+    assert 0.8 < float(eps_fwd.std()) < 1.2
+
+
+def test_each_training_forward_draws_a_new_sample_and_eval_uses_the_mean():
+    layer = bayeslayers.BayesLinear(16, 8, init_sigma=0.1)
+    x = torch.randn(4, 16)
+    first, second = layer(x), layer(x)
+    assert not torch.allclose(first, second)
+    layer.eval()
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight_mu, layer.bias), rtol=0, atol=0)
+
+
+def test_sampling_context_fixes_one_sample_across_calls_and_layers_differ():
+    model = nn.Sequential(bayeslayers.BayesLinear(8, 8, init_sigma=0.2), bayeslayers.BayesLinear(8, 8))
+    model[0].layer_id, model[1].layer_id = 1, 2
+    model.eval()
+    x = torch.randn(3, 8)
+    mean_out = model(x)
+    with bayeslayers.sampling(model, seed=7):
+        a, b = model(x), model(x)
+    with bayeslayers.sampling(model, seed=8):
+        c = model(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c) and not torch.allclose(a, mean_out)
+    torch.testing.assert_close(model(x), mean_out, rtol=0, atol=0)
+
+
+def test_autocast_bf16_uses_compute_dtype_and_keeps_fp32_parameters():
+    layer = bayeslayers.BayesLinear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight_mu.dtype == torch.float32 and layer.weight_mu.grad.dtype == torch.float32
+
+
+def test_three_dimensional_and_non_contiguous_inputs():
+    layer = bayeslayers.BayesLinear(12, 6)
+    layer.fixed_seed = 5
+    x = torch.randn(12, 7, 2).permute(2, 1, 0)  # (B, T, C), non-contiguous
+    assert not x.is_contiguous()
+    torch.testing.assert_close(layer(x), layer(x.contiguous()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padding,padding_mode,stride,dilation", [
+    ("same", "zeros", 1, 1), ("same", "zeros", 1, (1, 2)), ((2, 1), "reflect", 1, 1), ("valid", "zeros", 2, 1),
+    (1, "circular", (2, 1), 2),
+])
+def test_conv_options_match_nn_conv2d_in_eval(padding, padding_mode, stride, dilation):
+    kernel = (3, 2) if padding == "same" else 3
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode)
+    layer = bayeslayers.BayesConv2d.from_module(conv).eval()
+    x = torch.randn(2, 4, 10, 9)
+    torch.testing.assert_close(layer(x), conv(x))
+    torch.testing.assert_close(layer(x[0]), conv(x[0]))
+    torch.testing.assert_close(layer.to_deterministic()(x), conv(x))
+    layer.train()
+    y = layer(x)
+    assert y.shape == conv(x).shape
+    y.sum().backward()
+    assert layer.weight_rho.grad is not None
