@@ -20,3 +20,43 @@ def unet_inputs(batch: int = 2, seed: int = 1):
     timesteps = torch.randint(0, 1000, (batch,), generator=generator)
     text = torch.randn(batch, 7, 32, generator=generator)
     return sample, timesteps, text
+
+
+def save_tiny_pipeline(path, seed: int = 0) -> str:
+    """Writes a random-weight tiny StableDiffusionPipeline (16x16 px, 8x8x4 latents) with a character-level
+    offline CLIP tokenizer to ``path``; returns the path."""
+    import json
+    import string
+
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = str(path)
+    chars = list(string.ascii_lowercase + string.digits + ".,'!?-")
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tokenizer_dir = f"{path}/tokenizer_src"
+    import os
+
+    os.makedirs(tokenizer_dir, exist_ok=True)
+    with open(f"{tokenizer_dir}/vocab.json", "w") as handle:
+        json.dump(vocab, handle)
+    with open(f"{tokenizer_dir}/merges.txt", "w") as handle:
+        handle.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=16)
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=2,
+                                                max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"],
+                                                eos_token_id=vocab["<|endoftext|>"], pad_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet(seed),
+                                   scheduler=DDPMScheduler(num_train_timesteps=1000, steps_offset=1, clip_sample=False),
+                                   safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path

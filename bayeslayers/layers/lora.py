@@ -16,7 +16,7 @@ import torch.nn as nn
 from .conv import BayesConv2d
 from .linear import BayesLinear
 
-FACTOR_CHOICES = ("AB", "A", "B")
+FACTOR_CHOICES = ("AB", "A", "B", "")  # "": a plain (deterministic) LoRA, for baselines
 
 
 def _check_lora_options(rank, lora_alpha, bayesian_factors):
@@ -77,7 +77,8 @@ class _BayesLoRA(nn.Module):
     def options(self) -> dict:
         """LoRA structure plus the factors' prior and KL options, JSON-friendly (saved with checkpoints)."""
         options = {"rank": self.rank, "lora_alpha": self.lora_alpha, "bayesian_factors": self.bayesian_factors}
-        options.update(self._posteriors()[0].options())
+        posteriors = self._posteriors()
+        options.update(posteriors[0].options() if posteriors else {"prior_sigma": 0.01, "kl_direction": "qp"})
         options["prior_dtype"] = self.lora_prior_dtype
         return options
 
