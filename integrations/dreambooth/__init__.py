@@ -7,10 +7,10 @@
 from .args import build_parser, parse_args
 
 
-def main(args):
+def main(args, step_callback=None):
     from .train import main as train_main
 
-    return train_main(args)
+    return train_main(args, step_callback=step_callback)
 
 
 def cli():

@@ -129,8 +129,11 @@ def mean_sigma(unet) -> float:
     return total / sum(layer.weight_mu.numel() for _, layer in layers)
 
 
-def main(args) -> dict:
-    """Trains, checkpoints, validates and exports; returns the final metrics."""
+def main(args, step_callback=None) -> dict:
+    """Trains, checkpoints, validates and exports; returns the final metrics.
+
+    ``step_callback(args, step)`` runs after each optimizer step (hooks for tests and notebooks).
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
@@ -138,7 +141,7 @@ def main(args) -> dict:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report_to = args.report_to
+    report_to = None if args.report_to == "none" else args.report_to
     if report_to == "tensorboard":
         try:
             import tensorboard  # noqa: F401
@@ -238,6 +241,8 @@ def main(args) -> dict:
             history["step"].append(step)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs['kl']:.3g}", sigma=f"{logs['mean_sigma']:.3g}")
             accelerator.log(logs, step=step)
+            if step_callback is not None:
+                step_callback(args, step)
             if accelerator.is_main_process:
                 if step % args.checkpointing_steps == 0 or stop["signal"] is not None:
                     save_checkpoint(out, step, named_params, optimizer, lr_scheduler, history,

@@ -1,0 +1,129 @@
+"""DreamBooth-BNN recipe smoke tests on a random tiny pipeline: exports load in stock diffusers, resume is exact,
+bad input fails before training."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bayeslayers
+from bayeslayers.integrations.dreambooth import main, parse_args
+from tiny_models import save_tiny_pipeline
+
+PROMPT = "a sks star"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dreambooth")
+    pipe = save_tiny_pipeline(root / "pipe")
+    images = root / "instance"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
+    return root, pipe, str(images)
+
+
+def _args(workspace, out, *extra):
+    root, pipe, images = workspace
+    return parse_args(["--pretrained_model_name_or_path", pipe, "--instance_data_dir", images, "--instance_prompt",
+                       PROMPT, "--output_dir", str(root / out), "--train_batch_size", "2", "--seed", "0",
+                       "--num_inference_steps", "3", "--report_to", "none", "--learning_rate", "1e-3", *extra])
+
+
+def _image(pipe, seed=0):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(seed), output_type="np").images
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_exported_model_loads_in_stock_diffusers_and_matches_the_mean_model(workspace, mode):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    root, pipe_path, _ = workspace
+    out = root / f"out-{mode}"
+    result = main(_args(workspace, f"out-{mode}", "--train_mode", mode, "--max_train_steps", "4",
+                        "--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--kl_weight", "1e-3",
+                        "--validation_prompt", PROMPT, "--validation_steps", "2"))
+    assert os.path.exists(result["validation_grid"]) and os.path.exists(result["curves"])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert (out / "README.md").exists()
+
+    if mode == "full":
+        # The exported UNet holds the trained non-Bayesian layers too; the Bayesian state goes on top of it.
+        stock = StableDiffusionPipeline.from_pretrained(
+            pipe_path, unet=UNet2DConditionModel.from_pretrained(result["unet"]), safety_checker=None)
+        in_library = StableDiffusionPipeline.from_pretrained(
+            pipe_path, unet=UNet2DConditionModel.from_pretrained(result["unet"]), safety_checker=None)
+    else:
+        stock = StableDiffusionPipeline.from_pretrained(pipe_path, safety_checker=None)
+        stock.load_lora_weights(str(out))
+        in_library = StableDiffusionPipeline.from_pretrained(pipe_path, safety_checker=None)
+    bayeslayers.load(in_library.unet, result["bayesian_state"])
+    assert bayeslayers.bayesian_modules(in_library.unet) and not bayeslayers.bayesian_modules(stock.unet)
+    in_library.unet.eval()
+    base = _image(StableDiffusionPipeline.from_pretrained(pipe_path, safety_checker=None))
+    ours, theirs = _image(in_library), _image(stock)
+    np.testing.assert_allclose(theirs, ours, atol=2e-5)
+    assert np.abs(ours - base).max() > 1e-4  # training changed the model
+
+
+def test_interrupted_run_resumes_to_the_same_weights(workspace):
+    from safetensors.torch import load_file
+
+    def on_step(args, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    full = main(_args(workspace, "straight", "--max_train_steps", "5", "--kl_weight", "1e-2"))
+    stopped = main(_args(workspace, "resumed", "--max_train_steps", "5", "--kl_weight", "1e-2",
+                         "--checkpointing_steps", "100"), step_callback=on_step)
+    assert stopped == {"interrupted": True, "step": 3}
+    resumed = main(_args(workspace, "resumed", "--max_train_steps", "5", "--kl_weight", "1e-2",
+                         "--resume_from_checkpoint", "latest"))
+    assert resumed["steps"] == 5
+    a, b = load_file(full["bayesian_state"]), load_file(resumed["bayesian_state"])
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_bad_input_fails_before_training(workspace, tmp_path):
+    root, pipe, images = workspace
+    base = ["--pretrained_model_name_or_path", pipe, "--instance_prompt", PROMPT]
+    with pytest.raises(ValueError, match="--instance_data_dir must be an existing directory"):
+        parse_args(base + ["--instance_data_dir", str(tmp_path / "missing")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        parse_args(base + ["--instance_data_dir", str(empty)])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.png is not a readable image"):
+        parse_args(base + ["--instance_data_dir", str(broken)])
+    with pytest.raises(ValueError, match="--bayes_preset must be one of"):
+        parse_args(base + ["--instance_data_dir", images, "--bayes_preset", "nope"])
+    with pytest.raises(ValueError, match="--kl_weight must be >= 0"):
+        parse_args(base + ["--instance_data_dir", images, "--kl_weight", "-1"])
+    with pytest.raises(ValueError, match="--resolution must be divisible by the VAE factor 2"):
+        main(parse_args(base + ["--instance_data_dir", images, "--resolution", "15", "--output_dir",
+                                str(tmp_path / "o"), "--report_to", "none"]))
+
+
+def test_posterior_sampling_writes_grid_and_std_map(workspace):
+    from bayeslayers.integrations import sample
+
+    root, pipe, _ = workspace
+    main(_args(workspace, "for-sampling", "--max_train_steps", "2", "--init_sigma", "0.05"))
+    args = sample.parse_args(["--model_dir", str(root / "for-sampling"), "--pretrained_model_name_or_path", pipe,
+                              "--prompt", PROMPT, "--num_posterior_samples", "3", "--num_inference_steps", "3"])
+    (row,) = sample.main(args)
+    assert os.path.exists(row["grid"]) and os.path.exists(row["std_map"])
+    assert row["mean_pixel_std"] > 0  # posterior samples differ
+    with pytest.raises(ValueError, match="holds no bayesian_state.safetensors"):
+        sample.parse_args(["--model_dir", str(root), "--prompt", PROMPT])
