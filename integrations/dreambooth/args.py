@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--validation_prompt", type=str, default=None)
     add("--num_validation_images", type=int, default=4)
     add("--validation_steps", type=int, default=100)
-    add("--num_inference_steps", type=int, default=25)
+    add("--num_inference_steps", type=int, default=25, help="for validation and class images")
+    add("--guidance_scale", type=float, default=7.5, help="for validation and class images")
     add("--rank", type=int, default=4)
     # Bayesian method
     add("--train_mode", type=str, default="full", choices=["full", "lora"])

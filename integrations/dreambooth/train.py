@@ -100,7 +100,8 @@ def run_validation(args, pipe, step, resolution, accelerator):
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
     with torch.random.fork_rng(devices=[]):
         images = pipe([args.validation_prompt] * args.num_validation_images, height=resolution, width=resolution,
-                      num_inference_steps=args.num_inference_steps, generator=generator).images
+                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                      generator=generator).images
     unet.train(was_training)
     path = Path(args.output_dir, "validation", f"step-{step:06d}.png")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +166,8 @@ def main(args, step_callback=None) -> dict:
         pipe = validation_pipeline(args, unet, text_encoder, vae, tokenizer, weight_dtype)
         if accelerator.is_main_process:
             generate_class_images(pipe, args.class_prompt, args.class_data_dir, args.num_class_images,
-                                  args.sample_batch_size, resolution, args.num_inference_steps, args.seed or 0)
+                                  args.sample_batch_size, resolution, args.num_inference_steps, args.guidance_scale,
+                                  args.seed or 0)
         accelerator.wait_for_everyone()
         class_images = check_image_dir(args.class_data_dir, "--class_data_dir")[: args.num_class_images]
     data = DreamBoothData(args.instance_images, args.instance_prompt, resolution, args.center_crop, class_images,

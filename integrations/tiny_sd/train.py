@@ -1,0 +1,177 @@
+"""Trains the bundled tiny Stable Diffusion from scratch on the synthetic world (CPU-friendly, resumable).
+
+    python -m bayeslayers.integrations.tiny_sd.train --output_dir /tmp/tiny_sd_run [--seed 0]
+
+Stages: (1) AutoencoderKL on the images (reconstruction + KL), (2) the UNet and the CLIP text encoder jointly
+on epsilon prediction over the frozen VAE's latents, with 10 % empty captions for classifier-free guidance.
+A checkpoint (safetensors) is written every ``--checkpoint_every`` steps; rerunning the command resumes.
+The finished pipeline is saved as a standard diffusers folder in ``<output_dir>/pipeline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import models
+from .tokenizer import build_tokenizer
+from .world import make_dataset, to_tensor
+
+
+def parse_args(input_args=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_images", type=int, default=6000)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--vae_steps", type=int, default=600)
+    p.add_argument("--vae_lr", type=float, default=2e-3)
+    p.add_argument("--vae_kl_weight", type=float, default=1e-4)
+    p.add_argument("--unet_steps", type=int, default=4000)
+    p.add_argument("--unet_lr", type=float, default=1e-3)
+    p.add_argument("--caption_dropout", type=float, default=0.1)
+    p.add_argument("--checkpoint_every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(input_args)
+
+
+def _save_stage(path: Path, modules: dict, optimizer, step: int, history: list) -> None:
+    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, values in opt["state"].items():
+        for key, value in values.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().contiguous()
+    tensors["rng"] = torch.get_rng_state()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "history": json.dumps(history)})
+    tmp.replace(path)
+
+
+def _load_stage(path: Path, modules: dict, optimizer) -> tuple[int, list]:
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata()
+    for name, module in modules.items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    torch.set_rng_state(tensors["rng"])
+    return int(meta["step"]), json.loads(meta["history"])
+
+
+def _loop(name, steps, modules, optimizer, scheduler, loss_fn, ckpt: Path, every: int):
+    """Runs ``loss_fn()`` optimisation steps with a tqdm bar, resuming from ``ckpt`` when it exists."""
+    from tqdm.auto import tqdm
+
+    step, history = (_load_stage(ckpt, modules, optimizer) if ckpt.exists() else (0, []))
+    for _ in range(step):
+        scheduler.step()
+    bar = tqdm(total=steps, initial=step, desc=name)
+    started, running = time.perf_counter(), None
+    while step < steps:
+        loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for m in modules.values() for p in m.parameters()], 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if step % 50 == 0 or step == steps:
+            history.append([step, running])
+        if step % every == 0 or step == steps:
+            _save_stage(ckpt, modules, optimizer, step, history)
+    bar.close()
+    return history, time.perf_counter() - started
+
+
+def _cosine(optimizer, steps, warmup=100):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def main(args) -> dict:
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images, scenes = make_dataset(args.num_images, args.seed)
+    pixels = to_tensor(images)
+    captions = [s.caption for s in scenes]
+    tokenizer = build_tokenizer(out / "tokenizer_src")
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids
+
+    vae = models.build_vae()
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+
+    def vae_loss():
+        batch = pixels[torch.randint(0, len(pixels), (args.batch_size,))]
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        return F.mse_loss(recon, batch) + args.vae_kl_weight * posterior.kl().mean() / 256
+
+    vae_history, vae_seconds = _loop("vae", args.vae_steps, {"vae": vae}, vae_opt, _cosine(vae_opt, args.vae_steps),
+                                     vae_loss, out / "vae_stage.safetensors", args.checkpoint_every)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        recon_mse = F.mse_loss(vae.decode(latents[:256]).sample, pixels[:256]).item()
+    scaling = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    latents = latents * scaling
+
+    unet, text_encoder = models.build_unet(), models.build_text_encoder(tokenizer)
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in models.SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+    unet_opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=args.unet_lr,
+                                 weight_decay=1e-2)
+
+    def unet_loss():
+        index = torch.randint(0, len(latents), (args.batch_size,))
+        z = latents[index]
+        tokens = ids[index].clone()
+        dropped = torch.rand(args.batch_size) < args.caption_dropout
+        tokens[dropped] = empty_ids[0]
+        noise = torch.randn_like(z)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch_size,))
+        pred = unet(noise_scheduler.add_noise(z, noise, t), t, encoder_hidden_states=text_encoder(tokens)[0]).sample
+        return F.mse_loss(pred, noise)
+
+    unet_history, unet_seconds = _loop("unet", args.unet_steps, {"unet": unet, "text_encoder": text_encoder},
+                                       unet_opt, _cosine(unet_opt, args.unet_steps), unet_loss,
+                                       out / "unet_stage.safetensors", args.checkpoint_every)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=DDIMScheduler(**models.SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    report = {"seed": args.seed, "num_images": args.num_images, "batch_size": args.batch_size,
+              "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "vae_seconds": round(vae_seconds, 1),
+              "unet_seconds": round(unet_seconds, 1), "vae_final_loss": vae_history[-1][1] if vae_history else None,
+              "vae_recon_mse": recon_mse, "latent_scaling_factor": scaling,
+              "unet_final_loss": unet_history[-1][1] if unet_history else None,
+              "vae_history": vae_history, "unet_history": unet_history}
+    (out / "training_report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())
