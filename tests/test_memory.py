@@ -4,36 +4,18 @@ import torch
 import torch.nn as nn
 
 import bayeslayers
-
-
-def saved_activation_bytes(module: nn.Module, *inputs) -> int:
-    model_storage = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
-    seen, total = set(), 0
-
-    def pack(tensor):
-        nonlocal total
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr not in model_storage and ptr not in seen:
-            seen.add(ptr)
-            total += tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(*inputs)
-        if isinstance(module, bayeslayers.BayesianLayer):
-            out = out.sum() + module.kl()
-    return total
+from benchmarks.measure import saved_bytes
 
 
 def _compare(plain, shape_in):
     x = torch.randn(*shape_in, requires_grad=True)
     weight_bytes = plain.weight.numel() * 4
-    baseline = saved_activation_bytes(plain, x)
+    baseline = saved_bytes(plain, x)
     results = {}
     for backend in ("reference", "torch"):
         bayeslayers.set_backend(backend)
         layer = type_for(plain).from_module(plain)
-        results[backend] = saved_activation_bytes(layer, x)
+        results[backend] = saved_bytes(layer, x)
     return baseline, results, weight_bytes
 
 

@@ -67,6 +67,25 @@ class BayesianLayer(nn.Module):
         dtype = prior_dtype or torch.float32
         return prior_mean.detach().to(device=device, dtype=dtype).clone()
 
+    def _copy_from(self, module: nn.Module) -> "BayesianLayer":
+        """Takes the mean and bias from a plain layer; exports will use its weight dtype."""
+        weight = module.weight.detach()
+        with torch.no_grad():
+            self.weight_mu.copy_(weight)
+        if getattr(module, "bias", None) is not None:
+            self.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        self.export_dtype = weight.dtype
+        return self
+
+    def _export_into(self, plain: nn.Module) -> nn.Module:
+        """Writes the posterior mean and the bias into a freshly built plain layer."""
+        with torch.no_grad():
+            plain.weight.copy_(self.weight_mu)
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+                plain.bias.requires_grad_(self.bias.requires_grad)
+        return plain
+
     @property
     def weight(self) -> torch.Tensor:
         """The posterior mean (what deterministic code reading ``.weight`` expects)."""

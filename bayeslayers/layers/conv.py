@@ -81,23 +81,13 @@ class BayesConv2d(BayesianLayer):
                     module.dilation, module.groups, module.bias is not None, module.padding_mode,
                     device=weight.device, init_sigma=init_sigma, prior_sigma=prior_sigma,
                     kl_direction=kl_direction, prior_mean=weight, prior_dtype=prior_dtype)
-        with torch.no_grad():
-            layer.weight_mu.copy_(weight)
-            if module.bias is not None:
-                layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
-        layer.export_dtype = weight.dtype
-        return layer
+        return layer._copy_from(module)
 
     def to_deterministic(self) -> nn.Conv2d:
         """A plain nn.Conv2d holding the posterior mean (in the dtype of the converted module)."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, bias=self.bias is not None,
-                         device=self.weight_mu.device, dtype=self.export_dtype, **self.conv_options())
-        with torch.no_grad():
-            conv.weight.copy_(self.weight_mu)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-                conv.bias.requires_grad_(self.bias.requires_grad)
-        return conv
+        return self._export_into(nn.Conv2d(self.in_channels, self.out_channels, bias=self.bias is not None,
+                                           device=self.weight_mu.device, dtype=self.export_dtype,
+                                           **self.conv_options()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:

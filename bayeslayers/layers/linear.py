@@ -43,23 +43,12 @@ class BayesLinear(BayesianLayer):
         layer = cls(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device,
                     init_sigma=init_sigma, prior_sigma=prior_sigma, kl_direction=kl_direction, prior_mean=weight,
                     prior_dtype=prior_dtype)
-        with torch.no_grad():
-            layer.weight_mu.copy_(weight)
-            if module.bias is not None:
-                layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
-        layer.export_dtype = weight.dtype
-        return layer
+        return layer._copy_from(module)
 
     def to_deterministic(self) -> nn.Linear:
         """A plain nn.Linear holding the posterior mean (in the dtype of the converted module)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight_mu.device, dtype=self.export_dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.weight_mu)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-                linear.bias.requires_grad_(self.bias.requires_grad)
-        return linear
+        return self._export_into(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                           device=self.weight_mu.device, dtype=self.export_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
