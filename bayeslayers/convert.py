@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from .layers import BayesianLayer
 from .presets import get_preset
-from .registry import LORA_OPTIONS, MODES, POSTERIOR_OPTIONS, layer_type_for_source, layer_type_of, source_types
+from .registry import MODES, layer_type_for_source, layer_type_of, source_types
 from .rng import layer_id_for
 from .targets import check_targets, name_matches
 
@@ -110,14 +110,13 @@ def convert(model: nn.Module, target_modules=None, exclude_modules=None, mode=_U
     if target_modules is None:
         raise ValueError("convert needs target_modules or a preset naming the modules to make Bayesian")
 
-    allowed = POSTERIOR_OPTIONS + (LORA_OPTIONS if mode == "lora" else ())
-    layer_options = {k: v for k, v in options.items() if k in allowed}
     selected = _select(model, target_modules, exclude_modules, mode)
     if mode == "lora":
         model.requires_grad_(False)
     for name in selected:
         module = model.get_submodule(name)
         layer_type = layer_type_for_source(module, mode)
+        layer_options = {k: v for k, v in options.items() if k in layer_type.options}
         _set_submodule(model, name, layer_type.layer.from_module(module, **layer_options))
     assign_layer_ids(model)
     return model
