@@ -122,12 +122,13 @@ def encode_prompts(tokenizer, text_encoder, prompts, device):
 
 
 def mean_sigma(unet) -> float:
-    layers = bayeslayers.posterior_layers(unet)
+    """Mean posterior std over all Bayesian weights (one device sync)."""
+    layers = [layer for _, layer in bayeslayers.posterior_layers(unet)]
     if not layers:
         return float("nan")
     with torch.no_grad():
-        total = sum(float(layer.weight_sigma.sum()) for _, layer in layers)
-    return total / sum(layer.weight_mu.numel() for _, layer in layers)
+        total = torch.stack([layer.weight_sigma.sum() for layer in layers]).sum()
+    return total.item() / sum(layer.weight_mu.numel() for layer in layers)
 
 
 def main(args, step_callback=None) -> dict:
