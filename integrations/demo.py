@@ -36,6 +36,24 @@ def recipe_flags(args, name: str, bayesian: bool) -> list[str]:
             "--bayesian" if bayesian else "--no-bayesian"]
 
 
+def evaluate_run(run_dir: Path, num_images: int = 32) -> dict[str, float]:
+    """Judge metrics of a finished run's exported model: subject similarity, shape accuracy, corruption."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from bayeslayers.integrations import tiny_sd
+    from bayeslayers.integrations.dreambooth.data import load_image
+    from bayeslayers.integrations.tiny_sd.evaluate import generate
+    from bayeslayers.integrations.tiny_sd.fidelity import subject_metrics
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd.pipeline_path(), safety_checker=None,
+                                                   unet=UNet2DConditionModel.from_pretrained(run_dir / "unet"))
+    pipe.set_progress_bar_config(disable=True)
+    images = generate(pipe, ["a sks star on a black background"] * num_images, 25, 3.0, seed=123)
+    subject = torch.stack([load_image(p, 32, True) for p in sorted(tiny_sd.subject_path().glob("*.png"))])
+    return subject_metrics(images, subject)
+
+
 def main(args) -> dict:
     from bayeslayers.integrations import dreambooth, sample
 
@@ -49,12 +67,16 @@ def main(args) -> dict:
     results["posterior"] = sample.main(sample.parse_args(
         ["--model_dir", model_dir, "--num_posterior_samples", "8", "--guidance_scale", "3.0"]
         + [flag for p in prompts for flag in ("--prompt", p)]))
+    results["metrics"] = {name: evaluate_run(Path(args.output_dir) / name) for name in ("bayesian", "baseline")}
     minutes = (time.perf_counter() - started) / 60
     print(f"\nDone in {minutes:.1f} min. Outputs:")
     for name in ("bayesian", "baseline"):
         r = results[name]
         print(f"  {name:9s} validation grid {r.get('validation_grid')}\n            curves {r['curves']}  "
               f"final loss {r['final_loss']:.4f}")
+    print("\n  judge metrics on 32 images of 'a sks star on a black background' (mean weights):")
+    for name, metrics in results["metrics"].items():
+        print(f"  {name:9s} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     for row in results["posterior"]:
         print(f"  posterior samples {row['grid']}  uncertainty map {row['std_map']}  "
               f"(mean pixel std {row['mean_pixel_std']:.4f})")

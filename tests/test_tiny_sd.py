@@ -105,3 +105,15 @@ def test_two_line_bayesian_training_loop_on_the_bundled_model():
     assert torch.isfinite(loss)
     assert any(not torch.equal(before[n], p) for n, p in unet.named_parameters() if n in before)
     assert "torchvision" not in sys.modules
+
+
+def test_subject_metrics_separate_the_subject_from_other_shapes():
+    from bayeslayers.integrations.dreambooth.data import load_image
+    from bayeslayers.integrations.tiny_sd.fidelity import subject_metrics
+
+    subject = torch.stack([load_image(p, 32, True) for p in sorted(tiny_sd.subject_path().glob("*.png"))])
+    images, _ = make_dataset(16, seed=5)
+    itself = subject_metrics(subject, subject)
+    others = subject_metrics(to_tensor(images), subject)
+    assert itself["shape_accuracy"] == 1.0
+    assert itself["subject_similarity"] > others["subject_similarity"] + 0.1
