@@ -1,4 +1,5 @@
-"""PNG charts from a results CSV: time ratio and saved-bytes ratio to the deterministic layer, per shape.
+"""PNG charts from a results CSV, one per op and device: fwd+bwd time, saved bytes and peak memory as ratios to
+the deterministic layer, per shape and provider (newest run of each device).
 
     python -m benchmarks.plot [--csv benchmarks/results/results.csv]
 """
@@ -7,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections import defaultdict
+import math
 from pathlib import Path
+
+PANELS = (("median_ms", "fwd+bwd+KL time"), ("saved_bytes", "bytes saved for backward"),
+          ("peak_bytes", "peak memory of the step"))
 
 
 def load_rows(path) -> list[dict]:
@@ -16,57 +20,71 @@ def load_rows(path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def latest_run(rows: list[dict]) -> list[dict]:
-    """Rows of the newest (commit, date, device) in the file."""
-    key = lambda r: (r["date"], r["commit"], r["device"])  # noqa: E731
-    newest = max(rows, key=key)
-    return [r for r in rows if key(r) == key(newest)]
+def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of the newest run (date) of each device."""
+    newest = {}
+    for row in rows:
+        newest[row["device"]] = max(newest.get(row["device"], ""), row["date"])
+    return {device: [r for r in rows if r["device"] == device and r["date"] == date]
+            for device, date in newest.items()}
 
 
-def plot(rows: list[dict], out_dir: Path) -> list[Path]:
+def _ratio(row: dict | None, base: dict | None, column: str) -> float:
+    try:
+        return float(row[column]) / float(base[column])
+    except (TypeError, ValueError, ZeroDivisionError, KeyError):
+        return math.nan
+
+
+def plot_op(rows: list[dict], op: str, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    for op in sorted({r["op"] for r in rows}):
-        op_rows = [r for r in rows if r["op"] == op and r["mode"] == "full"]
-        shapes = list(dict.fromkeys(r["shape"] for r in op_rows))
-        providers = [p for p in dict.fromkeys(r["provider"] for r in op_rows) if p != "deterministic"]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-        width = 0.8 / max(1, len(providers))
-        baseline = {r["shape"]: r for r in op_rows if r["provider"] == "deterministic"}
+    full = [r for r in rows if r["op"] == op and r["mode"] == "full"]
+    shapes = list(dict.fromkeys(r["shape"] for r in full))
+    providers = [p for p in dict.fromkeys(r["provider"] for r in full) if p != "deterministic"]
+    cell = {(r["provider"], r["shape"]): r for r in full}
+    width = 0.8 / max(1, len(providers))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
+    for ax, (column, title) in zip(axes, PANELS):
         for i, provider in enumerate(providers):
-            by_shape = {r["shape"]: r for r in op_rows if r["provider"] == provider}
-            xs = [j + i * width for j in range(len(shapes))]
-            time_ratio = [float(by_shape[s]["ratio_to_deterministic"] or "nan") if s in by_shape else float("nan")
-                          for s in shapes]
-            mem_ratio = [float(by_shape[s]["saved_bytes"]) / max(1.0, float(baseline[s]["saved_bytes"]))
-                         if s in by_shape and s in baseline else float("nan") for s in shapes]
-            axes[0].bar(xs, time_ratio, width, label=provider)
-            axes[1].bar(xs, mem_ratio, width, label=provider)
-        for ax, title in zip(axes, ("fwd+bwd time / deterministic", "saved-for-backward bytes / deterministic")):
-            ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(shapes))], shapes, rotation=20,
-                          fontsize=7)
-            ax.set_title(f"{op}: {title}", fontsize=9)
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{rows[0]['device']} | torch {rows[0]['torch']} | {rows[0]['date']}", fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{op}_{rows[0]['device'].split()[0].lower()}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+            values = [_ratio(cell.get((provider, s)), cell.get(("deterministic", s)), column) for s in shapes]
+            ax.bar([j + i * width for j in range(len(shapes))], values, width, label=provider)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(shapes))], shapes, rotation=20,
+                      fontsize=7)
+        ax.set_title(f"{op}: {title} / deterministic", fontsize=9)
+    axes[0].legend(fontsize=7)
+    head = full[0]
+    fig.suptitle(f"{head['device']} | {head['dtype']} | torch {head['torch']} | {head['commit']} | {head['date']}",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def device_tag(device: str) -> str:
+    return "cpu" if "threads" in device else device.split()[-1].lower().replace("/", "-")
+
+
+def plot(rows: list[dict], out_dir: Path) -> list[Path]:
+    """One PNG per (device, op) of the newest run of each device; returns the paths."""
+    written = []
+    for device, run_rows in latest_runs(rows).items():
+        for op in dict.fromkeys(r["op"] for r in run_rows):
+            written.append(plot_op(run_rows, op, Path(out_dir) / f"{op}_{device_tag(device)}.png"))
     return written
 
 
 def main(input_args=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--csv", default="benchmarks/results/results.csv")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: the CSV's folder)")
     args = p.parse_args(input_args)
-    rows = latest_run(load_rows(args.csv))
-    for path in plot(rows, Path(args.csv).parent):
+    for path in plot(load_rows(args.csv), Path(args.out or Path(args.csv).parent)):
         print(path)
 
 

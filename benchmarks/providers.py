@@ -1,77 +1,62 @@
-"""The layers compared side by side: each provider builds a module for an op/shape and a step function.
+"""The layers compared side by side; each provider builds a step module for one (op, shape).
 
-Providers: ``deterministic`` (nn.Linear / nn.Conv2d / peft LoRA: the floor), ``reference`` (bayeslayers'
-naive eager backend, what hand-written Bayesian layers do), ``bayesian-torch`` (the public package's
-reparameterization layers), ``torch`` (bayeslayers' seed-regenerating backend), ``triton`` (GPU kernels).
+Providers: ``deterministic`` (nn.Linear / nn.Conv2d / peft LoRA / plain UNet: the floor), ``reference``
+(bayeslayers' naive eager backend: what a hand-written Bayesian layer does), ``bayesian-torch`` (the public
+package's LinearReparameterization / Conv2dReparameterization), then every other bayeslayers backend
+(``torch``: seed-regenerating autograd Function; ``triton``: GPU kernels; any backend registered later).
+
+Every Bayesian provider gets the same posterior and prior: mean = the plain layer's weight, sigma = 0.01
+(softplus(rho)), prior N(plain weight, 0.01^2) (LoRA factors: bayeslayers' defaults). A step module returns
+``(output, kl)``, kl None for deterministic providers.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 import bayeslayers
+from bayeslayers.backends import BACKENDS
 
 SIGMA = 0.01
 RHO = math.log(math.expm1(SIGMA))
-PROVIDERS = ("deterministic", "reference", "bayesian-torch", "torch", "triton")
+BAYESIAN_TORCH_OPS = ("linear", "conv2d")
 
 
-def provider_available(provider: str, op: str, device: torch.device) -> bool:
+def providers() -> list[str]:
+    """Provider names in display order: the three baselines, then bayeslayers' other backends."""
+    return ["deterministic", "reference", "bayesian-torch", *[name for name in BACKENDS if name != "reference"]]
+
+
+def unavailable_reason(provider: str, op: str, device: torch.device) -> str:
+    """Why ``provider`` cannot run ``op`` on ``device`` ('' when it can)."""
+    if provider == "deterministic":
+        return "peft is not installed" if op == "lora" and not importlib.util.find_spec("peft") else ""
     if provider == "bayesian-torch":
-        if op not in ("linear", "conv2d"):
-            return False
-        try:
-            import bayesian_torch  # noqa: F401
-        except ImportError:
-            return False
-    if provider == "triton":
-        from bayeslayers.backends import BACKENDS
-
-        return device.type == "cuda" and BACKENDS["triton"].is_available(device)
-    return True
+        if op not in BAYESIAN_TORCH_OPS:
+            return f"bayesian-torch has no {op} layer"
+        return "" if importlib.util.find_spec("bayesian_torch") else "bayesian-torch is not installed"
+    backend = BACKENDS[provider]
+    if backend.name == "triton" and device.type != "cuda":
+        return "GPU only (the CPU interpreter is for correctness tests, not timing)"
+    return backend.unavailable_reason(device) if not backend.is_available(device) else ""
 
 
-def _bayesian_torch(plain: nn.Module) -> nn.Module:
-    from bayesian_torch.layers import Conv2dReparameterization, LinearReparameterization
+@dataclass
+class Case:
+    """A provider's step module, its input, and how many weight elements are Bayesian (0 for plain layers)."""
 
-    common = dict(prior_mean=0.0, prior_variance=SIGMA**2, posterior_mu_init=0.0, posterior_rho_init=RHO)
-    if isinstance(plain, nn.Linear):
-        layer = LinearReparameterization(plain.in_features, plain.out_features, bias=True, **common)
-    else:
-        layer = Conv2dReparameterization(plain.in_channels, plain.out_channels, plain.kernel_size[0],
-                                         plain.stride[0], plain.padding[0], bias=True, **common)
-    mean = layer.mu_weight if isinstance(plain, nn.Linear) else layer.mu_kernel
-    with torch.no_grad():
-        mean.copy_(plain.weight)
-    return layer
-
-
-class BayesianTorchStep(nn.Module):
-    """bayesian-torch's forward returns (out, kl); this wraps it as out + KL."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        out, kl = self.layer(x, return_kl=True)
-        return out, kl
-
-
-class BayesStep(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x), bayeslayers.kl_loss(self.model, check_finite=False)
+    module: nn.Module
+    x: torch.Tensor
+    bayesian_weights: int
 
 
 class PlainStep(nn.Module):
-    def __init__(self, model):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
@@ -79,35 +64,88 @@ class PlainStep(nn.Module):
         return self.model(x), None
 
 
-def build(provider: str, op: str, shape: tuple, device: torch.device, dtype: torch.dtype):
-    """(module returning (output, kl or None), input tensor, number of Bayesian weights)."""
-    torch.manual_seed(0)
-    if op == "linear":
-        m, n, k = shape
-        plain, x = nn.Linear(k, n), torch.randn(m, k)
-    elif op == "conv2d":
-        batch, channels, size = shape
-        plain, x = nn.Conv2d(channels, channels, 3, padding=1), torch.randn(batch, channels, size, size)
-    elif op.startswith("lora"):
-        m, n, k, rank = shape
-        plain, x = nn.Linear(k, n), torch.randn(m, k)
-    else:
-        raise ValueError(f"unknown op {op!r}")
-    plain, x = plain.to(device), x.to(device, dtype).requires_grad_(True)
-    if op.startswith("lora"):
-        if provider == "deterministic":
-            from peft import LoraConfig, get_peft_model
+class BayesianTorchStep(nn.Module):
+    """bayesian-torch layers compute their KL in the forward (mean reduction)."""
 
-            model = get_peft_model(nn.Sequential(plain), LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"],
-                                                                    init_lora_weights="gaussian"))
-            return PlainStep(model), x, 0
-        bayeslayers.set_backend(provider)
-        layer = bayeslayers.BayesLoRALinear(plain, rank=rank).to(device)
-        return BayesStep(layer), x, sum(f.weight_mu.numel() for _, f in bayeslayers.posterior_layers(layer))
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x, return_kl=True)
+
+
+class BayesStep(nn.Module):
+    """A bayeslayers model run with one backend; KL from bayeslayers.kl_loss (reuses the forward's fused KL)."""
+
+    def __init__(self, model: nn.Module, backend: str):
+        super().__init__()
+        self.model, self.backend = model, backend
+
+    def forward(self, x):
+        bayeslayers.set_backend(self.backend)
+        return self.model(x), bayeslayers.kl_loss(self.model, check_finite=False)
+
+
+def bayesian_weights(model: nn.Module) -> int:
+    return sum(layer.weight_mu.numel() for _, layer in bayeslayers.posterior_layers(model))
+
+
+def _bayesian_torch_layer(plain: nn.Module) -> nn.Module:
+    """bayesian-torch's layer with the plain layer's weight as posterior and prior mean, sigma 0.01 everywhere.
+
+    bayesian-torch's ``prior_variance`` argument is used as the prior *standard deviation* (it fills
+    prior_weight_sigma); its bias is Bayesian too (sampled, with KL).
+    """
+    from bayesian_torch.layers import Conv2dReparameterization, LinearReparameterization
+
+    common = dict(prior_mean=0.0, prior_variance=SIGMA, posterior_mu_init=0.0, posterior_rho_init=RHO, bias=True)
+    if isinstance(plain, nn.Linear):
+        layer = LinearReparameterization(plain.in_features, plain.out_features, **common)
+        mu, rho, prior = layer.mu_weight, layer.rho_weight, layer.prior_weight_mu
+    else:
+        layer = Conv2dReparameterization(plain.in_channels, plain.out_channels, plain.kernel_size[0],
+                                         stride=plain.stride[0], padding=plain.padding[0], **common)
+        mu, rho, prior = layer.mu_kernel, layer.rho_kernel, layer.prior_weight_mu
+    with torch.no_grad():
+        mu.copy_(plain.weight)
+        prior.copy_(plain.weight)
+        rho.fill_(RHO)
+        layer.mu_bias.copy_(plain.bias)
+        layer.rho_bias.fill_(RHO)
+        layer.prior_bias_mu.copy_(plain.bias)
+    return layer
+
+
+def _peft_lora(plain: nn.Linear, rank: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(nn.Sequential(plain), LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]))
+
+
+def _plain_layer(op: str, shape: tuple) -> tuple[nn.Module, torch.Tensor]:
+    if op == "conv2d":
+        batch, channels, size = shape
+        return nn.Conv2d(channels, channels, 3, padding=1), torch.randn(batch, channels, size, size)
+    m, k, n = shape[:3]
+    return nn.Linear(k, n), torch.randn(m, k)
+
+
+def build(provider: str, op: str, shape: tuple, device: torch.device) -> Case:
+    """The step module of ``provider`` for a linear, conv2d or lora ``shape`` (fp32 parameters and input)."""
+    torch.manual_seed(0)
+    plain, x = _plain_layer(op, shape)
+    x = x.to(device).requires_grad_(True)
+    if op == "lora":
+        rank = shape[3]
+        if provider == "deterministic":
+            return Case(PlainStep(_peft_lora(plain, rank)).to(device), x, 0)
+        layer = bayeslayers.BayesLoRALinear(plain, rank=rank, init_sigma=SIGMA, prior_sigma=SIGMA)
+        return Case(BayesStep(layer, provider).to(device), x, bayesian_weights(layer))
     if provider == "deterministic":
-        return PlainStep(plain), x, 0
+        return Case(PlainStep(plain).to(device), x, 0)
     if provider == "bayesian-torch":
-        return BayesianTorchStep(_bayesian_torch(plain).to(device)), x, plain.weight.numel()
-    bayeslayers.set_backend(provider)
+        return Case(BayesianTorchStep(_bayesian_torch_layer(plain)).to(device), x, plain.weight.numel())
     layer_type = bayeslayers.BayesLinear if op == "linear" else bayeslayers.BayesConv2d
-    return BayesStep(layer_type.from_module(plain).to(device)), x, plain.weight.numel()
+    layer = layer_type.from_module(plain, init_sigma=SIGMA, prior_sigma=SIGMA)
+    return Case(BayesStep(layer, provider).to(device), x, plain.weight.numel())

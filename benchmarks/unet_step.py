@@ -1,4 +1,7 @@
-"""One end-to-end training step of a UNet2DConditionModel: deterministic vs converted with dreambooth-bnn."""
+"""End-to-end training step of a UNet2DConditionModel: deterministic vs converted with the dreambooth-bnn preset.
+
+CPU uses a tiny config (``micro`` in --quick); GPU the real SD1.5 architecture (``sd15_unet.json``, random weights, no download).
+"""
 
 from __future__ import annotations
 
@@ -10,42 +13,50 @@ import torch.nn as nn
 
 import bayeslayers
 
+from .providers import BayesStep, Case, PlainStep, bayesian_weights
+
 TINY = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=64, attention_head_dim=16, norm_num_groups=16)
-# shape = (batch, latent size, config name)
-UNET_SHAPES = {"cpu": [(1, 16, "tiny"), (4, 16, "tiny")], "cuda": [(1, 64, "sd15"), (4, 64, "sd15")],
-               "quick": [(1, 8, "tiny")]}
+MICRO = dict(TINY, sample_size=8, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
+             norm_num_groups=8)  # --quick only
+CONFIGS = {"tiny": TINY, "micro": MICRO}
+SD15_CONFIG = Path(__file__).parent / "sd15_unet.json"
+TEXT_TOKENS = 77
 
 
-class UNetStep(nn.Module):
-    def __init__(self, unet, text, timesteps, bayesian):
+def unet_config(name: str) -> dict:
+    if name in CONFIGS:
+        return dict(CONFIGS[name])
+    config = json.loads(SD15_CONFIG.read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+class Denoiser(nn.Module):
+    """latents -> predicted noise, with fixed text embeddings and timesteps (one training step's forward)."""
+
+    def __init__(self, unet: nn.Module, text: torch.Tensor, timesteps: torch.Tensor):
         super().__init__()
-        self.unet, self.text, self.timesteps, self.bayesian = unet, text, timesteps, bayesian
+        self.unet = unet
+        self.register_buffer("text", text)
+        self.register_buffer("timesteps", timesteps)
 
     def forward(self, latents):
-        out = self.unet(latents, self.timesteps, encoder_hidden_states=self.text).sample
-        return out, (bayeslayers.kl_loss(self.unet, check_finite=False) if self.bayesian else None)
+        return self.unet(latents, self.timesteps, encoder_hidden_states=self.text).sample
 
 
-def build_unet_step(provider, shape, device, dtype):
+def build_unet(provider: str, shape: tuple, device: torch.device) -> Case:
     from diffusers import UNet2DConditionModel
 
-    if provider in ("bayesian-torch",):
-        raise ValueError("bayesian-torch has no UNet conversion")
     batch, size, name = shape
     torch.manual_seed(0)
-    config = TINY if name == "tiny" else json.loads((Path(__file__).parent / "sd15_unet.json").read_text())
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    unet = UNet2DConditionModel(**config).to(device)
-    numel = 0
-    if provider != "deterministic":
-        bayeslayers.set_backend(provider)
-        bayeslayers.convert(unet, preset="dreambooth-bnn")
-        numel = sum(layer.weight_mu.numel() for _, layer in bayeslayers.posterior_layers(unet))
-    text = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
-    timesteps = torch.randint(0, 1000, (batch,), device=device)
-    latents = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
-    if dtype != torch.float32:
-        latents, text = latents.float(), text.float()
-    return UNetStep(unet, text, timesteps, provider != "deterministic"), latents, numel
+    unet = UNet2DConditionModel(**unet_config(name))
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randn(batch, TEXT_TOKENS, unet.config.cross_attention_dim, generator=generator)
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+    latents = torch.randn(batch, unet.config.in_channels, size, size, generator=generator).to(device)
+    model = Denoiser(unet, text, timesteps)
+    if provider == "deterministic":
+        return Case(PlainStep(model).to(device), latents, 0)
+    bayeslayers.convert(unet, preset="dreambooth-bnn")
+    return Case(BayesStep(model, provider).to(device), latents, bayesian_weights(unet))
