@@ -1,6 +1,7 @@
 """End-to-end training step of a UNet2DConditionModel: deterministic vs converted with the dreambooth-bnn preset.
 
-CPU uses a tiny config (``micro`` in --quick); GPU the real SD1.5 architecture (``sd15_unet.json``, random weights, no download).
+CPU uses a tiny config (``micro`` in --quick); GPU the real SD1.5 architecture (``sd15_unet.json``, random
+weights, no download).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import bayeslayers
 from .providers import BayesStep, Case, PlainStep, bayesian_weights
 
 TINY = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=64, attention_head_dim=16, norm_num_groups=16)
 MICRO = dict(TINY, sample_size=8, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
              norm_num_groups=8)  # --quick only
