@@ -42,7 +42,7 @@ def parse_args(input_args=None):
     return p.parse_args(input_args)
 
 
-def _save_stage(path: Path, modules: dict, optimizer, step: int, history: list) -> None:
+def _save_stage(path: Path, modules: dict, optimizer, step: int, history: list, clock: dict) -> None:
     tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
     opt = optimizer.state_dict()
     for index, values in opt["state"].items():
@@ -50,11 +50,12 @@ def _save_stage(path: Path, modules: dict, optimizer, step: int, history: list) 
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().contiguous()
     tensors["rng"] = torch.get_rng_state()
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "history": json.dumps(history)})
+    metadata = {"step": str(step), "history": json.dumps(history), "clock": json.dumps(clock)}
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
 
 
-def _load_stage(path: Path, modules: dict, optimizer) -> tuple[int, list]:
+def _load_stage(path: Path, modules: dict, optimizer) -> tuple[int, list, dict]:
     from safetensors import safe_open
 
     tensors = load_file(str(path))
@@ -69,18 +70,32 @@ def _load_stage(path: Path, modules: dict, optimizer) -> tuple[int, list]:
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(tensors["rng"])
-    return int(meta["step"]), json.loads(meta["history"])
+    clock = json.loads(meta.get("clock", '{"seconds": 0.0, "cpu_seconds": 0.0}'))
+    return int(meta["step"]), json.loads(meta["history"]), clock
 
 
 def _loop(name, steps, modules, optimizer, scheduler, loss_fn, ckpt: Path, every: int):
-    """Runs ``loss_fn()`` optimisation steps with a tqdm bar, resuming from ``ckpt`` when it exists."""
+    """Runs ``loss_fn()`` optimisation steps with a tqdm bar, resuming from ``ckpt`` when it exists.
+
+    Returns (history [[step, running loss], ...], clock {"seconds": wall, "cpu_seconds": process CPU}); the
+    clock sums over resumed sessions."""
     from tqdm.auto import tqdm
 
-    step, history = (_load_stage(ckpt, modules, optimizer) if ckpt.exists() else (0, []))
+    step, history, clock = (_load_stage(ckpt, modules, optimizer) if ckpt.exists()
+                            else (0, [], {"seconds": 0.0, "cpu_seconds": 0.0}))
     for _ in range(step):
         scheduler.step()
     bar = tqdm(total=steps, initial=step, desc=name)
-    started, running = time.perf_counter(), None
+    running = None
+    wall, cpu = time.perf_counter(), time.process_time()
+
+    def tick():
+        nonlocal wall, cpu
+        now_wall, now_cpu = time.perf_counter(), time.process_time()
+        clock["seconds"] += now_wall - wall
+        clock["cpu_seconds"] += now_cpu - cpu
+        wall, cpu = now_wall, now_cpu
+
     while step < steps:
         loss = loss_fn()
         optimizer.zero_grad(set_to_none=True)
@@ -95,9 +110,11 @@ def _loop(name, steps, modules, optimizer, scheduler, loss_fn, ckpt: Path, every
         if step % 50 == 0 or step == steps:
             history.append([step, running])
         if step % every == 0 or step == steps:
-            _save_stage(ckpt, modules, optimizer, step, history)
+            tick()
+            _save_stage(ckpt, modules, optimizer, step, history, clock)
     bar.close()
-    return history, time.perf_counter() - started
+    tick()
+    return history, clock
 
 
 def _cosine(optimizer, steps, warmup=100):
@@ -130,8 +147,8 @@ def main(args) -> dict:
         recon = vae.decode(posterior.sample()).sample
         return F.mse_loss(recon, batch) + args.vae_kl_weight * posterior.kl().mean() / 256
 
-    vae_history, vae_seconds = _loop("vae", args.vae_steps, {"vae": vae}, vae_opt, _cosine(vae_opt, args.vae_steps),
-                                     vae_loss, out / "vae_stage.safetensors", args.checkpoint_every)
+    vae_history, vae_clock = _loop("vae", args.vae_steps, {"vae": vae}, vae_opt, _cosine(vae_opt, args.vae_steps),
+                                   vae_loss, out / "vae_stage.safetensors", args.checkpoint_every)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
@@ -156,16 +173,19 @@ def main(args) -> dict:
         pred = unet(noise_scheduler.add_noise(z, noise, t), t, encoder_hidden_states=text_encoder(tokens)[0]).sample
         return F.mse_loss(pred, noise)
 
-    unet_history, unet_seconds = _loop("unet", args.unet_steps, {"unet": unet, "text_encoder": text_encoder},
-                                       unet_opt, _cosine(unet_opt, args.unet_steps), unet_loss,
-                                       out / "unet_stage.safetensors", args.checkpoint_every)
+    unet_history, unet_clock = _loop("unet", args.unet_steps, {"unet": unet, "text_encoder": text_encoder},
+                                     unet_opt, _cosine(unet_opt, args.unet_steps), unet_loss,
+                                     out / "unet_stage.safetensors", args.checkpoint_every)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
                                    scheduler=DDIMScheduler(**models.SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
     report = {"seed": args.seed, "num_images": args.num_images, "batch_size": args.batch_size,
-              "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "vae_seconds": round(vae_seconds, 1),
-              "unet_seconds": round(unet_seconds, 1), "vae_final_loss": vae_history[-1][1] if vae_history else None,
+              "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "threads": args.threads,
+              "vae_seconds": round(vae_clock["seconds"], 1), "vae_cpu_seconds": round(vae_clock["cpu_seconds"], 1),
+              "unet_seconds": round(unet_clock["seconds"], 1),
+              "unet_cpu_seconds": round(unet_clock["cpu_seconds"], 1),
+              "vae_final_loss": vae_history[-1][1] if vae_history else None,
               "vae_recon_mse": recon_mse, "latent_scaling_factor": scaling,
               "unet_final_loss": unet_history[-1][1] if unet_history else None,
               "vae_history": vae_history, "unet_history": unet_history}
