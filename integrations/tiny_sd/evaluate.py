@@ -36,16 +36,31 @@ def generate(pipe, prompts, steps: int, guidance: float, seed: int) -> torch.Ten
     return to_tensor((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
 
 
-def prompt_accuracy(pipe, judge, clean_energy, n: int = 96, steps: int = 25, guidance: float = 3.0, seed: int = 0):
+def prompt_accuracy(pipe, judge, clean_energy, n: int = 384, steps: int = 25, guidance: float = 3.0, seed: int = 0,
+                    batch: int = 32) -> dict:
+    """Judge-read accuracy of ``n`` images generated from held-out colour/shape prompts.
+
+    Returns {attribute: fraction correct}, "corruption_score" (mean, 1 = clean renders), "shape_by_prompt"
+    {"red triangle": fraction of right shapes, ...}, "shape_by_size" {"small": ..., "large": ...} and
+    "shape_confusion" {asked shape: {read shape: count}}."""
     from .judge import corruption_score
 
     scenes = held_out_prompts(np.random.default_rng(seed), n)
-    images = torch.cat([generate(pipe, [s.caption for s in scenes[i:i + 32]], steps, guidance, seed + i)
-                        for i in range(0, n, 32)])
+    images = torch.cat([generate(pipe, [s.caption for s in scenes[i:i + batch]], steps, guidance, seed + i)
+                        for i in range(0, n, batch)])
     predicted = judge.predict(images)
     result = {name: float(np.mean([p == getattr(s, name) for p, s in zip(predicted[name], scenes)]))
               for name in ("colour", "shape", "size", "background")}
     result["corruption_score"] = float(corruption_score(images, clean_energy).mean())
+    by_prompt, by_size, confusion = {}, {}, {}
+    for read, scene in zip(predicted["shape"], scenes):
+        by_prompt.setdefault(f"{scene.colour} {scene.shape}", []).append(read == scene.shape)
+        by_size.setdefault(scene.size, []).append(read == scene.shape)
+        counts = confusion.setdefault(scene.shape, {})
+        counts[read] = counts.get(read, 0) + 1
+    result["shape_by_prompt"] = {k: float(np.mean(v)) for k, v in by_prompt.items()}
+    result["shape_by_size"] = {k: float(np.mean(v)) for k, v in by_size.items()}
+    result["shape_confusion"] = confusion
     return result
 
 
