@@ -1,6 +1,12 @@
 """Triton backend: fused sample+KL and gradient kernels from ``bayeslayers.kernels``.
 
 Runs on CUDA, or on CPU when ``TRITON_INTERPRET=1`` was set before the kernels were imported.
+
+Seeds: :meth:`TritonBackend.layer_seed` returns a one-element int64 tensor drawn from the default generator
+of the device the kernels run on and mixed with the layer id there (no host sync; CUDA-graph and
+torch.compile friendly; activation checkpointing restores the generator and so redraws the same seed).
+Python int seeds (``sampling()``, ``fixed_seed``) are accepted as well. The eps stream is the Philox one
+documented in ``bayeslayers/kernels/philox.py``; it differs from the torch backend's stream.
 """
 
 from __future__ import annotations
@@ -13,13 +19,17 @@ import torch
 from .base import Backend
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 class TritonBackend(Backend):
     name = "triton"
 
     def unavailable_reason(self, device: torch.device) -> str:
         if importlib.util.find_spec("triton") is None:
             return "the 'triton' package is not installed"
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and not _interpreting():
             return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
         kernels = _kernels()
         if not hasattr(kernels, "reparameterized_op"):
@@ -29,11 +39,23 @@ class TritonBackend(Backend):
     def is_available(self, device: torch.device) -> bool:
         return self.unavailable_reason(device) == ""
 
+    def layer_seed(self, layer_id: int) -> torch.Tensor:
+        """int64 device tensor: a draw from the kernels' device's default generator mixed with ``layer_id``."""
+        return _kernels().device_layer_seed(layer_id, _seed_device())
+
     def noise(self, seed, shape, device):
         return _kernels().philox_normal(seed, shape, device)
 
     def apply(self, op, x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed):
         return _kernels().reparameterized_op(op, x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed)
+
+
+def _seed_device() -> torch.device:
+    """The current CUDA device when there is one, else the CPU (interpreter); seeds move to the weight's
+    device in ``reparameterized_op`` if they differ."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _kernels():

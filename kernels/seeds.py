@@ -1,0 +1,68 @@
+"""Seeds as device tensors: what the kernels read, and the on-device mix of a draw with a layer id.
+
+A seed is a 64-bit integer held in a one-element int64 tensor on the weight's device (two's complement:
+Python ints in [0, 2**64) are accepted and stored bit for bit). Kernels load it with ``tl.load``, so a new
+seed every step needs no recompilation, no host sync, and is CUDA-graph / torch.compile friendly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+_SEED_MASK = (1 << 63) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_DRAW_BOUND = 1 << 62
+
+
+def _signed64(value: int) -> int:
+    """The int64 with the same 64 bits as ``value`` (taken mod 2**64)."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    """A one-element int64 tensor on ``device`` from a Python int or an integer tensor of one element."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"seed tensor must hold one int64 value, got shape {tuple(seed.shape)} {seed.dtype}")
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
+    return torch.tensor([_signed64(seed)], dtype=torch.int64, device=device)
+
+
+def _shift_right(value: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (value >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(value: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on int64 tensors (wrapping arithmetic = arithmetic mod 2**64)."""
+    value = value + _signed64(_GOLDEN)
+    value = (value ^ _shift_right(value, 30)) * _signed64(_MIX1)
+    value = (value ^ _shift_right(value, 27)) * _signed64(_MIX2)
+    return value ^ _shift_right(value, 31)
+
+
+def mix_seed_tensor(draw: torch.Tensor, layer_id: int) -> torch.Tensor:
+    """63-bit seed from a drawn int64 tensor and a layer id, on the draw's device.
+
+    Bit-identical to ``bayeslayers.rng.mix_seed(draw, layer_id)`` (SplitMix64 chain), computed without a
+    host sync.
+    """
+    state = _splitmix64(draw)
+    state = _splitmix64(state ^ _signed64(layer_id))
+    return state & _SEED_MASK
+
+
+def device_layer_seed(layer_id: int, device: torch.device) -> torch.Tensor:
+    """A fresh seed for one sampling forward: a draw from ``device``'s default generator mixed with ``layer_id``.
+
+    ``torch.manual_seed`` makes it reproducible, and activation checkpointing (which saves and restores the
+    device generators) redraws the same seed when it recomputes a forward.
+    """
+    draw = torch.randint(0, _DRAW_BOUND, (1,), dtype=torch.int64, device=device)
+    return mix_seed_tensor(draw, layer_id)
