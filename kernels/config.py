@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -43,8 +42,3 @@ def check_numel(numel: int) -> None:
         raise ValueError(f"weights with more than {MAX_NUMEL} elements are not supported (int32 RNG offsets), "
                          f"got {numel}")
 
-
-def traceable(kernel):
-    """``kernel`` wrapped so torch.compile can trace its launch inside a ``torch.library.triton_op``."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    return kernel if wrap is None else wrap(kernel)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import check_numel, elementwise_configs, traceable
+from .config import check_numel, elementwise_configs
 from .seeds import seed_tensor
 
 TWO_POW_M32 = tl.constexpr(2.0**-32)
@@ -86,7 +86,7 @@ def philox_normal_into(seed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     numel = out.numel()
     check_numel(numel)
     if numel:
-        traceable(_philox_normal_kernel)[grid_over(numel)](seed, out, numel)
+        _philox_normal_kernel[grid_over(numel)](seed, out, numel)
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import check_numel, elementwise_configs, traceable
+from .config import check_numel, elementwise_configs
 from .philox import grid_over, normal_tile, tile_indices
 from .posterior_math import KL_DIRECTION_CODES, kl_element_grads, load_gap, sigmoid, softplus
 
@@ -69,7 +69,7 @@ def reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: flo
     d_rho = torch.empty_like(mu, dtype=torch.float32)
     w = None if w_dtype is None else torch.empty(mu.shape, dtype=w_dtype, device=mu.device)
     if numel:
-        traceable(_reparameterization_grad_kernel)[grid_over(numel)](
+        _reparameterization_grad_kernel[grid_over(numel)](
             mu if d_w is None else d_w, mu, rho, mu if prior_mu is None else prior_mu, seed,
             seed if g_kl is None else g_kl, d_mu, d_rho, d_mu if w is None else w,
             numel, prior_sigma**2,

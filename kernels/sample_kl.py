@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import check_numel, elementwise_configs, smallest_block_elements, traceable
+from .config import check_numel, elementwise_configs, smallest_block_elements
 from .philox import grid_over, normal_tile, tile_indices
 from .posterior_math import KL_DIRECTION_CODES, kl_element, load_gap, softplus
 
@@ -55,7 +55,7 @@ def sample_weight_and_kl(mu, rho, prior_mu, seed, prior_sigma: float, kl_directi
     n_partials = triton.cdiv(numel, smallest_block_elements()) if with_kl else 0
     partials = torch.zeros(n_partials, dtype=torch.float32, device=mu.device)
     if numel:
-        traceable(_sample_weight_kl_kernel)[grid_over(numel)](
+        _sample_weight_kl_kernel[grid_over(numel)](
             mu, rho, mu if prior_mu is None else prior_mu, seed, w, partials,
             numel, prior_sigma**2, math.log(prior_sigma),
             HAS_PRIOR=prior_mu is not None, KL_DIRECTION=KL_DIRECTION_CODES[kl_direction], WITH_KL=with_kl,

@@ -58,6 +58,16 @@ def mix_seed_tensor(draw: torch.Tensor, layer_id: int) -> torch.Tensor:
     return state & _SEED_MASK
 
 
+@torch.library.custom_op("bayeslayers::mix_seed", mutates_args=())
+def _mix_seed_op(draw: torch.Tensor, layer_id: int) -> torch.Tensor:
+    return mix_seed_tensor(draw, layer_id)
+
+
+@_mix_seed_op.register_fake
+def _(draw, layer_id):
+    return torch.empty_like(draw)
+
+
 def device_layer_seed(layer_id: int, device: torch.device) -> torch.Tensor:
     """A fresh seed for one sampling forward: a draw from ``device``'s default generator mixed with ``layer_id``.
 
@@ -65,4 +75,5 @@ def device_layer_seed(layer_id: int, device: torch.device) -> torch.Tensor:
     device generators) redraws the same seed when it recomputes a forward.
     """
     draw = torch.randint(0, _DRAW_BOUND, (1,), dtype=torch.int64, device=device)
-    return mix_seed_tensor(draw, layer_id)
+    # An opaque op: Inductor (torch 2.13, CPU) miscompiles the SplitMix64 chain when it fuses it with randint.
+    return _mix_seed_op(draw, layer_id)
