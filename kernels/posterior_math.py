@@ -24,8 +24,9 @@ def softplus(rho):
     """log(1 + exp(rho)) without cancellation for very negative rho; rho itself above 20 (as F.softplus)."""
     z = tl.exp(-tl.abs(rho))
     one_plus_z = 1.0 + z
+    rounded_z = one_plus_z - 1.0
     # log1p(z) = log(1 + z) * z / ((1 + z) - 1): exact to a few ulps even when 1 + z rounds (Goldberg).
-    log1p_z = tl.where(one_plus_z == 1.0, z, tl.log(one_plus_z) * (z / (one_plus_z - 1.0)))
+    log1p_z = tl.where(rounded_z == 0.0, z, tl.log(one_plus_z) * (z / tl.where(rounded_z == 0.0, 1.0, rounded_z)))
     return tl.where(rho > 20.0, rho, tl.maximum(rho, 0.0) + log1p_z)
 
 
