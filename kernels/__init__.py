@@ -11,11 +11,18 @@ Modules, one job each:
   config.py          autotune configs and limits
 """
 
-from .philox import philox_normal
-from .reparam_grad import reparameterization_grad
-from .reparameterized import ReparameterizedFunction, reparameterized_op
-from .sample_kl import sample_weight_and_kl
-from .seeds import device_layer_seed, mix_seed_tensor, seed_tensor
+# Run from the repository root, this folder is also visible as a top-level ``kernels`` package, and
+# transformers/diffusers import whatever ``kernels`` they find to read its version (the Hugging Face
+# "kernels" hub package has that name). Imported under that name it stays empty: a second import would
+# register the ``torch.ops.bayeslayers`` operators twice and leave the first ones dangling.
+if __name__ == "bayeslayers.kernels":
+    from .philox import philox_normal
+    from .reparam_grad import reparameterization_grad
+    from .reparameterized import ReparameterizedFunction, reparameterized_op
+    from .sample_kl import sample_weight_and_kl
+    from .seeds import device_layer_seed, mix_seed_tensor, seed_tensor
 
-__all__ = ["philox_normal", "sample_weight_and_kl", "reparameterization_grad", "reparameterized_op",
-           "ReparameterizedFunction", "device_layer_seed", "mix_seed_tensor", "seed_tensor"]
+    __all__ = ["philox_normal", "sample_weight_and_kl", "reparameterization_grad", "reparameterized_op",
+               "ReparameterizedFunction", "device_layer_seed", "mix_seed_tensor", "seed_tensor"]
+else:
+    __all__ = []

@@ -46,3 +46,19 @@ def test_import_bayeslayers_stays_light():
     code = "import bayeslayers, bayeslayers.integrations, sys; print(sorted(m for m in ('diffusers', 'transformers', 'peft', 'benchmarks') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_top_level_kernels_probe_from_the_repo_root_registers_nothing():
+    """transformers imports any top-level ``kernels`` it finds; from the repo root that is this folder, and a
+    second registration of the custom ops used to leave the first ones dangling (crash in backward)."""
+    code = ("import os; os.environ['TRITON_INTERPRET'] = '1'\n"
+            "import torch, bayeslayers, bayeslayers.kernels as k\n"
+            "import importlib; probed = importlib.import_module('kernels')\n"
+            "assert probed.__file__ == k.__file__ and probed.__all__ == [], probed.__all__\n"
+            "import transformers.integrations.hub_kernels\n"
+            "mu = torch.randn(37, 29); rho = torch.full_like(mu, -3.0); mu.requires_grad_(True)\n"
+            "y, kl = k.reparameterized_op(bayeslayers.ops.LinearOp(), torch.randn(5, 29), mu, rho, None, None,"
+            " 1.0, 'qp', 7)\n"
+            "(y.sum() + kl).backward(); assert torch.isfinite(mu.grad).all()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True)

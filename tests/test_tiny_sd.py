@@ -35,6 +35,19 @@ def test_tokenizer_round_trips_the_world_captions(pipe):
     assert len(pipe.tokenizer("a small red circle on a black background").input_ids) == 10  # one token per word
 
 
+def test_shipped_vocab_and_merges_rebuild_the_pipeline_tokenizer(pipe, tmp_path):
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tiny_sd.pipeline_path() / "tokenizer" / name, tmp_path / name)
+    rebuilt = CLIPTokenizer.from_pretrained(str(tmp_path))
+    _, scenes = make_dataset(20, seed=4)
+    for caption in [s.caption for s in scenes] + ["a sks star", "a star"]:
+        assert rebuilt(caption).input_ids == pipe.tokenizer(caption).input_ids
+
+
 def test_world_is_deterministic_for_a_seed():
     a, scenes_a = make_dataset(20, seed=7)
     b, scenes_b = make_dataset(20, seed=7)
@@ -54,6 +67,14 @@ def test_judge_reads_fresh_clean_renders():
     clean = corruption_score(images, clean_energy).mean()
     noisy = corruption_score((images + 0.3 * torch.randn_like(images)).clamp(-1, 1), clean_energy).mean()
     assert 0.7 < clean < 1.3 and noisy > 3 * clean
+
+
+def test_judge_config_describes_the_shipped_judge():
+    from bayeslayers.integrations.tiny_sd.judge import ATTRIBUTES
+
+    config = tiny_sd.judge_config()
+    assert config["attributes"] == {name: list(values) for name, values in ATTRIBUTES.items()}
+    assert min(config["held_out_accuracy"].values()) >= 0.95
 
 
 def test_subject_assets_load():

@@ -37,6 +37,11 @@ def subject_prompts() -> dict[str, str]:
     return json.loads(_asset("subject", "prompts.json").read_text())
 
 
+def judge_config() -> dict:
+    """The judge's architecture, attribute classes, clean-data reference and measured accuracy."""
+    return json.loads(_asset("judge_config.json").read_text())
+
+
 def load_judge():
     """The trained :class:`~bayeslayers.integrations.tiny_sd.judge.Judge` (eval mode) and its clean-data
     high-frequency reference (for :func:`~bayeslayers.integrations.tiny_sd.judge.corruption_score`)."""
