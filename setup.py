@@ -31,12 +31,14 @@ setup(
     python_requires=">=3.10",
     packages=_packages(),
     package_dir=PACKAGE_DIRS,
-    package_data={"bayeslayers.integrations": ["tiny_sd/assets/**/*", "tiny_sd/assets/*"]},
+    package_data={"bayeslayers.integrations": ["tiny_sd/assets/**/*", "tiny_sd/assets/*"],
+                  "bayeslayers.kernels": ["csrc/*.cpp"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
         "triton>=3.4,<3.10; platform_system == 'Linux'",
         "numpy",
+        "ninja",  # builds the C++ CPU kernels on first use
     ],
     extras_require={
         "diffusers": ["diffusers>=0.30", "transformers>=4.40", "accelerate>=0.30", "peft>=0.12", "safetensors",

@@ -1,4 +1,5 @@
-"""Triton kernels of bayeslayers (imported as ``bayeslayers.kernels``); they know only tensors.
+"""Kernels of bayeslayers (Triton, and their C++ CPU twins), imported as ``bayeslayers.kernels``; they know
+only tensors.
 
 Modules, one job each:
   philox.py          the RNG contract and standard normals from Philox4x32-10 (``philox_normal``)
@@ -6,23 +7,31 @@ Modules, one job each:
   posterior_math.py  softplus, sigmoid, KL per element and its gradient (both directions)
   sample_kl.py       one pass: weight sample + per-program KL partial sums
   reparam_grad.py    one pass: d_mu, d_rho (and optionally the weight sample again)
-  library.py         torch.library operators around them (torch.compile)
-  reparameterized.py the autograd Function a backend calls: ``reparameterized_op``
+  custom_ops.py      a sample/gradient pair as torch.library operators (torch.compile)
+  library.py         the Triton pair as operators
+  reparameterized.py the autograd Function the triton and cpp backends call: ``reparameterized_op``
+  cpu.py             C++ CPU twins of the two kernels (csrc/), same eps bit for bit, built on first use
   config.py          autotune configs and limits
 """
+
+import importlib.util
 
 # Run from the repository root, this folder is also visible as a top-level ``kernels`` package, and
 # transformers/diffusers import whatever ``kernels`` they find to read its version (the Hugging Face
 # "kernels" hub package has that name). Imported under that name it stays empty: a second import would
 # register the ``torch.ops.bayeslayers`` operators twice and leave the first ones dangling.
 if __name__ == "bayeslayers.kernels":
-    from .philox import philox_normal
-    from .reparam_grad import reparameterization_grad
+    from . import cpu
     from .reparameterized import ReparameterizedFunction, reparameterized_op
-    from .sample_kl import sample_weight_and_kl
     from .seeds import device_layer_seed, mix_seed_tensor, seed_tensor
 
-    __all__ = ["philox_normal", "sample_weight_and_kl", "reparameterization_grad", "reparameterized_op",
-               "ReparameterizedFunction", "device_layer_seed", "mix_seed_tensor", "seed_tensor"]
+    __all__ = ["cpu", "reparameterized_op", "ReparameterizedFunction", "device_layer_seed", "mix_seed_tensor",
+               "seed_tensor"]
+    if importlib.util.find_spec("triton") is not None:  # the C++ twins need no Triton
+        from .philox import philox_normal
+        from .reparam_grad import reparameterization_grad
+        from .sample_kl import sample_weight_and_kl
+
+        __all__ += ["philox_normal", "sample_weight_and_kl", "reparameterization_grad"]
 else:
     __all__ = []

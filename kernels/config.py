@@ -18,6 +18,9 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 WORDS_PER_COUNTER = 4  # Philox4x32 yields four 32-bit words per counter value
 INTERPRETER_BLOCK_GROUPS = 1024
 MAX_NUMEL = 2**31 - 1  # flat element indices stay int32 (the RNG contract's offsets)
+# Launch options of every kernel that draws eps: no fused multiply-add contraction, so float32 results are
+# the same on a GPU, in the interpreter and in the C++ CPU kernels (see philox.py).
+EXACT = {"enable_fp_fusion": False}
 
 
 def elementwise_configs() -> list[triton.Config]:

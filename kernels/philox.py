@@ -12,8 +12,14 @@ eps of a weight is a pure function of (seed, flat element index):
 
       u     = float32(w_even) * 2**-32 + 2**-33          # in (0, 1]: log(u) is finite
       r     = sqrt(-2 * log(u))
-      theta = float32(int32(w_odd)) * (pi / 2**31)      # in [-pi, pi)
+      theta = w_odd * 2 pi / 2**32                       # a uniform angle
       eps   = (r * cos(theta), r * sin(theta))
+
+  in float32 with IEEE-exact operations only (+, -, *, correctly rounded division and square root, integer
+  and bit operations, no fused multiply-add): ``log`` from the exponent bits and an odd series in
+  s = (m - 1) / (m + 1), ``cos``/``sin`` from the quadrant in the word's top bits and Taylor series on
+  [-pi/4, pi/4]. No libm call means no implementation-defined rounding, so the C++ CPU kernels
+  (``csrc/reparameterization_cpu.cpp``) reproduce every eps bit for bit.
 
 Offsets come from global indices, never tile indices, so the forward, the backward and every autotune
 config produce the same eps bit for bit on one device. The stream depends on the Triton Philox
@@ -29,21 +35,71 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import check_numel, elementwise_configs
+from .config import EXACT, check_numel, elementwise_configs
 from .seeds import seed_tensor
 
 TWO_POW_M32 = tl.constexpr(2.0**-32)
 TWO_POW_M33 = tl.constexpr(2.0**-33)
-ANGLE_PER_INT32 = tl.constexpr(math.pi / 2.0**31)
+SQRT2 = tl.constexpr(math.sqrt(2.0))
+LN2 = tl.constexpr(math.log(2.0))
+RADIANS_PER_UNIT = tl.constexpr(math.pi / 2.0**31)  # a quarter turn is 2**30 units
+# Series coefficients (float64 here, rounded to float32 by the kernels exactly as the C++ twin rounds them).
+LOG_C11, LOG_C9, LOG_C7 = tl.constexpr(2.0 / 11.0), tl.constexpr(2.0 / 9.0), tl.constexpr(2.0 / 7.0)
+LOG_C5, LOG_C3, LOG_C1 = tl.constexpr(2.0 / 5.0), tl.constexpr(2.0 / 3.0), tl.constexpr(2.0)
+SIN_C11, SIN_C9, SIN_C7 = tl.constexpr(-1.0 / 39916800.0), tl.constexpr(1.0 / 362880.0), tl.constexpr(-1.0 / 5040.0)
+SIN_C5, SIN_C3 = tl.constexpr(1.0 / 120.0), tl.constexpr(-1.0 / 6.0)
+COS_C12, COS_C10, COS_C8 = tl.constexpr(1.0 / 479001600.0), tl.constexpr(-1.0 / 3628800.0), tl.constexpr(1.0 / 40320.0)
+COS_C6, COS_C4, COS_C2 = tl.constexpr(-1.0 / 720.0), tl.constexpr(1.0 / 24.0), tl.constexpr(-0.5)
+
+
+@triton.jit
+def log_unit(u):
+    """Natural log of float32 u in (0, 1]: exponent bits + odd series in s = (m - 1) / (m + 1), |s| < 0.172."""
+    bits = u.to(tl.int32, bitcast=True)
+    exponent = (bits >> 23) - 127
+    mantissa = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # [1, 2)
+    high = mantissa > SQRT2
+    mantissa = tl.where(high, mantissa * 0.5, mantissa)  # [sqrt(1/2), sqrt(2)]
+    exponent = tl.where(high, exponent + 1, exponent)
+    s = tl.div_rn(mantissa - 1.0, mantissa + 1.0)
+    z = s * s
+    p = z * LOG_C11 + LOG_C9
+    p = p * z + LOG_C7
+    p = p * z + LOG_C5
+    p = p * z + LOG_C3
+    p = p * z + LOG_C1
+    return exponent.to(tl.float32) * LN2 + s * p
+
+
+@triton.jit
+def cos_sin_turn(word):
+    """cos and sin of the angle ``word * 2 pi / 2**32`` (uint32 word), float32."""
+    quadrant = ((word + 0x20000000) >> 30) & 3  # nearest quarter turn
+    a = (word - (quadrant << 30)).to(tl.int32, bitcast=True).to(tl.float32) * RADIANS_PER_UNIT  # [-pi/4, pi/4]
+    z = a * a
+    ps = z * SIN_C11 + SIN_C9
+    ps = ps * z + SIN_C7
+    ps = ps * z + SIN_C5
+    ps = ps * z + SIN_C3
+    sin_a = a + (a * z) * ps
+    pc = z * COS_C12 + COS_C10
+    pc = pc * z + COS_C8
+    pc = pc * z + COS_C6
+    pc = pc * z + COS_C4
+    pc = pc * z + COS_C2
+    cos_a = 1.0 + z * pc
+    cos = tl.where(quadrant == 0, cos_a, tl.where(quadrant == 1, -sin_a, tl.where(quadrant == 2, -cos_a, sin_a)))
+    sin = tl.where(quadrant == 0, sin_a, tl.where(quadrant == 1, cos_a, tl.where(quadrant == 2, -sin_a, -cos_a)))
+    return cos, sin
 
 
 @triton.jit
 def box_muller(radius_word, angle_word):
     """Two independent N(0, 1) blocks from two blocks of uint32 Philox words."""
     u = radius_word.to(tl.float32) * TWO_POW_M32 + TWO_POW_M33
-    radius = tl.sqrt(-2.0 * tl.log(u))
-    theta = angle_word.to(tl.int32, bitcast=True).to(tl.float32) * ANGLE_PER_INT32
-    return radius * tl.cos(theta), radius * tl.sin(theta)
+    radius = tl.sqrt_rn(-2.0 * log_unit(u))
+    cos, sin = cos_sin_turn(angle_word)
+    return radius * cos, radius * sin
 
 
 @triton.jit
@@ -86,7 +142,7 @@ def philox_normal_into(seed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     numel = out.numel()
     check_numel(numel)
     if numel:
-        _philox_normal_kernel[grid_over(numel)](seed, out, numel)
+        _philox_normal_kernel[grid_over(numel)](seed, out, numel, **EXACT)
     return out
 
 

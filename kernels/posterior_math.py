@@ -6,7 +6,7 @@ nats, as ``bayeslayers.kl`` defines it:
 * ``KL_QP`` (KL(q || p)): log s - log sigma + (sigma^2 + gap^2) / (2 s^2) - 1/2
 * ``KL_PQ`` (KL(p || q)): log sigma - log s + (s^2 + gap^2) / (2 sigma^2) - 1/2
 
-Scalars passed by the host (float64 there, float32 here): ``prior_var = s^2`` and ``log_prior_sigma``.
+Scalars passed by the host (float64 there, float32 here): ``prior_sigma = s`` and ``prior_var = s^2``.
 """
 
 from __future__ import annotations
@@ -20,14 +20,17 @@ KL_DIRECTION_CODES = {"qp": 0, "pq": 1}
 
 
 @triton.jit
-def softplus(rho):
-    """log(1 + exp(rho)) without cancellation for very negative rho; rho itself above 20 (as F.softplus)."""
-    z = tl.exp(-tl.abs(rho))
+def log1p(z):
+    """log(1 + z), exact to a few ulps even when 1 + z rounds (Goldberg: log(1 + z) * z / ((1 + z) - 1))."""
     one_plus_z = 1.0 + z
     rounded_z = one_plus_z - 1.0
-    # log1p(z) = log(1 + z) * z / ((1 + z) - 1): exact to a few ulps even when 1 + z rounds (Goldberg).
-    log1p_z = tl.where(rounded_z == 0.0, z, tl.log(one_plus_z) * (z / tl.where(rounded_z == 0.0, 1.0, rounded_z)))
-    return tl.where(rho > 20.0, rho, tl.maximum(rho, 0.0) + log1p_z)
+    return tl.where(rounded_z == 0.0, z, tl.log(one_plus_z) * (z / tl.where(rounded_z == 0.0, 1.0, rounded_z)))
+
+
+@triton.jit
+def softplus(rho):
+    """log(1 + exp(rho)) without cancellation for very negative rho; rho itself above 20 (as F.softplus)."""
+    return tl.where(rho > 20.0, rho, tl.maximum(rho, 0.0) + log1p(tl.exp(-tl.abs(rho))))
 
 
 @triton.jit
@@ -37,12 +40,17 @@ def sigmoid(rho):
 
 
 @triton.jit
-def kl_element(gap, sigma, prior_var, log_prior_sigma, DIRECTION: tl.constexpr):
-    """Closed-form KL per element (nats)."""
+def kl_element(gap, sigma, prior_sigma, DIRECTION: tl.constexpr):
+    """Closed-form KL per element (nats), in r = sigma / s and t = r - 1: exactly 0 when q equals p."""
+    r = sigma / prior_sigma
+    t = r - 1.0
+    g = gap / prior_sigma
+    log_r = log1p(t)
     if DIRECTION == KL_QP:
-        return (log_prior_sigma - tl.log(sigma)) + (sigma * sigma + gap * gap) * (0.5 / prior_var) - 0.5
+        return 0.5 * t * (r + 1.0) - log_r + 0.5 * g * g
     else:
-        return (tl.log(sigma) - log_prior_sigma) + (prior_var + gap * gap) / (2.0 * sigma * sigma) - 0.5
+        r2 = r * r
+        return log_r - 0.5 * t * (r + 1.0) / r2 + 0.5 * g * g / r2
 
 
 @triton.jit

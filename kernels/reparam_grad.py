@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import check_numel, elementwise_configs
+from .config import EXACT, check_numel, elementwise_configs
 from .philox import grid_over, normal_tile, tile_indices
 from .posterior_math import KL_DIRECTION_CODES, kl_element_grads, load_gap, sigmoid, softplus
 
@@ -74,6 +74,6 @@ def reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: flo
             seed if g_kl is None else g_kl, d_mu, d_rho, d_mu if w is None else w,
             numel, prior_sigma**2,
             HAS_DW=d_w is not None, HAS_KL_GRAD=g_kl is not None, HAS_PRIOR=prior_mu is not None,
-            KL_DIRECTION=KL_DIRECTION_CODES[kl_direction], WRITE_W=w is not None,
+            KL_DIRECTION=KL_DIRECTION_CODES[kl_direction], WRITE_W=w is not None, **EXACT,
         )
     return d_mu, d_rho, w

@@ -9,13 +9,11 @@ accumulated.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .config import check_numel, elementwise_configs, smallest_block_elements
+from .config import EXACT, check_numel, elementwise_configs, smallest_block_elements
 from .philox import grid_over, normal_tile, tile_indices
 from .posterior_math import KL_DIRECTION_CODES, kl_element, load_gap, softplus
 
@@ -25,7 +23,7 @@ from .posterior_math import KL_DIRECTION_CODES, kl_element, load_gap, softplus
 def _sample_weight_kl_kernel(
     mu_ptr, rho_ptr, prior_ptr, seed_ptr,  # inputs: [numel] float32, float32, any float (or dummy), int64[1]
     w_ptr, kl_partials_ptr,  # outputs: [numel] compute dtype, [n_programs] float32
-    numel, prior_var, log_prior_sigma,
+    numel, prior_sigma,
     HAS_PRIOR: tl.constexpr, KL_DIRECTION: tl.constexpr, WITH_KL: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
     group, index = tile_indices(BLOCK_GROUPS)
@@ -37,7 +35,7 @@ def _sample_weight_kl_kernel(
     tl.store(w_ptr + index, (mu + sigma * eps).to(w_ptr.dtype.element_ty), mask=mask)
     if WITH_KL:
         gap = load_gap(mu, prior_ptr, index, mask, HAS_PRIOR)
-        kl = tl.where(mask, kl_element(gap, sigma, prior_var, log_prior_sigma, KL_DIRECTION), 0.0)
+        kl = tl.where(mask, kl_element(gap, sigma, prior_sigma, KL_DIRECTION), 0.0)
         tl.store(kl_partials_ptr + tl.program_id(0), tl.sum(tl.sum(kl, axis=1), axis=0))
 
 
@@ -57,8 +55,9 @@ def sample_weight_and_kl(mu, rho, prior_mu, seed, prior_sigma: float, kl_directi
     if numel:
         _sample_weight_kl_kernel[grid_over(numel)](
             mu, rho, mu if prior_mu is None else prior_mu, seed, w, partials,
-            numel, prior_sigma**2, math.log(prior_sigma),
+            numel, prior_sigma,
             HAS_PRIOR=prior_mu is not None, KL_DIRECTION=KL_DIRECTION_CODES[kl_direction], WITH_KL=with_kl,
+            **EXACT,
         )
     kl = partials.sum() if with_kl else partials
     return w, kl

@@ -32,3 +32,16 @@ def _seed_and_backend():
     torch.manual_seed(1234)
     yield
     bayeslayers.set_backend(None)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty / empty_like return NaN-filled (float) or sentinel-filled (int) tensors during the test, so
+    an element a kernel forgets to write shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))

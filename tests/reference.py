@@ -1,5 +1,8 @@
 """Float64 references the tests compare every backend against (independent of the library's code paths)."""
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
@@ -25,3 +28,53 @@ def relative_error(actual, expected):
 
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
+
+
+# Philox4x32-10 and the eps stream of the RNG contract (kernels/philox.py), independently in numpy.
+MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counters, key):
+    """Independent Philox4x32-10 (Salmon et al. 2011, Random123): ``counters`` uint64 [n, 4] of 32-bit words,
+    ``key`` (k0, k1); returns uint64 [n, 4]."""
+    c = [counters[:, i].astype(np.uint64) & MASK32 for i in range(4)]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & MASK32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & MASK32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & MASK32, (k1 + np.uint64(0xBB67AE85)) & MASK32
+    return np.stack(c, axis=1)
+
+
+def reference_normals(seed, numel):
+    """eps per the RNG contract in kernels/philox.py, in numpy (float32 uniforms, float64 transcendentals)."""
+    seed &= (1 << 64) - 1
+    groups = (numel + 3) // 4
+    counters = np.zeros((groups, 4), dtype=np.uint64)
+    counters[:, 0] = np.arange(groups, dtype=np.uint64)
+    words = philox4x32_10(counters, (seed & 0xFFFFFFFF, seed >> 32)).astype(np.uint32)
+    u = words[:, 0::2].astype(np.float32) * np.float32(2.0**-32) + np.float32(2.0**-33)
+    theta = words[:, 1::2].view(np.int32).astype(np.float32) * np.float32(math.pi / 2.0**31)
+    radius = np.sqrt(-2.0 * np.log(u.astype(np.float64)))
+    theta = theta.astype(np.float64)
+    eps = np.stack([radius * np.cos(theta), radius * np.sin(theta)], axis=2)  # [groups, pair, cos/sin]
+    return torch.from_numpy(eps.reshape(-1)[:numel].copy())
+
+
+def kl_and_grads64(mu, rho, prior_mu, prior_sigma, direction, d_w, g_kl, eps):
+    """float64 (w, kl, d_mu, d_rho) of L = sum(d_w * w) + g_kl * KL by autograd."""
+    mu = mu.detach().double().requires_grad_(True)
+    rho = rho.detach().double().requires_grad_(True)
+    w = sampled_weight(mu, rho, eps)
+    kl = kl_reference(mu, rho, prior_mu, prior_sigma, direction)
+    ((w * d_w.double()).sum() + g_kl * kl).backward()
+    return w.detach(), kl.detach(), mu.grad, rho.grad
+
+
+def posterior(shape, prior_dtype=torch.float32, generator_seed=0, device="cpu"):
+    """(mu, rho, prior mean or None) with sigma from 1e-4 to 1.3 and the prior near mu, on ``device``."""
+    g = torch.Generator().manual_seed(generator_seed)
+    mu = 0.2 * torch.randn(shape, generator=g)
+    rho = torch.empty(shape).uniform_(-9, 1, generator=g)
+    prior = None if prior_dtype is None else (mu + 0.05 * torch.randn(shape, generator=g)).to(prior_dtype)
+    return mu.to(device), rho.to(device), None if prior is None else prior.to(device)

@@ -29,11 +29,24 @@ def test_unknown_backend_and_unavailable_triton(monkeypatch):
     assert bayeslayers.get_backend() == "torch"
 
 
-def test_auto_backend_never_picks_triton_without_cuda():
-    from bayeslayers.backends import resolve_backend
+def test_auto_backend_picks_cpp_on_cpu_and_falls_back_to_torch_with_one_warning(monkeypatch):
+    import warnings
+
+    import bayeslayers.backends as backends
+    from bayeslayers.kernels import cpu
 
     bayeslayers.set_backend("auto")
-    assert resolve_backend(torch.device("cpu")).name == "torch"
+    assert backends.resolve_backend(torch.device("cpu")).name == "cpp"
+    monkeypatch.setattr(cpu, "unavailable_reason", lambda: "no C++ compiler")
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(UserWarning, match="using the 'torch' backend on cpu: no C\\+\\+ compiler"):
+        assert backends.resolve_backend(torch.device("cpu")).name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve_backend(torch.device("cpu")).name == "torch"  # warned once
+    bayeslayers.set_backend("cpp")
+    with pytest.raises(RuntimeError, match="backend 'cpp' cannot run on device cpu: no C\\+\\+ compiler"):
+        backends.resolve_backend(torch.device("cpu"))
 
 
 def test_non_finite_rho_is_reported_by_kl_loss_with_the_layer_name():

@@ -10,7 +10,7 @@ from bayeslayers.backends import BACKENDS
 from reference import TOLERANCE, kl_reference, relative_error, sampled_weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CPU_BACKENDS = ["reference", "torch"]
+CPU_BACKENDS = ["reference", "torch", "cpp"]
 KL_WEIGHT = 0.37
 
 

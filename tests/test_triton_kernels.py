@@ -17,11 +17,14 @@ import bayeslayers
 from bayeslayers.backends import BACKENDS
 from bayeslayers.kernels import (mix_seed_tensor, philox_normal, reparameterization_grad, reparameterized_op,
                                  sample_weight_and_kl, seed_tensor)
+from bayeslayers.kernels.config import EXACT
 from bayeslayers.kernels.philox import _philox_normal_kernel
 from bayeslayers.kernels.sample_kl import _sample_weight_kl_kernel
 from bayeslayers.ops import Conv2dOp, LinearOp
 from bayeslayers.rng import mix_seed
-from reference import TOLERANCE, kl_reference, relative_error, sampled_weight
+import reference
+from reference import (TOLERANCE, kl_and_grads64, kl_reference, philox4x32_10, reference_normals, relative_error,
+                       sampled_weight)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KL_WEIGHT = 0.37
@@ -29,66 +32,8 @@ ODD_SHAPES = [(37, 29), (67, 131), (5, 3, 3, 3)]  # 1073, 8777 (several 4096-ele
 SEEDS = [0, 1, 0xDEADBEEF, (1 << 40) + 12345, (1 << 64) - 3]  # the last one is negative as an int64
 
 
-# ---------------------------------------------------------------------------------------------- references
-MASK32 = np.uint64(0xFFFFFFFF)
-
-
-def philox4x32_10(counters, key):
-    """Independent Philox4x32-10 (Salmon et al. 2011, Random123): ``counters`` uint64 [n, 4] of 32-bit words,
-    ``key`` (k0, k1); returns uint64 [n, 4]."""
-    c = [counters[:, i].astype(np.uint64) & MASK32 for i in range(4)]
-    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
-    for _ in range(10):
-        p0, p1 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]
-        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & MASK32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & MASK32]
-        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & MASK32, (k1 + np.uint64(0xBB67AE85)) & MASK32
-    return np.stack(c, axis=1)
-
-
-def reference_normals(seed, numel):
-    """eps per the RNG contract in kernels/philox.py, in numpy (float32 uniforms, float64 transcendentals)."""
-    seed &= (1 << 64) - 1
-    groups = (numel + 3) // 4
-    counters = np.zeros((groups, 4), dtype=np.uint64)
-    counters[:, 0] = np.arange(groups, dtype=np.uint64)
-    words = philox4x32_10(counters, (seed & 0xFFFFFFFF, seed >> 32)).astype(np.uint32)
-    u = words[:, 0::2].astype(np.float32) * np.float32(2.0**-32) + np.float32(2.0**-33)
-    theta = words[:, 1::2].view(np.int32).astype(np.float32) * np.float32(math.pi / 2.0**31)
-    radius = np.sqrt(-2.0 * np.log(u.astype(np.float64)))
-    theta = theta.astype(np.float64)
-    eps = np.stack([radius * np.cos(theta), radius * np.sin(theta)], axis=2)  # [groups, pair, cos/sin]
-    return torch.from_numpy(eps.reshape(-1)[:numel].copy())
-
-
-def kl_and_grads64(mu, rho, prior_mu, prior_sigma, direction, d_w, g_kl, eps):
-    """float64 (w, kl, d_mu, d_rho) of L = sum(d_w * w) + g_kl * KL by autograd."""
-    mu = mu.detach().double().requires_grad_(True)
-    rho = rho.detach().double().requires_grad_(True)
-    w = sampled_weight(mu, rho, eps)
-    kl = kl_reference(mu, rho, prior_mu, prior_sigma, direction)
-    ((w * d_w.double()).sum() + g_kl * kl).backward()
-    return w.detach(), kl.detach(), mu.grad, rho.grad
-
-
 def posterior(shape, prior_dtype=torch.float32, generator_seed=0):
-    g = torch.Generator().manual_seed(generator_seed)
-    mu = 0.2 * torch.randn(shape, generator=g)
-    rho = torch.empty(shape).uniform_(-9, 1, generator=g)  # sigma from 1e-4 to 1.3
-    prior = None if prior_dtype is None else (mu + 0.05 * torch.randn(shape, generator=g)).to(prior_dtype)
-    return mu.to(DEVICE), rho.to(DEVICE), None if prior is None else prior.to(DEVICE)
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """torch.empty / empty_like return NaN-filled (float) or sentinel-filled (int) tensors during the test, so
-    an element a kernel forgets to write shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    return reference.posterior(shape, prior_dtype, generator_seed, DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------- the stream
@@ -124,15 +69,15 @@ def test_eps_and_weight_bit_identical_across_block_sizes(block_groups):
     tuned = philox_normal(12345, (numel,), DEVICE)
     eps = torch.full((numel,), float("nan"), device=DEVICE)
     grid = (math.ceil(numel / (4 * block_groups)),)
-    _philox_normal_kernel.fn[grid](seed, eps, numel, BLOCK_GROUPS=block_groups)
+    _philox_normal_kernel.fn[grid](seed, eps, numel, BLOCK_GROUPS=block_groups, **EXACT)
     assert torch.equal(eps, tuned)
 
     mu, rho, prior = posterior((numel,))
     w_tuned, kl_tuned = sample_weight_and_kl(mu, rho, prior, seed, 0.03, "qp", torch.float32)
     w = torch.full((numel,), float("nan"), device=DEVICE)
     partials = torch.full(grid, float("nan"), device=DEVICE)
-    _sample_weight_kl_kernel.fn[grid](mu, rho, prior, seed, w, partials, numel, 0.03**2, math.log(0.03),
-                                      HAS_PRIOR=True, KL_DIRECTION=0, WITH_KL=True, BLOCK_GROUPS=block_groups)
+    _sample_weight_kl_kernel.fn[grid](mu, rho, prior, seed, w, partials, numel, 0.03,
+                                      HAS_PRIOR=True, KL_DIRECTION=0, WITH_KL=True, BLOCK_GROUPS=block_groups, **EXACT)
     assert torch.equal(w, w_tuned)
     assert relative_error(partials.sum(), kl_tuned) < 1e-6
 
@@ -359,7 +304,7 @@ def test_auto_never_picks_triton_on_cpu_but_explicit_triton_runs_interpreted():
     from bayeslayers.backends import resolve_backend
 
     bayeslayers.set_backend("auto")
-    assert resolve_backend(torch.device("cpu")).name == "torch"
+    assert resolve_backend(torch.device("cpu")).name == "cpp"
     bayeslayers.set_backend("triton")
     assert resolve_backend(torch.device("cpu")).name == "triton"
 
@@ -440,7 +385,7 @@ def test_gpu_eps_identical_across_configs_and_between_forward_and_backward():
     for block_groups in (64, 128, 512, 1024):
         eps = torch.full((numel,), float("nan"), device="cuda")
         _philox_normal_kernel.fn[(triton_cdiv(numel, 4 * block_groups),)](seed, eps, numel,
-                                                                         BLOCK_GROUPS=block_groups)
+                                                                         BLOCK_GROUPS=block_groups, **EXACT)
         assert torch.equal(eps, tuned)
     mu, rho = torch.randn(numel, device="cuda") * 0.1, torch.full((numel,), -4.0, device="cuda")
     for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -32,7 +32,7 @@ class TritonBackend(Backend):
         if device.type != "cuda" and not _interpreting():
             return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
         kernels = _kernels()
-        if not hasattr(kernels, "reparameterized_op"):
+        if not hasattr(kernels, "sample_weight_and_kl"):
             return "this build of bayeslayers.kernels provides no fused reparameterization kernels"
         return ""
 
