@@ -13,12 +13,21 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t CHUNK = 4096;  // elements per work item (a multiple of 4: whole Philox counters)
-constexpr int64_t GROUPS_PER_TILE = 16;  // Philox counters generated together (vectorisable inner loops)
+constexpr int GROUPS_PER_TILE = 16;  // Philox counters generated together (vectorisable inner loops)
+
+// The hot loops are compiled for AVX2 and for baseline x86-64 and picked at load time (GCC function
+// multiversioning); elsewhere for the target's default.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MULTIVERSIONED __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSIONED
+#endif
 
 // Constants written as the same float64 expressions as kernels/philox.py, then rounded to float32.
 const float TWO_POW_M32 = static_cast<float>(1.0 / 4294967296.0);
@@ -48,26 +57,30 @@ inline float bits_float(uint32_t bits) {
   return x;
 }
 
-// Philox4x32-10 of counter (counter, 0, 0, 0) and key (k0, k1), as tl.randint4x.
-inline void philox4x32_10(uint32_t counter, uint32_t k0, uint32_t k1, uint32_t out[4]) {
-  uint32_t c0 = counter, c1 = 0, c2 = 0, c3 = 0;
+// Philox4x32-10 of the counters (first + g, 0, 0, 0), g < GROUPS_PER_TILE, key (k0, k1), as tl.randint4x;
+// lanes side by side so the compiler vectorises the rounds.
+inline void philox4x32_10_tile(uint32_t first, uint32_t key0, uint32_t key1, uint32_t c0[], uint32_t c1[],
+                               uint32_t c2[], uint32_t c3[]) {
+  for (int g = 0; g < GROUPS_PER_TILE; ++g) {
+    c0[g] = first + static_cast<uint32_t>(g);
+    c1[g] = c2[g] = c3[g] = 0;
+  }
+  uint32_t k0 = key0, k1 = key1;
   for (int round = 0; round < 10; ++round) {
-    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
-    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-    c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(p1);
-    c3 = static_cast<uint32_t>(p0);
+    for (int g = 0; g < GROUPS_PER_TILE; ++g) {
+      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[g];
+      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[g];
+      c0[g] = static_cast<uint32_t>(p1 >> 32) ^ c1[g] ^ k0;
+      c2[g] = static_cast<uint32_t>(p0 >> 32) ^ c3[g] ^ k1;
+      c1[g] = static_cast<uint32_t>(p1);
+      c3[g] = static_cast<uint32_t>(p0);
+    }
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  out[0] = c0;
-  out[1] = c1;
-  out[2] = c2;
-  out[3] = c3;
 }
 
-inline float log_unit(float u) {  // log of u in (0, 1], as philox.log_unit
+inline float log_unit(float u) {  // log of a positive normal float (u in (0, 1] for eps), as philox.log_unit
   const uint32_t bits = float_bits(u);
   int32_t exponent = static_cast<int32_t>(bits >> 23) - 127;
   float mantissa = bits_float((bits & 0x7FFFFFu) | 0x3F800000u);
@@ -103,58 +116,85 @@ inline void cos_sin_turn(uint32_t word, float* cos_out, float* sin_out) {  // as
   *sin_out = quadrant == 0 ? sin_a : quadrant == 1 ? cos_a : quadrant == 2 ? -sin_a : -cos_a;
 }
 
-inline void box_muller(uint32_t radius_word, uint32_t angle_word, float* first, float* second) {
+inline float box_muller_radius(uint32_t radius_word) {
   const float u = static_cast<float>(radius_word) * TWO_POW_M32 + TWO_POW_M33;
-  const float radius = std::sqrt(-2.0f * log_unit(u));
-  float cos, sin;
-  cos_sin_turn(angle_word, &cos, &sin);
-  *first = radius * cos;
-  *second = radius * sin;
+  return std::sqrt(-2.0f * log_unit(u));
 }
 
 // eps of the elements [begin, end) (begin a multiple of 4) into out[0 .. end - begin).
-void normals(int64_t seed, int64_t begin, int64_t end, float* out) {
+MULTIVERSIONED void normals(int64_t seed, int64_t begin, int64_t end, float* out) {
   const uint64_t key = static_cast<uint64_t>(seed);
   const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  float tile[4 * GROUPS_PER_TILE];
-  for (int64_t start = begin; start < end; start += 4 * GROUPS_PER_TILE) {
-    const int64_t first_group = start / 4;
-    for (int64_t g = 0; g < GROUPS_PER_TILE; ++g) {
-      uint32_t words[4];
-      philox4x32_10(static_cast<uint32_t>(first_group + g), k0, k1, words);
-      box_muller(words[0], words[1], &tile[4 * g], &tile[4 * g + 1]);
-      box_muller(words[2], words[3], &tile[4 * g + 2], &tile[4 * g + 3]);
+  constexpr int PAIRS = 2 * GROUPS_PER_TILE;
+  uint32_t c0[GROUPS_PER_TILE], c1[GROUPS_PER_TILE], c2[GROUPS_PER_TILE], c3[GROUPS_PER_TILE];
+  uint32_t radius_words[PAIRS], angle_words[PAIRS];
+  float radius[PAIRS], cos[PAIRS], sin[PAIRS], tile[2 * PAIRS];
+  for (int64_t start = begin; start < end; start += 2 * PAIRS) {
+    philox4x32_10_tile(static_cast<uint32_t>(start / 4), k0, k1, c0, c1, c2, c3);
+    for (int g = 0; g < GROUPS_PER_TILE; ++g) {  // (w0, w1) -> elements 4g, 4g+1; (w2, w3) -> 4g+2, 4g+3
+      radius_words[2 * g] = c0[g];
+      angle_words[2 * g] = c1[g];
+      radius_words[2 * g + 1] = c2[g];
+      angle_words[2 * g + 1] = c3[g];
     }
-    const int64_t count = std::min<int64_t>(4 * GROUPS_PER_TILE, end - start);
+    for (int p = 0; p < PAIRS; ++p) {
+      radius[p] = box_muller_radius(radius_words[p]);
+      cos_sin_turn(angle_words[p], &cos[p], &sin[p]);
+    }
+    for (int p = 0; p < PAIRS; ++p) {
+      tile[2 * p] = radius[p] * cos[p];
+      tile[2 * p + 1] = radius[p] * sin[p];
+    }
+    const int64_t count = std::min<int64_t>(2 * PAIRS, end - start);
     std::memcpy(out + (start - begin), tile, count * sizeof(float));
   }
 }
 
+// exp(x) for x <= 0 (clamped at -87: results stay normal floats): Cody-Waite reduction and a degree-7
+// polynomial, branch-free so loops over it vectorise. About 1 ulp.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = r * (1.0f / 5040.0f) + (1.0f / 720.0f);
+  p = p * r + (1.0f / 120.0f);
+  p = p * r + (1.0f / 24.0f);
+  p = p * r + (1.0f / 6.0f);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * bits_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+}
+
+// log(1 + z) for z > -1 (1 + z a normal float), exact to a few ulps when 1 + z rounds (Goldberg).
+inline float log1p_(float z) {
+  const float y = 1.0f + z, d = y - 1.0f;
+  return d == 0.0f ? z : log_unit(y) * (z / d);
+}
+
+// softplus(rho) = log(1 + exp(rho)) (rho itself above 20, as F.softplus) and its derivative sigmoid(rho),
+// from one exp.
+inline void softplus_sigmoid(float rho, float* softplus, float* sigmoid) {
+  const float e = exp_nonpositive(-std::fabs(rho));
+  *softplus = rho > 20.0f ? rho : std::max(rho, 0.0f) + log1p_(e);
+  *sigmoid = (rho >= 0.0f ? 1.0f : e) / (1.0f + e);
+}
+
 inline float softplus(float rho) {
-  return rho > 20.0f ? rho : std::max(rho, 0.0f) + std::log1p(std::exp(-std::fabs(rho)));
+  return rho > 20.0f ? rho : std::max(rho, 0.0f) + log1p_(exp_nonpositive(-std::fabs(rho)));
 }
 
-inline float sigmoid(float rho) { return 1.0f / (1.0f + std::exp(-rho)); }
-
-// KL per element (nats): 0 = KL(q || p), 1 = KL(p || q); gap = mu - prior mean, as posterior_math.kl_element.
+// KL per element (nats), q = N(mu, sigma^2), p = N(m, s^2), gap = mu - m, as posterior_math.kl_element.
 // Written in r = sigma / s and t = r - 1 so that it cancels exactly (to 0) when the posterior equals the prior.
-inline float kl_element(float gap, float sigma, float prior_sigma, int64_t direction) {
+inline float kl_qp(float gap, float sigma, float prior_sigma) {
   const float r = sigma / prior_sigma, t = r - 1.0f, g = gap / prior_sigma;
-  const float log_r = std::log1p(t);
-  if (direction == 0) return 0.5f * t * (r + 1.0f) - log_r + 0.5f * g * g;
-  const float r2 = r * r;
-  return log_r - 0.5f * t * (r + 1.0f) / r2 + 0.5f * g * g / r2;
+  return 0.5f * t * (r + 1.0f) - log1p_(t) + 0.5f * g * g;
 }
 
-inline void kl_element_grads(float gap, float sigma, float prior_var, int64_t direction, float* g_mu, float* g_sigma) {
-  if (direction == 0) {
-    *g_mu = gap / prior_var;
-    *g_sigma = sigma / prior_var - 1.0f / sigma;
-  } else {
-    const float inv_var = 1.0f / (sigma * sigma);
-    *g_mu = gap * inv_var;
-    *g_sigma = 1.0f / sigma - (prior_var + gap * gap) * inv_var / sigma;
-  }
+inline float kl_pq(float gap, float sigma, float prior_sigma) {
+  const float r = sigma / prior_sigma, t = r - 1.0f, g = gap / prior_sigma, r2 = r * r;
+  return log1p_(t) - 0.5f * t * (r + 1.0f) / r2 + 0.5f * g * g / r2;
 }
 
 void check_float_vector(const torch::Tensor& t, int64_t numel, const char* name) {
@@ -162,58 +202,109 @@ void check_float_vector(const torch::Tensor& t, int64_t numel, const char* name)
               name, " must be a contiguous float32 CPU tensor of ", numel, " elements");
 }
 
+// Per-thread scratch of one chunk.
+struct Scratch {
+  std::vector<float> eps = std::vector<float>(CHUNK), sigma = std::vector<float>(CHUNK),
+                     sigmoid = std::vector<float>(CHUNK), w = std::vector<float>(CHUNK),
+                     kl = std::vector<float>(CHUNK), zeros = std::vector<float>(CHUNK, 0.0f);
+};
+
+// One chunk of n elements: sigma = softplus(rho) and w = mu + sigma * eps (float32); KL per element into kl
+// unless it is null.
+MULTIVERSIONED void sample_chunk(const float* mu, const float* rho, const float* prior, const float* eps, int64_t n,
+                                 float prior_sigma, int direction, float* sigma, float* w, float* kl) {
+  for (int64_t i = 0; i < n; ++i) {
+    sigma[i] = softplus(rho[i]);
+    w[i] = mu[i] + sigma[i] * eps[i];
+  }
+  if (kl == nullptr) return;
+  if (direction == 0) {
+    for (int64_t i = 0; i < n; ++i) kl[i] = kl_qp(mu[i] - prior[i], sigma[i], prior_sigma);
+  } else {
+    for (int64_t i = 0; i < n; ++i) kl[i] = kl_pq(mu[i] - prior[i], sigma[i], prior_sigma);
+  }
+}
+
+// One chunk: d_mu = d_w + g_kl dKL/dmu, d_rho = (d_w eps + g_kl dKL/dsigma) sigmoid(rho), and w = mu + sigma eps
+// unless w is null; d_w may be null (no weight gradient), g_kl may be 0 (no KL term).
+MULTIVERSIONED void gradient_chunk(const float* d_w, const float* mu, const float* rho, const float* prior,
+                                   const float* eps, int64_t n, float g_kl, float prior_sigma, int direction,
+                                   float* sigma, float* sigmoid, float* d_mu, float* d_rho, float* w) {
+  for (int64_t i = 0; i < n; ++i) softplus_sigmoid(rho[i], &sigma[i], &sigmoid[i]);
+  if (d_w != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      d_mu[i] = d_w[i];
+      d_rho[i] = d_w[i] * eps[i];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) d_mu[i] = d_rho[i] = 0.0f;
+  }
+  if (g_kl != 0.0f) {
+    const float var = prior_sigma * prior_sigma, inv_var = 1.0f / var;
+    if (direction == 0) {  // dKL/dmu = gap / s^2, dKL/dsigma = sigma / s^2 - 1 / sigma
+      for (int64_t i = 0; i < n; ++i) {
+        d_mu[i] += g_kl * ((mu[i] - prior[i]) * inv_var);
+        d_rho[i] += g_kl * (sigma[i] * inv_var - 1.0f / sigma[i]);
+      }
+    } else {  // dKL/dmu = gap / sigma^2, dKL/dsigma = 1 / sigma - (s^2 + gap^2) / sigma^3
+      for (int64_t i = 0; i < n; ++i) {
+        const float gap = mu[i] - prior[i], inv_sigma_var = 1.0f / (sigma[i] * sigma[i]);
+        d_mu[i] += g_kl * (gap * inv_sigma_var);
+        d_rho[i] += g_kl * (1.0f / sigma[i] - (var + gap * gap) * inv_sigma_var / sigma[i]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) d_rho[i] *= sigmoid[i];
+  if (w != nullptr) {
+    for (int64_t i = 0; i < n; ++i) w[i] = mu[i] + sigma[i] * eps[i];
+  }
+}
+
+template <typename out_t>
+void store(const float* values, int64_t n, out_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<out_t>(values[i]);
+}
+
 template <typename out_t>
 void sample_weight_kl_impl(const float* mu, const float* rho, const float* prior, int64_t seed, float prior_sigma,
-                           int64_t direction, out_t* w, double* chunk_kl, int64_t numel) {
+                           int direction, out_t* w, double* chunk_kl, int64_t numel) {
   const int64_t chunks = (numel + CHUNK - 1) / CHUNK;
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<float> eps(CHUNK);
+    Scratch scratch;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t begin = chunk * CHUNK, end = std::min(numel, begin + CHUNK);
-      normals(seed, begin, end, eps.data());
-      double kl = 0.0;
-      for (int64_t i = begin; i < end; ++i) {
-        const float sigma = softplus(rho[i]);
-        w[i] = static_cast<out_t>(mu[i] + sigma * eps[i - begin]);
-        if (chunk_kl != nullptr) {
-          const float gap = prior == nullptr ? mu[i] : mu[i] - prior[i];
-          kl += kl_element(gap, sigma, prior_sigma, direction);
-        }
+      const int64_t begin = chunk * CHUNK, n = std::min(numel, begin + CHUNK) - begin;
+      normals(seed, begin, begin + n, scratch.eps.data());
+      float* w_float = std::is_same<out_t, float>::value ? reinterpret_cast<float*>(w + begin) : scratch.w.data();
+      float* kl = chunk_kl == nullptr ? nullptr : scratch.kl.data();
+      sample_chunk(mu + begin, rho + begin, prior == nullptr ? scratch.zeros.data() : prior + begin,
+                   scratch.eps.data(), n, prior_sigma, direction, scratch.sigma.data(), w_float, kl);
+      if (!std::is_same<out_t, float>::value) store(w_float, n, w + begin);
+      if (kl != nullptr) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < n; ++i) sum += kl[i];
+        chunk_kl[chunk] = sum;
       }
-      if (chunk_kl != nullptr) chunk_kl[chunk] = kl;
     }
   });
 }
 
 template <typename out_t>
 void reparameterization_grad_impl(const float* d_w, const float* mu, const float* rho, const float* prior,
-                                  int64_t seed, float g_kl, float prior_var, int64_t direction, float* d_mu,
+                                  int64_t seed, float g_kl, float prior_sigma, int direction, float* d_mu,
                                   float* d_rho, out_t* w, int64_t numel) {
   const int64_t chunks = (numel + CHUNK - 1) / CHUNK;
-  const bool needs_eps = d_w != nullptr || w != nullptr;
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<float> eps(CHUNK);
+    Scratch scratch;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t begin = chunk * CHUNK, end = std::min(numel, begin + CHUNK);
-      if (needs_eps) normals(seed, begin, end, eps.data());
-      for (int64_t i = begin; i < end; ++i) {
-        const float sigma = softplus(rho[i]);
-        float dm = 0.0f, ds = 0.0f;
-        if (d_w != nullptr) {
-          dm = d_w[i];
-          ds = d_w[i] * eps[i - begin];
-        }
-        if (w != nullptr) w[i] = static_cast<out_t>(mu[i] + sigma * eps[i - begin]);
-        if (g_kl != 0.0f) {
-          float g_mu, g_sigma;
-          const float gap = prior == nullptr ? mu[i] : mu[i] - prior[i];
-          kl_element_grads(gap, sigma, prior_var, direction, &g_mu, &g_sigma);
-          dm += g_kl * g_mu;
-          ds += g_kl * g_sigma;
-        }
-        d_mu[i] = dm;
-        d_rho[i] = ds * sigmoid(rho[i]);
-      }
+      const int64_t begin = chunk * CHUNK, n = std::min(numel, begin + CHUNK) - begin;
+      if (d_w != nullptr || w != nullptr) normals(seed, begin, begin + n, scratch.eps.data());
+      float* w_float = w == nullptr ? nullptr
+                       : std::is_same<out_t, float>::value ? reinterpret_cast<float*>(w + begin) : scratch.w.data();
+      gradient_chunk(d_w == nullptr ? nullptr : d_w + begin, mu + begin, rho + begin,
+                     prior == nullptr ? scratch.zeros.data() : prior + begin, scratch.eps.data(), n, g_kl,
+                     prior_sigma, direction, scratch.sigma.data(), scratch.sigmoid.data(), d_mu + begin,
+                     d_rho + begin, w_float);
+      if (w != nullptr && !std::is_same<out_t, float>::value) store(w_float, n, w + begin);
     }
   });
 }
@@ -251,8 +342,8 @@ void sample_weight_kl(torch::Tensor mu, torch::Tensor rho, c10::optional<torch::
   double* kl_data = with_kl ? chunk_kl.data_ptr<double>() : nullptr;
   DISPATCH_OUT(w.scalar_type(), "sample_weight_kl", [&] {
     sample_weight_kl_impl<scalar_t>(mu.data_ptr<float>(), rho.data_ptr<float>(), prior_data, seed,
-                                    static_cast<float>(prior_sigma), direction, w.data_ptr<scalar_t>(), kl_data,
-                                    numel);
+                                    static_cast<float>(prior_sigma), static_cast<int>(direction),
+                                    w.data_ptr<scalar_t>(), kl_data, numel);
   });
 }
 
@@ -269,17 +360,18 @@ void reparameterization_grad(c10::optional<torch::Tensor> d_w, torch::Tensor mu,
   if (prior) check_float_vector(*prior, numel, "prior_mu");
   const float* d_w_data = d_w ? d_w->data_ptr<float>() : nullptr;
   const float* prior_data = prior ? prior->data_ptr<float>() : nullptr;
-  const float prior_var = static_cast<float>(prior_sigma * prior_sigma);
   if (!w) {
     reparameterization_grad_impl<float>(d_w_data, mu.data_ptr<float>(), rho.data_ptr<float>(), prior_data, seed,
-                                        static_cast<float>(g_kl), prior_var, direction, d_mu.data_ptr<float>(),
+                                        static_cast<float>(g_kl), static_cast<float>(prior_sigma),
+                                        static_cast<int>(direction), d_mu.data_ptr<float>(),
                                         d_rho.data_ptr<float>(), nullptr, numel);
     return;
   }
   TORCH_CHECK(w->is_contiguous() && w->numel() == numel, "w must be contiguous with ", numel, " elements");
   DISPATCH_OUT(w->scalar_type(), "reparameterization_grad", [&] {
     reparameterization_grad_impl<scalar_t>(d_w_data, mu.data_ptr<float>(), rho.data_ptr<float>(), prior_data, seed,
-                                           static_cast<float>(g_kl), prior_var, direction, d_mu.data_ptr<float>(),
+                                           static_cast<float>(g_kl), static_cast<float>(prior_sigma),
+                                           static_cast<int>(direction), d_mu.data_ptr<float>(),
                                            d_rho.data_ptr<float>(), w->data_ptr<scalar_t>(), numel);
   });
 }
