@@ -54,6 +54,7 @@ setup(
         "console_scripts": [
             "bayeslayers-dreambooth=bayeslayers.integrations.dreambooth:cli",
             "bayeslayers-sample=bayeslayers.integrations.sample:cli",
+            "bayeslayers-bps=bayeslayers.integrations.bps.train:cli",
         ]
     },
 )

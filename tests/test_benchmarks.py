@@ -1,10 +1,16 @@
 """The benchmark harness runs end to end in --quick mode and writes the documented CSV schema (not speeds)."""
 
 import csv
+from pathlib import Path
+
+import pytest
 
 from benchmarks import plot, run, table
 
-BAYESLAYERS_CPU = ("reference", "torch")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "results.csv"
+
+BAYESLAYERS_CPU = ("reference", "torch", "cpp")
 
 
 def test_quick_benchmark_writes_rows_for_every_provider(tmp_path):
@@ -36,3 +42,10 @@ def test_quick_benchmark_writes_rows_for_every_provider(tmp_path):
     assert {p.name for p in pngs} == {f"{op}_cpu.png" for op in run.OPS} and all(p.stat().st_size for p in pngs)
     text = table.markdown(plot.load_rows(path))
     assert "| linear | 64x40x48 | torch |" in text and "| unet |" in text
+    assert "| linear | 64x40x48 |" in table.summary(plot.load_rows(path))
+
+
+@pytest.mark.skipif(not RESULTS.exists(), reason="no committed results")
+def test_readme_summary_is_generated_from_the_committed_csv():
+    readme = (ROOT / "README.md").read_text()
+    assert table.replace_readme_block(readme, table.summary(plot.load_rows(RESULTS))) == readme

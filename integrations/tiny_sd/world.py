@@ -82,15 +82,16 @@ def held_out(scene: Scene) -> bool:
                                            ("purple", "square")}
 
 
-def make_dataset(n: int, seed: int, split: str = "train"):
-    """(images uint8 (n, 32, 32, 3), scenes) for split 'train' (held-out pairs excluded) or 'heldout' (only them)."""
+def make_dataset(n: int, seed: int, split: str = "train", resolution: int = RESOLUTION):
+    """(images uint8 (n, resolution, resolution, 3), scenes) for split 'train' (held-out pairs excluded) or
+    'heldout' (only them)."""
     rng = np.random.default_rng(seed)
     scenes = []
     while len(scenes) < n:
         scene = random_scene(rng)
         if held_out(scene) == (split == "heldout"):
             scenes.append(scene)
-    images = np.stack([np.asarray(render(s)) for s in scenes])
+    images = np.stack([np.asarray(render(s, resolution)) for s in scenes])
     return images, scenes
 
 

@@ -1,0 +1,293 @@
+"""Train a (Bayesian) Power Steering network for a frozen Stable Diffusion UNet on condition/image pairs.
+
+    bayeslayers-bps --output_dir runs/bps --condition edges --bayesian
+    python -m bayeslayers.integrations.bps.train --pretrained_model_name_or_path path/to/sd15 ...
+
+Data: the synthetic captioned world of the bundled tiny model, rendered at the pipeline's resolution; the
+condition (edge map or layout map) is computed from each image, so nothing is downloaded. The UNet, VAE and
+text encoder stay frozen; only the steering network trains (plain epsilon/v loss, plus ``kl_weight`` x KL per
+training image with ``--bayesian``). Checkpoints (safetensors) resume exactly; validation grids show
+condition | steered | frozen; the end of the run evaluates condition adherence, the tiny judge's prompt
+accuracy and the Frechet distance on its embeddings (bundled model only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import bayeslayers
+
+from ..dreambooth.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..dreambooth.train import encode_prompts, image_grid, stop_requests
+from ..tiny_sd.world import make_dataset, to_tensor
+from .conditions import CONDITIONS, make_condition
+from .metrics import condition_adherence, judge_report
+from .model import PowerSteering
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="diffusers Stable Diffusion folder or hub id (default: the bundled tiny model)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default=None)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--condition", choices=CONDITIONS, default="edges")
+    p.add_argument("--num_train_images", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the UNet's sample size x VAE factor)")
+    p.add_argument("--steering_width", type=float, default=1.0, help="steering channels / UNet channels")
+    p.add_argument("--train_batch_size", type=int, default=16)
+    p.add_argument("--max_train_steps", type=int, default=300)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--bayesian", action="store_true", help="Bayesian convs in the steering network (KL to its init)")
+    p.add_argument("--init_sigma", type=float, default=1e-3)
+    p.add_argument("--prior_sigma", type=float, default=0.05)
+    p.add_argument("--kl_direction", choices=["qp", "pq"], default="qp")
+    p.add_argument("--kl_weight", type=float, default=1.0, help="weight of the KL per training image")
+    p.add_argument("--checkpointing_steps", type=int, default=100)
+    p.add_argument("--checkpoints_total_limit", type=int, default=2)
+    p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    p.add_argument("--validation_steps", type=int, default=100)
+    p.add_argument("--num_validation_images", type=int, default=4)
+    p.add_argument("--num_inference_steps", type=int, default=25)
+    p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--eval_images", type=int, default=64, help="images per model in the final evaluation (0: none)")
+    return p
+
+
+def parse_args(input_args=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(input_args)
+    for flag in ("num_train_images", "train_batch_size", "max_train_steps", "num_validation_images"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.init_sigma <= 0 or args.prior_sigma <= 0:
+        parser.error("--init_sigma and --prior_sigma must be positive")
+    if args.pretrained_model_name_or_path is None:
+        from .. import tiny_sd
+
+        args.pretrained_model_name_or_path = str(tiny_sd.pipeline_path())
+    return args
+
+
+def load_pipeline(args, device, dtype):
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                                   variant=args.variant, safety_checker=None,
+                                                   requires_safety_checker=False, dtype=dtype)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False).eval()
+    return pipe.to(device), noise_scheduler
+
+
+def synthetic_data(args, pipe, resolution: int, count: int, seed: int, device):
+    """(latents, text embeddings, conditions, images, scenes) of ``count`` rendered scenes."""
+    images, scenes = make_dataset(count, seed, resolution=resolution)
+    images = to_tensor(images)
+    conditions = make_condition(args.condition, images, scenes)
+    latents, texts = [], []
+    with torch.no_grad():
+        for i in range(0, count, 64):
+            batch = images[i:i + 64].to(device, pipe.vae.dtype)
+            latents.append(pipe.vae.encode(batch).latent_dist.sample() * pipe.vae.config.scaling_factor)
+            texts.append(encode_prompts(pipe.tokenizer, pipe.text_encoder, [s.caption for s in scenes[i:i + 64]],
+                                        device))
+    return torch.cat(latents), torch.cat(texts), conditions, images, scenes
+
+
+@torch.no_grad()
+def generate(pipe, steerer, scenes, conditions, args, steer: bool, seed: int) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] for the scenes' captions, steered by ``conditions`` or not."""
+    out = []
+    for i in range(0, len(scenes), 16):
+        generator = torch.Generator().manual_seed(seed + i)
+        with steerer.conditioned(conditions[i:i + 16].to(pipe.device) if steer else None):
+            images = pipe([s.caption for s in scenes[i:i + 16]], height=conditions.shape[-2],
+                          width=conditions.shape[-1], num_inference_steps=args.num_inference_steps,
+                          guidance_scale=args.guidance_scale, generator=generator, output_type="np").images
+        out.append(to_tensor((np.clip(images, 0, 1) * 255).round().astype(np.uint8)))
+    return torch.cat(out)
+
+
+def validation_grid(pipe, steerer, steering, data, args, step: int) -> Path:
+    """Rows of condition | steered (posterior mean) | frozen for the validation scenes; saved as PNG."""
+    from PIL import Image
+
+    _, _, conditions, _, scenes = data
+    was_training = steering.training
+    steering.eval()
+    with torch.random.fork_rng(devices=[]):
+        steered = generate(pipe, steerer, scenes, conditions, args, steer=True, seed=args.seed)
+        frozen = generate(pipe, steerer, scenes, conditions, args, steer=False, seed=args.seed)
+    steering.train(was_training)
+
+    def pil(t):
+        return Image.fromarray(((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+    tiles = []
+    for condition, a, b in zip(conditions, steered, frozen):
+        tiles += [pil(condition.expand(3, -1, -1) * 2 - 1), pil(a), pil(b)]
+    path = Path(args.output_dir, "validation", f"step-{step:06d}.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(tiles, 3).save(path)
+    return path
+
+
+def evaluate(pipe, steerer, steering, args, resolution: int) -> dict:
+    """Condition adherence of steered vs frozen images; judge accuracy and Frechet distance when the bundled
+    tiny model (32 px) is used."""
+    from .. import tiny_sd
+    from ..tiny_sd.world import RESOLUTION
+
+    images, scenes = make_dataset(args.eval_images, args.seed + 2, resolution=resolution)
+    images = to_tensor(images)
+    conditions = make_condition(args.condition, images, scenes)
+    steering.eval()
+    results = {}
+    generated = {name: generate(pipe, steerer, scenes, conditions, args, steer=name == "steered", seed=7)
+                 for name in ("steered", "frozen")}
+    judge = reference = None
+    if resolution == RESOLUTION:
+        judge, _ = tiny_sd.load_judge()
+        reference = judge.embedding(images)
+    for name, output in generated.items():
+        results[name] = {"condition_adherence": condition_adherence(conditions, output)}
+        if judge is not None:
+            results[name].update(judge_report(judge, output, scenes, reference))
+    results["real_renders"] = {"condition_adherence": condition_adherence(conditions, images)}
+    return results
+
+
+def plot_history(history: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("loss", "kl") if history.get(k)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        ax.plot(history[key])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args, step_callback=None) -> dict:
+    """Trains, checkpoints, validates and evaluates; returns the final metrics (also in metrics.json)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    torch.manual_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pipe, noise_scheduler = load_pipeline(args, accelerator.device, torch.float32)
+    factor = pipe.vae_scale_factor
+    resolution = args.resolution or pipe.unet.config.sample_size * factor
+    if resolution % factor:
+        raise ValueError(f"--resolution must be a multiple of the VAE factor {factor}, got {resolution}")
+
+    steering = PowerSteering.from_unet(pipe.unet, condition_channels=1, vae_scale_factor=factor,
+                                       width=args.steering_width)
+    if args.bayesian:
+        bayeslayers.convert(steering, target_modules=steering.conv_names(), init_sigma=args.init_sigma,
+                            prior_sigma=args.prior_sigma, kl_direction=args.kl_direction)
+    steering.train()
+    params = [p for p in steering.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0)
+    steering, optimizer = accelerator.prepare(steering, optimizer)
+    model = accelerator.unwrap_model(steering)
+    steerer = model.attach(pipe.unet)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    train = synthetic_data(args, pipe, resolution, args.num_train_images, args.seed, accelerator.device)
+    validation = synthetic_data(args, pipe, resolution, args.num_validation_images, args.seed + 1,
+                                accelerator.device)
+    history, step = {"loss": [], "kl": [], "seconds_per_step": []}, 0
+    if args.resume_from_checkpoint:
+        step, history = load_checkpoint(resolve_checkpoint(output_dir, args.resume_from_checkpoint), named,
+                                        optimizer, lr_scheduler)
+    latents, texts, conditions = train[0], train[1], train[2]
+    generator = torch.Generator().manual_seed(args.seed + step)
+    progress = tqdm(total=args.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_main_process)
+    with stop_requests() as stop:
+        while step < args.max_train_steps:
+            started = time.perf_counter()
+            index = torch.randint(0, len(latents), (args.train_batch_size,), generator=generator)
+            x0, text, condition = latents[index], texts[index], conditions[index].to(accelerator.device)
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),),
+                                      generator=generator).to(x0.device)
+            noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+            target = noise if noise_scheduler.config.prediction_type == "epsilon" \
+                else noise_scheduler.get_velocity(x0, noise, timesteps)
+            with accelerator.autocast(), steerer.conditioned(condition):
+                prediction = pipe.unet(noisy, timesteps, text).sample
+            loss = F.mse_loss(prediction.float(), target.float())
+            kl = bayeslayers.kl_loss(model) / len(latents) if args.bayesian else torch.zeros(())
+            accelerator.backward(loss + args.kl_weight * kl)
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history["loss"].append(loss.item())
+            history["kl"].append(kl.item())
+            history["seconds_per_step"].append(time.perf_counter() - started)
+            progress.update(1)
+            progress.set_postfix(loss=f"{history['loss'][-1]:.4f}")
+            if step_callback is not None:
+                step_callback(step)
+            if step % args.checkpointing_steps == 0 or step == args.max_train_steps or stop["signal"]:
+                save_checkpoint(output_dir, step, named, optimizer, lr_scheduler, history,
+                                args.checkpoints_total_limit)
+            if step % args.validation_steps == 0 or step == args.max_train_steps:
+                validation_grid(pipe, steerer, model, validation, args, step)
+            if stop["signal"]:
+                progress.close()
+                return {"stopped_at": step}
+    progress.close()
+
+    model.eval()
+    if args.bayesian:  # the posterior (mu, rho, prior) with bayeslayers' format; the architecture as config
+        bayeslayers.save(model, output_dir / "steering_posterior.safetensors")
+        model.save_config(output_dir / "steering")
+    else:
+        model.save_pretrained(output_dir / "steering")
+    plot_history(history, output_dir / "training_curves.png")
+    metrics = {"steps": step, "final_loss": float(np.mean(history["loss"][-20:])),
+               "seconds_per_step": float(np.median(history["seconds_per_step"])), "bayesian": args.bayesian,
+               "condition": args.condition}
+    if args.eval_images:
+        metrics["evaluation"] = evaluate(pipe, steerer, model, args, resolution)
+    model.detach()
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def cli(input_args=None):
+    metrics = main(parse_args(input_args))
+    print(json.dumps(metrics, indent=1))
+
+
+if __name__ == "__main__":
+    cli()
