@@ -95,7 +95,8 @@ def test_bad_arguments_name_the_tensor():
     ext = cpu.extension()
     mu = torch.zeros(3, 4)
     with pytest.raises(RuntimeError, match="rho must be a contiguous float32 CPU tensor of 12 elements"):
-        ext.sample_weight_kl(mu, torch.zeros(3, 5), None, 1, 0.1, 0, torch.empty(3, 4), torch.empty(1, dtype=torch.float64))
+        ext.sample_weight_kl(mu, torch.zeros(3, 5), None, 1, 0.1, 0, torch.empty(3, 4),
+                             torch.empty(1, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="chunk_kl must be float64"):
         ext.sample_weight_kl(mu, mu, None, 1, 0.1, 0, torch.empty(3, 4), torch.empty(1))
     with pytest.raises(ValueError, match="got one on meta"):

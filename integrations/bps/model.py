@@ -59,6 +59,14 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def _steering_level(channels_in: int, channels: int, unet_channels: int, count: int, temb_channels: int,
+                    groups: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """``count`` ResBlocks at one resolution and the zero convs that map each output to the UNet's channels."""
+    blocks = nn.ModuleList([ResBlock(channels_in if i == 0 else channels, channels, temb_channels, groups)
+                            for i in range(count)])
+    return blocks, nn.ModuleList([zero_conv(channels, unet_channels) for _ in range(count)])
+
+
 def default_down_scales(layers_per_block: int, levels: int) -> list[float]:
     """Head-heavy, foot-light: 2**(levels - level) on resnet outputs (and conv_in), 1 on downsamplers.
 
@@ -100,11 +108,9 @@ class PowerSteering(ModelMixin, ConfigMixin):
         self.downsampler_outs = nn.ModuleList()
         previous = channels[0]
         for level in range(levels):
-            blocks, outs = nn.ModuleList(), nn.ModuleList()
-            for _ in range(layers_per_block):
-                blocks.append(ResBlock(previous, channels[level], temb_channels, norm_num_groups))
-                outs.append(zero_conv(channels[level], block_out_channels[level]))
-                previous = channels[level]
+            blocks, outs = _steering_level(previous, channels[level], block_out_channels[level], layers_per_block,
+                                           temb_channels, norm_num_groups)
+            previous = channels[level]
             self.encoder.append(blocks)
             self.encoder_outs.append(outs)
             if level < levels - 1:
@@ -118,11 +124,9 @@ class PowerSteering(ModelMixin, ConfigMixin):
         self.decoder_outs = nn.ModuleList()
         self.upsamplers = nn.ModuleList()
         for up_level, level in enumerate(reversed(range(levels))):
-            blocks, outs = nn.ModuleList(), nn.ModuleList()
-            for _ in range(layers_per_block + 1):
-                blocks.append(ResBlock(previous, channels[level], temb_channels, norm_num_groups))
-                outs.append(zero_conv(channels[level], block_out_channels[level]))
-                previous = channels[level]
+            blocks, outs = _steering_level(previous, channels[level], block_out_channels[level], layers_per_block + 1,
+                                           temb_channels, norm_num_groups)
+            previous = channels[level]
             self.decoder.append(blocks)
             self.decoder_outs.append(outs)
             if up_level < levels - 1:

@@ -73,7 +73,8 @@ class Steerer:
         down, mid, up = self.steering(_expand_batch(self.condition, sample.shape[0]).to(sample.device), temb)
         if self.strength != 1.0:
             down, mid, up = [r * self.strength for r in down], mid * self.strength, [r * self.strength for r in up]
-        given_down, given_mid = kwargs.get("down_block_additional_residuals"), kwargs.get("mid_block_additional_residual")
+        given_down = kwargs.get("down_block_additional_residuals")
+        given_mid = kwargs.get("mid_block_additional_residual")
         if given_down is not None:
             down = [a + b for a, b in zip(given_down, down)]
         if given_mid is not None:

@@ -336,7 +336,8 @@ void sample_weight_kl(torch::Tensor mu, torch::Tensor rho, c10::optional<torch::
   if (prior) check_float_vector(*prior, numel, "prior_mu");
   TORCH_CHECK(w.is_contiguous() && w.numel() == numel, "w must be contiguous with ", numel, " elements");
   const bool with_kl = chunk_kl.numel() > 0;
-  TORCH_CHECK(!with_kl || (chunk_kl.scalar_type() == torch::kFloat64 && chunk_kl.numel() == (numel + CHUNK - 1) / CHUNK),
+  const int64_t chunks = (numel + CHUNK - 1) / CHUNK;
+  TORCH_CHECK(!with_kl || (chunk_kl.scalar_type() == torch::kFloat64 && chunk_kl.numel() == chunks),
               "chunk_kl must be float64 with one element per ", CHUNK, " weight elements");
   const float* prior_data = prior ? prior->data_ptr<float>() : nullptr;
   double* kl_data = with_kl ? chunk_kl.data_ptr<double>() : nullptr;
@@ -350,7 +351,8 @@ void sample_weight_kl(torch::Tensor mu, torch::Tensor rho, c10::optional<torch::
 // d_mu, d_rho (float32) and optionally w again; d_w float32 or absent; g_kl: the KL's upstream gradient (0: none).
 void reparameterization_grad(c10::optional<torch::Tensor> d_w, torch::Tensor mu, torch::Tensor rho,
                              c10::optional<torch::Tensor> prior, int64_t seed, double g_kl, double prior_sigma,
-                             int64_t direction, torch::Tensor d_mu, torch::Tensor d_rho, c10::optional<torch::Tensor> w) {
+                             int64_t direction, torch::Tensor d_mu, torch::Tensor d_rho,
+                             c10::optional<torch::Tensor> w) {
   const int64_t numel = mu.numel();
   check_float_vector(mu, numel, "mu");
   check_float_vector(rho, numel, "rho");
