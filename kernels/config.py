@@ -1,6 +1,6 @@
-"""Launch configurations shared by the elementwise kernels.
+"""Launch configurations shared by the elementwise and the GEMM kernels.
 
-Every kernel here walks a weight as a flat array of ``numel`` elements, tiled as ``BLOCK_GROUPS`` Philox
+Every elementwise kernel walks a weight as a flat array of ``numel`` elements, tiled as ``BLOCK_GROUPS`` Philox
 counters x 4 words (one element per word), so a program covers ``4 * BLOCK_GROUPS`` elements.
 
 On a GPU the autotuner picks among a few tile sizes per distinct ``numel`` (one tuning run per weight size,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -45,3 +46,26 @@ def check_numel(numel: int) -> None:
         raise ValueError(f"weights with more than {MAX_NUMEL} elements are not supported (int32 RNG offsets), "
                          f"got {numel}")
 
+
+
+INTERPRETER_GEMM_BLOCK = 32
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Autotune candidates for the GEMM kernels (``BLOCK_M`` rows of x, ``BLOCK_N`` outputs, ``BLOCK_K``
+    reduction; each kernel's docstring maps them to its operands). One small config when interpreting."""
+    if INTERPRETING:
+        block = INTERPRETER_GEMM_BLOCK
+        return [triton.Config({"BLOCK_M": block, "BLOCK_N": block, "BLOCK_K": block}, num_warps=4)]
+    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
+              (32, 128, 64, 4, 4), (16, 128, 64, 4, 4), (16, 64, 128, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+def dot_options(dtype: torch.dtype) -> dict:
+    """constexpr options of ``gemm_tiles.mma`` for operands of ``dtype``: float32 GEMMs follow
+    torch's TF32 setting (as cuBLAS does); bf16 dots go through float32 under the interpreter, whose bf16
+    ``tl.dot`` is wrong (a CPU-only workaround; GPUs take bf16 operands directly)."""
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return {"INPUT_PRECISION": "tf32" if tf32 else "ieee", "DOT_FP32": INTERPRETING and dtype == torch.bfloat16}

@@ -22,13 +22,16 @@ Tensor = torch.Tensor
 
 
 class KernelOps(NamedTuple):
-    """The two operators an autograd Function needs (see ``reparameterized.py``)."""
+    """The operators an autograd Function needs (see ``reparameterized.py``); ``linear_weight_grad``, the
+    dW GEMM with the reparameterization epilogue, only where a backend has one."""
 
     sample_weight: Callable
     reparameterization_grad: Callable
+    linear_weight_grad: Optional[Callable] = None
 
 
-def define_kernel_ops(prefix: str, sample_weight_and_kl: Callable, reparameterization_grad: Callable) -> KernelOps:
+def define_kernel_ops(prefix: str, sample_weight_and_kl: Callable, reparameterization_grad: Callable,
+                      linear_weight_grad: Optional[Callable] = None) -> KernelOps:
     """Registers ``bayeslayers::{prefix}sample_weight`` and ``bayeslayers::{prefix}reparameterization_grad``.
 
     ``sample_weight_and_kl(mu, rho, prior_mu, seed, prior_sigma, kl_direction, out_dtype, with_kl) -> (w, kl)``
@@ -59,4 +62,4 @@ def define_kernel_ops(prefix: str, sample_weight_and_kl: Callable, reparameteriz
         w = mu.new_empty(0) if w_dtype is None else mu.new_empty(mu.shape, dtype=w_dtype)
         return mu.new_empty(mu.shape, dtype=torch.float32), mu.new_empty(mu.shape, dtype=torch.float32), w
 
-    return KernelOps(sample_weight_op, reparameterization_grad_op)
+    return KernelOps(sample_weight_op, reparameterization_grad_op, linear_weight_grad)

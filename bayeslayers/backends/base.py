@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kl import kl_elementwise
 from ..rng import draw_seed, mix_seed, torch_normal
 
 
@@ -33,3 +34,18 @@ class Backend:
 
     def apply(self, op, x, mu, rho, bias, prior_mu, prior_sigma: float, kl_direction: str, seed: int):
         raise NotImplementedError
+
+    def sample_weight(self, mu, rho, prior_mu, prior_sigma: float, kl_direction: str, seed, dtype: torch.dtype):
+        """``(w, kl)``: the weight sample mu + softplus(rho) * eps(seed) in ``dtype`` and the summed KL,
+        differentiable w.r.t. mu and rho (plain autograd here; fused where a backend overrides it)."""
+        sigma = torch.nn.functional.softplus(rho)
+        w = mu + sigma * self.noise(seed, tuple(mu.shape), mu.device)
+        return w.to(dtype), kl_elementwise(mu, sigma, prior_mu, prior_sigma, kl_direction).sum()
+
+    def fuses_lora(self, device: torch.device) -> bool:
+        """True when :meth:`lora_linear` runs the base GEMM and the adapter as one kernel on ``device``."""
+        return False
+
+    def lora_linear(self, x, w, bias, a, b, scaling: float):
+        """y = x @ w^T + scaling * (x @ a^T) @ b^T + bias, all in x's dtype (see :meth:`fuses_lora`)."""
+        raise NotImplementedError(f"backend {self.name!r} has no fused LoRA")

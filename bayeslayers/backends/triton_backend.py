@@ -1,4 +1,5 @@
-"""Triton backend: fused sample+KL and gradient kernels from ``bayeslayers.kernels``.
+"""Triton backend: fused sample+KL and gradient kernels from ``bayeslayers.kernels``, and the fused GEMMs
+(sample-in-GEMM Linear, dW epilogue, LoRA in the base GEMM) where ``bayeslayers.kernels.fusion_policy()`` says.
 
 Runs on CUDA, or on CPU when ``TRITON_INTERPRET=1`` was set before the kernels were imported.
 
@@ -16,6 +17,7 @@ import os
 
 import torch
 
+from ..ops import LinearOp
 from .base import Backend
 
 
@@ -47,7 +49,22 @@ class TritonBackend(Backend):
         return _kernels().philox_normal(seed, shape, device)
 
     def apply(self, op, x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed):
-        return _kernels().reparameterized_op(op, x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed)
+        kernels = _kernels()
+        policy = kernels.fusion_policy()
+        linear = isinstance(op, LinearOp)
+        if linear and policy.samples_in_gemm(x.numel() // max(1, x.shape[-1])):
+            return kernels.sampled_linear(x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed)
+        return kernels.reparameterized_op(op, x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed,
+                                          linear_weight_grad=linear and policy.weight_grad_epilogue)
+
+    def sample_weight(self, mu, rho, prior_mu, prior_sigma, kl_direction, seed, dtype):
+        return _kernels().sampled_weight(mu, rho, prior_mu, prior_sigma, kl_direction, seed, dtype)
+
+    def fuses_lora(self, device):
+        return _kernels().fusion_policy().fused_lora
+
+    def lora_linear(self, x, w, bias, a, b, scaling):
+        return _kernels().lora_linear(x, w, bias, a, b, scaling)
 
 
 def _seed_device() -> torch.device:

@@ -116,6 +116,19 @@ class BayesianLayer(nn.Module):
         self._kl_cache = (kl, self._param_versions())
         return y
 
+    def draw_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight this layer would use now, in ``dtype``: a sample (training / fixed seed, its KL recorded
+        as a sampling forward records it) or the posterior mean (eval); differentiable w.r.t. mu and rho."""
+        if not self.sampling_enabled:
+            return self.weight_mu.to(dtype)
+        backend = resolve_backend(self.weight_mu.device)
+        seed = self.fixed_seed if self.fixed_seed is not None else backend.layer_seed(self.layer_id)
+        with torch.autocast(self.weight_mu.device.type, enabled=False):
+            w, kl = backend.sample_weight(self.weight_mu, self.weight_rho, self.prior_mu, self.prior_sigma,
+                                          self.kl_direction, seed, dtype)
+        self._kl_cache = (kl, self._param_versions())
+        return w
+
     def _param_versions(self):
         return (self.weight_mu._version, self.weight_rho._version,
                 None if self.prior_mu is None else self.prior_mu._version)

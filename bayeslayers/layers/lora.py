@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn as nn
 
+from ..backends import resolve_backend
+from .base import compute_dtype
 from .conv import BayesConv2d
 from .linear import BayesLinear
 
@@ -86,7 +88,14 @@ class _BayesLoRA(nn.Module):
         for factor in self._posteriors():
             factor.apply_options(options)
 
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Base GEMM and adapter as one kernel where the backend offers it; None otherwise."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self._fused_forward(x)
+        if fused is not None:
+            return fused
         out = self.base_layer(x)
         delta = self.lora_B(self.lora_A(x))
         return out + (delta * self.scaling).to(out.dtype)
@@ -104,6 +113,11 @@ class _BayesLoRA(nn.Module):
 
 def _factor_weight(factor: nn.Module) -> torch.Tensor:
     return (factor.weight_mu if isinstance(factor, (BayesLinear, BayesConv2d)) else factor.weight).float()
+
+
+def _factor_draw(factor: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The factor's weight for one forward: a posterior draw (Bayesian factor) or the plain weight."""
+    return factor.draw_weight(dtype) if isinstance(factor, BayesLinear) else factor.weight.to(dtype)
 
 
 class BayesLoRALinear(_BayesLoRA):
@@ -124,6 +138,19 @@ class BayesLoRALinear(_BayesLoRA):
 
     def merged_delta(self):
         return self.scaling * (_factor_weight(self.lora_B) @ _factor_weight(self.lora_A))
+
+    def _fused_forward(self, x):
+        base = self.base_layer
+        if type(base) is not nn.Linear or not x.is_floating_point():
+            return None
+        backend = resolve_backend(x.device)
+        if not backend.fuses_lora(x.device):
+            return None
+        dtype = compute_dtype(x)
+        a, b = _factor_draw(self.lora_A, dtype), _factor_draw(self.lora_B, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return backend.lora_linear(x.to(dtype), base.weight.to(dtype),
+                                       None if base.bias is None else base.bias.to(dtype), a, b, self.scaling)
 
 
 class BayesLoRAConv2d(_BayesLoRA):

@@ -1,0 +1,292 @@
+"""The fused GEMM kernels (sample-in-GEMM, dW epilogue, LoRA in the base GEMM) against float64 references that
+use the same eps, and the layers on the fused paths against part 1's path.
+
+On CPU they run under TRITON_INTERPRET=1 with 32-wide blocks: the odd shapes below span several blocks in
+every dimension, none a multiple of the block.
+"""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bayeslayers
+from bayeslayers import BayesLinear, BayesLoRALinear
+from bayeslayers.kernels import FusionPolicy, fusion, fusion_policy, philox_normal, sample_weight_and_kl, seed_tensor
+from bayeslayers.kernels.lora_matmul import lora_matmul
+from bayeslayers.kernels.sampled_matmul import sampled_matmul
+from bayeslayers.kernels.weight_grad_gemm import reparameterized_weight_grad
+import reference
+from reference import TOLERANCE, kl_and_grads64, kl_reference, relative_error, sampled_weight
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GEMM_SHAPES = [(37, 45, 67), (70, 33, 5)]  # (rows M, outputs N, inputs K)
+SEED = 0xC0FFEE
+
+
+def posterior(n_out, n_in, prior_dtype=torch.float32, generator_seed=0):
+    return reference.posterior((n_out, n_in), prior_dtype, generator_seed, DEVICE)
+
+
+def randn(*shape, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+def eps_of(shape):
+    return philox_normal(SEED, shape, DEVICE).cpu().double()
+
+
+# -------------------------------------------------------------------------------------- weight tiles in a GEMM
+def test_weight_tiles_in_the_gemm_follow_the_rng_contract_bit_for_bit():
+    """a = I makes the product the weight itself: every element equals the sample+KL kernel's, forward
+    (w^T) and transposed (w) reads alike."""
+    mu, rho, prior = posterior(45, 67)
+    seed = seed_tensor(SEED, DEVICE)
+    w, _ = sample_weight_and_kl(mu, rho, prior, seed, 0.1, "qp", torch.float32)
+    w_t, _ = sampled_matmul(torch.eye(67, device=DEVICE), mu, rho, seed)
+    assert torch.equal(w_t, w.t())
+    w_again, _ = sampled_matmul(torch.eye(45, device=DEVICE), mu, rho, seed, transpose_weight=False)
+    assert torch.equal(w_again, w)
+
+
+# ------------------------------------------------------------------------------------------ sample-in-GEMM
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GEMM_SHAPES)
+@pytest.mark.parametrize("prior_dtype,direction,with_bias", [(torch.float32, "qp", True), (None, "pq", False),
+                                                             (torch.bfloat16, "qp", False)])
+def test_sampled_matmul_forward_and_kl(poisoned, dtype, shape, prior_dtype, direction, with_bias):
+    rows, n_out, n_in = shape
+    mu, rho, prior = posterior(n_out, n_in, prior_dtype)
+    x = randn(rows, n_in, dtype=dtype)
+    bias = randn(n_out, dtype=dtype, seed=2) if with_bias else None
+    y, kl = sampled_matmul(x, mu, rho, seed_tensor(SEED, DEVICE), bias=bias, prior_mu=prior, prior_sigma=0.07,
+                           kl_direction=direction, with_kl=True)
+    w = sampled_weight(mu.cpu(), rho.cpu(), eps_of((n_out, n_in)))
+    expected = x.cpu().double() @ w.t() + (0 if bias is None else bias.cpu().double())
+    assert y.dtype == dtype and y.shape == (rows, n_out)
+    assert relative_error(y.cpu(), expected) < TOLERANCE[dtype]
+    prior64 = None if prior is None else prior.cpu()
+    assert relative_error(kl.cpu(), kl_reference(mu.cpu(), rho.cpu(), prior64, 0.07, direction)) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampled_matmul_input_gradient_reads_the_weight_transposed(poisoned, dtype):
+    rows, n_out, n_in = GEMM_SHAPES[0]
+    mu, rho, _ = posterior(n_out, n_in)
+    dy = randn(rows, n_out, dtype=dtype)
+    dx, kl = sampled_matmul(dy, mu, rho, seed_tensor(SEED, DEVICE), transpose_weight=False)
+    w = sampled_weight(mu.cpu(), rho.cpu(), eps_of((n_out, n_in)))
+    assert dx.shape == (rows, n_in) and kl.numel() == 0
+    assert relative_error(dx.cpu(), dy.cpu().double() @ w) < TOLERANCE[dtype]
+
+
+def test_sampled_matmul_sums_the_kl_even_without_rows():
+    mu, rho, prior = posterior(45, 67)
+    y, kl = sampled_matmul(randn(0, 67), mu, rho, seed_tensor(SEED, DEVICE), prior_mu=prior, prior_sigma=0.1,
+                           with_kl=True)
+    assert y.shape == (0, 45)
+    assert relative_error(kl.cpu(), kl_reference(mu.cpu(), rho.cpu(), prior.cpu(), 0.1, "qp")) < 2e-5
+
+
+def test_sampled_matmul_rejects_mismatched_shapes():
+    mu, rho, _ = posterior(45, 67)
+    with pytest.raises(ValueError, match="a has 66 columns"):
+        sampled_matmul(randn(3, 66), mu, rho, seed_tensor(SEED, DEVICE))
+    with pytest.raises(ValueError, match="bias"):
+        sampled_matmul(randn(3, 45), mu, rho, seed_tensor(SEED, DEVICE), transpose_weight=False, bias=randn(67))
+
+
+# ------------------------------------------------------------------------------------------- dW epilogue
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GEMM_SHAPES)
+@pytest.mark.parametrize("prior_dtype,direction,g_kl", [(torch.float32, "qp", 0.37), (None, "pq", 1.3),
+                                                        (torch.bfloat16, "qp", None)])
+def test_weight_grad_epilogue_matches_float64_autograd(poisoned, dtype, shape, prior_dtype, direction, g_kl):
+    rows, n_out, n_in = shape
+    mu, rho, prior = posterior(n_out, n_in, prior_dtype)
+    dy, x = randn(rows, n_out, dtype=dtype), randn(rows, n_in, dtype=dtype, seed=3)
+    g = None if g_kl is None else torch.tensor([g_kl], device=DEVICE)
+    d_mu, d_rho = reparameterized_weight_grad(dy, x, mu, rho, prior, seed_tensor(SEED, DEVICE), g, 0.07, direction)
+    d_w = dy.cpu().double().t() @ x.cpu().double()
+    prior64 = None if prior is None else prior.cpu()
+    _, _, d_mu64, d_rho64 = kl_and_grads64(mu.cpu(), rho.cpu(), prior64, 0.07, direction, d_w, g_kl or 0.0,
+                                           eps_of((n_out, n_in)))
+    assert d_mu.dtype == d_rho.dtype == torch.float32
+    assert relative_error(d_mu.cpu(), d_mu64) < 2e-5
+    assert relative_error(d_rho.cpu(), d_rho64) < 2e-5
+
+
+def test_weight_grad_epilogue_reads_strided_inputs():
+    rows, n_out, n_in = GEMM_SHAPES[0]
+    mu, rho, prior = posterior(n_out, n_in)
+    dy, x = randn(n_out, rows).t(), randn(n_in, rows, seed=3).t()  # column-major views
+    got = reparameterized_weight_grad(dy, x, mu, rho, prior, seed_tensor(SEED, DEVICE), None, 0.07, "qp")
+    want = reparameterized_weight_grad(dy.contiguous(), x.contiguous(), mu, rho, prior, seed_tensor(SEED, DEVICE),
+                                       None, 0.07, "qp")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# -------------------------------------------------------------------------------------------- LoRA GEMM
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [1, 5, 17])
+def test_lora_matmul_forward_and_input_gradient(poisoned, dtype, rank):
+    rows, n_out, n_in = GEMM_SHAPES[0]
+    x, w = randn(rows, n_in, dtype=dtype), randn(n_out, n_in, dtype=dtype, seed=2)
+    a, b = randn(rank, n_in, dtype=dtype, seed=3), randn(n_out, rank, dtype=dtype, seed=4)
+    bias, dy = randn(n_out, dtype=dtype, seed=5), randn(rows, n_out, dtype=dtype, seed=6)
+    x64, w64, a64, b64 = (t.cpu().double() for t in (x, w, a, b))
+    y = lora_matmul(x, w, a, b, 0.75, bias)
+    expected = x64 @ w64.t() + 0.75 * (x64 @ a64.t()) @ b64.t() + bias.cpu().double()
+    assert y.dtype == dtype and relative_error(y.cpu(), expected) < TOLERANCE[dtype]
+    dx = lora_matmul(dy, w.t(), b.t(), a.t(), 0.75)  # dx = dy @ w + s (dy @ b) @ a
+    dy64 = dy.cpu().double()
+    assert relative_error(dx.cpu(), dy64 @ w64 + 0.75 * (dy64 @ b64) @ a64) < TOLERANCE[dtype]
+
+
+def test_lora_matmul_rejects_mismatched_factors():
+    x, w = randn(4, 20), randn(30, 20)
+    with pytest.raises(ValueError, match="LoRA shapes do not match"):
+        lora_matmul(x, w, randn(3, 19), randn(30, 3), 1.0)
+    with pytest.raises(TypeError, match="share one dtype"):
+        lora_matmul(x, w, randn(3, 20, dtype=torch.float16), randn(30, 3), 1.0)
+
+
+# ------------------------------------------------------------------------------- layers on the fused paths
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Names of the fused GEMM kernels launched during the test, in order."""
+    import bayeslayers.kernels.library as library
+
+    calls = []
+    for name in ("sampled_matmul", "reparameterized_weight_grad", "lora_matmul"):
+        launch = getattr(library, name)
+        monkeypatch.setattr(library, name, lambda *a, _launch=launch, _name=name, **k: calls.append(_name)
+                            or _launch(*a, **k))
+    return calls
+
+
+def _step(layer, x, policy):
+    """(y, kl, dx, parameter grads) of one sampling forward/backward with a fixed seed under ``policy``."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    bayesian = any(isinstance(m, BayesLinear) for m in layer.modules())
+    with fusion(**policy), bayeslayers.sampling(layer, seed=11) if bayesian else contextlib.nullcontext():
+        y = layer(x)
+        kl = bayeslayers.kl_loss(layer) if bayesian else torch.zeros((), device=DEVICE)
+    (y.float().square().sum() + 0.3 * kl).backward()
+    grads = {name: p.grad for name, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), kl.detach(), x.grad, grads
+
+
+def _assert_same_step(got, want, dtype):
+    assert relative_error(got[0], want[0]) < TOLERANCE[dtype]
+    assert relative_error(got[1], want[1]) < 2e-5
+    assert relative_error(got[2], want[2]) < TOLERANCE[dtype]
+    assert got[3].keys() == want[3].keys() and want[3]
+    for name in want[3]:
+        assert relative_error(got[3][name], want[3][name]) < TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("policy,kernels", [
+    ({"sample_in_gemm_max_rows": 10**9}, ["sampled_matmul", "sampled_matmul", "reparameterized_weight_grad"]),
+    ({"weight_grad_epilogue": True}, ["reparameterized_weight_grad"]),
+])
+def test_bayes_linear_fused_paths_agree_with_sample_then_gemm(fused_calls, dtype, policy, kernels):
+    bayeslayers.set_backend("triton")
+    layer = BayesLinear(67, 45, init_sigma=0.05, prior_sigma=0.1).to(DEVICE)
+    x = randn(3, 13, 67, dtype=dtype)
+    with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32):
+        want = _step(layer, x, {})
+        assert fused_calls == []
+        got = _step(layer, x, policy)
+    assert fused_calls == kernels
+    _assert_same_step(got, want, dtype)
+
+
+def test_heuristic_takes_sample_in_gemm_only_up_to_the_row_limit(monkeypatch):
+    import bayeslayers.kernels as kernels
+
+    bayeslayers.set_backend("triton")
+    calls = []
+    monkeypatch.setattr(kernels, "sampled_linear", lambda *args: calls.append(args[0].shape) or (args[0], None))
+    layer = BayesLinear(8, 8).to(DEVICE)
+    with fusion(sample_in_gemm_max_rows=77):
+        layer(randn(2, 77, 8)[:1])
+        layer(randn(2, 78, 8)[:1])
+    assert calls == [(1, 77, 8)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("factors", ["AB", "B", ""])
+def test_bayes_lora_fused_matches_unfused(fused_calls, dtype, factors):
+    bayeslayers.set_backend("triton")
+    layer = BayesLoRALinear(nn.Linear(67, 45), rank=5, lora_alpha=8, bayesian_factors=factors,
+                            init_sigma=0.05).to(DEVICE)
+    with torch.no_grad():  # a trained-looking B, so every gradient is non-zero
+        (layer.lora_B.weight_mu if "B" in factors else layer.lora_B.weight).normal_()
+    x = randn(2, 19, 67, dtype=dtype)
+    with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32):
+        want = _step(layer, x, {})
+        got = _step(layer, x, {"fused_lora": True})
+    assert fused_calls == ["lora_matmul", "lora_matmul"]  # forward, input gradient
+    _assert_same_step(got, want, dtype)
+
+
+def test_fused_lora_in_eval_uses_the_posterior_means():
+    bayeslayers.set_backend("triton")
+    layer = BayesLoRALinear(nn.Linear(20, 30), rank=3).to(DEVICE).eval()
+    with torch.no_grad():
+        layer.lora_B.weight_mu.normal_()
+    x = randn(5, 20)
+    with fusion(fused_lora=True):
+        fused = layer(x)
+    torch.testing.assert_close(fused, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sample_in_gemm_saves_only_the_input_and_a_seed():
+    bayeslayers.set_backend("triton")
+    layer = BayesLinear(67, 45).to(DEVICE)
+    params = {p.data_ptr() for p in layer.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    x = randn(7, 67).requires_grad_(True)
+    with fusion(sample_in_gemm_max_rows=64), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    assert sum(saved) == x.numel() * 4 + 8
+
+
+def test_fusion_policy_validates_and_restores():
+    before = fusion_policy()
+    with pytest.raises(ValueError, match="sample_in_gemm_max_rows must be a non-negative int"):
+        FusionPolicy(sample_in_gemm_max_rows=-1)
+    with pytest.raises(ValueError, match="fused_lora must be a bool"):
+        FusionPolicy(fused_lora="yes")
+    with fusion(fused_lora=True) as inside:
+        assert inside.fused_lora and fusion_policy() is inside
+    assert fusion_policy() == before
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_draw_weight_is_the_weight_a_sampling_forward_uses(backend):
+    bayeslayers.set_backend(backend)
+    layer = BayesLinear(20, 30, init_sigma=0.1).to(DEVICE)
+    x = randn(4, 20)
+    with bayeslayers.sampling(layer, seed=5):
+        y = layer(x)
+        kl_forward = layer.kl()
+        w = layer.draw_weight(torch.float32)
+        assert layer.kl() is not kl_forward  # the draw recorded its own KL
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, layer.bias), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(w, layer.weight_mu)
+    torch.testing.assert_close(layer.kl(), kl_forward)
+    layer.eval()
+    assert torch.equal(layer.draw_weight(torch.float16), layer.weight_mu.half())
