@@ -3,7 +3,9 @@
 Providers: ``deterministic`` (nn.Linear / nn.Conv2d / peft LoRA / plain UNet: the floor), ``reference``
 (bayeslayers' naive eager backend: what a hand-written Bayesian layer does), ``bayesian-torch`` (the public
 package's LinearReparameterization / Conv2dReparameterization), then every other bayeslayers backend
-(``torch``: seed-regenerating autograd Function; ``triton``: GPU kernels; any backend registered later).
+(``torch``: seed-regenerating autograd Function; ``triton``: GPU kernels; any backend registered later), then
+the Triton backend under each fused-GEMM policy (``triton:sample_in_gemm`` and ``triton:dw_epilogue`` for
+linear, ``triton:fused_lora`` for lora), so the fused paths are timed next to part 1's ``triton`` path.
 
 Every Bayesian provider gets the same posterior and prior: mean = the plain layer's weight, sigma = 0.01
 (softplus(rho)), prior N(plain weight, 0.01^2) (LoRA factors: bayeslayers' defaults). A step module returns
@@ -21,15 +23,23 @@ import torch.nn as nn
 
 import bayeslayers
 from bayeslayers.backends import BACKENDS
+from bayeslayers.kernels.fusion import set_fusion_policy
 
 SIGMA = 0.01
 RHO = math.log(math.expm1(SIGMA))
 BAYESIAN_TORCH_OPS = ("linear", "conv2d")
+# provider -> (op it applies to, fusion policy of the triton backend)
+FUSED_PROVIDERS = {
+    "triton:sample_in_gemm": ("linear", {"sample_in_gemm_max_rows": 2**31 - 1}),
+    "triton:dw_epilogue": ("linear", {"weight_grad_epilogue": True}),
+    "triton:fused_lora": ("lora", {"fused_lora": True}),
+}
 
 
 def providers() -> list[str]:
-    """Provider names in display order: the three baselines, then bayeslayers' other backends."""
-    return ["deterministic", "reference", "bayesian-torch", *[name for name in BACKENDS if name != "reference"]]
+    """Provider names in display order: the three baselines, bayeslayers' other backends, the fused paths."""
+    return ["deterministic", "reference", "bayesian-torch", *[name for name in BACKENDS if name != "reference"],
+            *FUSED_PROVIDERS]
 
 
 def unavailable_reason(provider: str, op: str, device: torch.device) -> str:
@@ -40,7 +50,11 @@ def unavailable_reason(provider: str, op: str, device: torch.device) -> str:
         if op not in BAYESIAN_TORCH_OPS:
             return f"bayesian-torch has no {op} layer"
         return "" if importlib.util.find_spec("bayesian_torch") else "bayesian-torch is not installed"
-    backend = BACKENDS[provider]
+    if provider in FUSED_PROVIDERS:
+        fused_op = FUSED_PROVIDERS[provider][0]
+        if op != fused_op:
+            return f"{provider} is a {fused_op} path"
+    backend = BACKENDS[provider.split(":")[0]]
     if backend.name == "triton" and device.type != "cuda":
         return "GPU only (the CPU interpreter is for correctness tests, not timing)"
     return backend.unavailable_reason(device) if not backend.is_available(device) else ""
@@ -76,14 +90,17 @@ class BayesianTorchStep(nn.Module):
 
 
 class BayesStep(nn.Module):
-    """A bayeslayers model run with one backend; KL from bayeslayers.kl_loss (reuses the forward's fused KL)."""
+    """A bayeslayers model run with one provider ('backend' or 'triton:<fused path>'); KL from
+    bayeslayers.kl_loss (reuses the forward's fused KL)."""
 
-    def __init__(self, model: nn.Module, backend: str):
+    def __init__(self, model: nn.Module, provider: str):
         super().__init__()
-        self.model, self.backend = model, backend
+        self.model, self.backend = model, provider.split(":")[0]
+        self.fusion = FUSED_PROVIDERS[provider][1] if provider in FUSED_PROVIDERS else {}
 
     def forward(self, x):
         bayeslayers.set_backend(self.backend)
+        set_fusion_policy(None, **self.fusion)  # the autograd Functions record their path for the backward
         return self.model(x), bayeslayers.kl_loss(self.model, check_finite=False)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import bayeslayers
+from bayeslayers.kernels.fusion import set_fusion_policy
 
 from .environment import environment
 from .measure import MODES, peak_bytes, sample_times, saved_bytes, state_bytes, step_function, summarize
@@ -134,6 +135,7 @@ def main(args) -> Path:
                     handle.flush()
         finally:
             bayeslayers.set_backend(None)
+            set_fusion_policy(None)
     return path
 
 

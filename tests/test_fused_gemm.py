@@ -290,3 +290,35 @@ def test_draw_weight_is_the_weight_a_sampling_forward_uses(backend):
     torch.testing.assert_close(layer.kl(), kl_forward)
     layer.eval()
     assert torch.equal(layer.draw_weight(torch.float16), layer.weight_mu.half())
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+GPU_SHAPES = [(77, 768, 320), (154, 768, 1280), (256, 1280, 1280), (1024, 640, 640)]  # (rows, in, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,n_in,n_out", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("policy", [{"sample_in_gemm_max_rows": 10**9}, {"weight_grad_epilogue": True}])
+def test_gpu_fused_linear_paths_at_sd_shapes(rows, n_in, n_out, dtype, policy):
+    """bf16 operands go to the tensor cores directly here (the interpreter needs them as fp32)."""
+    bayeslayers.set_backend("triton")
+    layer = BayesLinear(n_in, n_out, init_sigma=0.02, prior_sigma=0.05).to(DEVICE)
+    x = randn(rows, n_in, dtype=dtype)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        want, got = _step(layer, x, {}), _step(layer, x, policy)
+    _assert_same_step(got, want, dtype if dtype != torch.float32 else torch.float16)  # fp32 GEMMs may use TF32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,width,rank", [(4096, 320, 4), (1024, 640, 16), (256, 1280, 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_fused_lora_at_sd_shapes(rows, width, rank, dtype):
+    bayeslayers.set_backend("triton")
+    layer = BayesLoRALinear(nn.Linear(width, width), rank=rank).to(DEVICE)
+    with torch.no_grad():
+        layer.lora_B.weight_mu.normal_(std=0.02)
+    x = randn(rows, width, dtype=dtype)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        want, got = _step(layer, x, {}), _step(layer, x, {"fused_lora": True})
+    _assert_same_step(got, want, dtype if dtype != torch.float32 else torch.float16)
