@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .config import EXACT, check_numel, dot_options, gemm_configs
-from .gemm_tiles import mma, sampled_tile
+from .gemm_tiles import mma, sampled_tile, tile_layout
 from .posterior_math import KL_DIRECTION_CODES, kl_element, softplus
 
 
@@ -29,7 +29,7 @@ def _sampled_matmul_kernel(
     out_ptr, kl_partials_ptr,  # out [M, N] compute dtype; [cdiv(N, BLOCK_N)] float32
     M, N, K, stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, prior_sigma,
     HAS_BIAS: tl.constexpr, HAS_PRIOR: tl.constexpr, WITH_KL: tl.constexpr, KL_DIRECTION: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    LAYOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -41,9 +41,8 @@ def _sampled_matmul_kernel(
     kl = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        index = offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # flat weight indices
-        w, eps, mu, rho = sampled_tile(mu_ptr, rho_ptr, seed, index, w_mask)
+        w, eps, mu, rho, index, w_mask = sampled_tile(mu_ptr, rho_ptr, seed, pid_n * BLOCK_N, k0, stride_wn,
+                                                      stride_wk, N, K, LAYOUT, BLOCK_N, BLOCK_K)
         a_t = tl.load(a_ptr + offs_m[None, :] * stride_am + offs_k[:, None] * stride_ak,
                       mask=(offs_m[None, :] < M) & (offs_k[:, None] < K), other=0.0)  # [BLOCK_K, BLOCK_M]
         acc = mma(acc, w.to(a_ptr.dtype.element_ty), a_t, INPUT_PRECISION, DOT_FP32)
@@ -51,7 +50,7 @@ def _sampled_matmul_kernel(
             if pid_m == 0:
                 gap = mu
                 if HAS_PRIOR:
-                    gap = mu - tl.load(prior_ptr + tl.where(w_mask, index, 0), mask=w_mask, other=0.0).to(tl.float32)
+                    gap = mu - tl.load(prior_ptr + index, mask=w_mask, other=0.0).to(tl.float32)
                 kl += tl.where(w_mask, kl_element(gap, softplus(rho), prior_sigma, KL_DIRECTION), 0.0)
     if WITH_KL:
         if pid_m == 0:
@@ -95,6 +94,7 @@ def sampled_matmul(a, mu, rho, seed, *, transpose_weight: bool = True, bias=None
             rows, out_features, reduction, a.stride(0), a.stride(1), stride_wn, stride_wk,
             out.stride(0), out.stride(1), prior_sigma,
             HAS_BIAS=bias is not None, HAS_PRIOR=prior_mu is not None, WITH_KL=with_kl,
-            KL_DIRECTION=KL_DIRECTION_CODES[kl_direction], **dot_options(a.dtype), **EXACT,
+            KL_DIRECTION=KL_DIRECTION_CODES[kl_direction], LAYOUT=tile_layout(stride_wn, stride_wk),
+            **dot_options(a.dtype), **EXACT,
         )
     return out, partials.sum() if with_kl else partials

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .config import EXACT, check_numel, dot_options, gemm_configs
-from .gemm_tiles import mma, sampled_tile
+from .gemm_tiles import mma, sampled_tile, tile_layout
 from .posterior_math import KL_DIRECTION_CODES, kl_element_grads, sigmoid, softplus
 
 
@@ -28,7 +28,7 @@ def _weight_grad_kernel(
     dy_ptr, x_ptr, mu_ptr, rho_ptr, prior_ptr, seed_ptr, g_kl_ptr,  # dy [M, N], x [M, K]; weight tensors contiguous
     d_mu_ptr, d_rho_ptr,  # outputs [N, K] float32
     M, N, K, stride_dym, stride_dyn, stride_xm, stride_xk, prior_var,
-    HAS_KL_GRAD: tl.constexpr, HAS_PRIOR: tl.constexpr, KL_DIRECTION: tl.constexpr,
+    HAS_KL_GRAD: tl.constexpr, HAS_PRIOR: tl.constexpr, KL_DIRECTION: tl.constexpr, LAYOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -42,16 +42,15 @@ def _weight_grad_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # [BLOCK_M, BLOCK_K]
         dw = mma(dw, dy_t, x, INPUT_PRECISION, DOT_FP32)
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    index = offs_n[:, None] * K + offs_k[None, :]
-    _, eps, mu, rho = sampled_tile(mu_ptr, rho_ptr, tl.load(seed_ptr), index, mask)
+    _, eps, mu, rho, index, mask = sampled_tile(mu_ptr, rho_ptr, tl.load(seed_ptr), tl.program_id(0) * BLOCK_N,
+                                                tl.program_id(1) * BLOCK_K, K, 1, N, K, LAYOUT, BLOCK_N, BLOCK_K)
     d_mu = dw
     d_sigma = dw * eps
     if HAS_KL_GRAD:
         g_kl = tl.load(g_kl_ptr).to(tl.float32)
         gap = mu
         if HAS_PRIOR:
-            gap = mu - tl.load(prior_ptr + tl.where(mask, index, 0), mask=mask, other=0.0).to(tl.float32)
+            gap = mu - tl.load(prior_ptr + index, mask=mask, other=0.0).to(tl.float32)
         g_mu, g_sigma = kl_element_grads(gap, softplus(rho), prior_var, KL_DIRECTION)
         d_mu += g_kl * g_mu
         d_sigma += g_kl * g_sigma
@@ -78,6 +77,6 @@ def reparameterized_weight_grad(dy, x, mu, rho, prior_mu, seed, g_kl, prior_sigm
             d_mu, d_rho, x.shape[0], n_out, n_in, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
             prior_sigma**2,
             HAS_KL_GRAD=g_kl is not None, HAS_PRIOR=prior_mu is not None, KL_DIRECTION=KL_DIRECTION_CODES[kl_direction],
-            **dot_options(x.dtype), **EXACT,
+            LAYOUT=tile_layout(n_in, 1), **dot_options(x.dtype), **EXACT,
         )
     return d_mu, d_rho

@@ -14,6 +14,7 @@ import torch.nn as nn
 import bayeslayers
 from bayeslayers import BayesLinear, BayesLoRALinear
 from bayeslayers.kernels import FusionPolicy, fusion, fusion_policy, philox_normal, sample_weight_and_kl, seed_tensor
+from bayeslayers.kernels.gemm_tiles import tile_layout
 from bayeslayers.kernels.lora_matmul import lora_matmul
 from bayeslayers.kernels.sampled_matmul import sampled_matmul
 from bayeslayers.kernels.weight_grad_gemm import reparameterized_weight_grad
@@ -22,7 +23,9 @@ from reference import TOLERANCE, kl_and_grads64, kl_reference, relative_error, s
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-GEMM_SHAPES = [(37, 45, 67), (70, 33, 5)]  # (rows M, outputs N, inputs K)
+# (rows M, outputs N, inputs K); K = 36: weight rows start at multiples of 4, so tiles draw 4 elements per
+# Philox counter (forward and transposed reads); K = 67 and 5: one counter per element.
+GEMM_SHAPES = [(37, 45, 67), (70, 33, 5), (29, 44, 36)]
 SEED = 0xC0FFEE
 
 
@@ -40,15 +43,21 @@ def eps_of(shape):
 
 
 # -------------------------------------------------------------------------------------- weight tiles in a GEMM
-def test_weight_tiles_in_the_gemm_follow_the_rng_contract_bit_for_bit():
+def test_tile_layouts():
+    assert tile_layout(68, 1) == 1 and tile_layout(1, 68) == 2  # rows along K / along N, 4 per counter
+    assert tile_layout(67, 1) == 0 and tile_layout(1, 67) == 0 and tile_layout(3, 5) == 0
+
+
+@pytest.mark.parametrize("n_out,n_in", [(45, 67), (45, 68), (44, 36)])
+def test_weight_tiles_in_the_gemm_follow_the_rng_contract_bit_for_bit(n_out, n_in):
     """a = I makes the product the weight itself: every element equals the sample+KL kernel's, forward
-    (w^T) and transposed (w) reads alike."""
-    mu, rho, prior = posterior(45, 67)
+    (w^T) and transposed (w) reads alike, in every tile layout."""
+    mu, rho, prior = posterior(n_out, n_in)
     seed = seed_tensor(SEED, DEVICE)
     w, _ = sample_weight_and_kl(mu, rho, prior, seed, 0.1, "qp", torch.float32)
-    w_t, _ = sampled_matmul(torch.eye(67, device=DEVICE), mu, rho, seed)
+    w_t, _ = sampled_matmul(torch.eye(n_in, device=DEVICE), mu, rho, seed)
     assert torch.equal(w_t, w.t())
-    w_again, _ = sampled_matmul(torch.eye(45, device=DEVICE), mu, rho, seed, transpose_weight=False)
+    w_again, _ = sampled_matmul(torch.eye(n_out, device=DEVICE), mu, rho, seed, transpose_weight=False)
     assert torch.equal(w_again, w)
 
 
