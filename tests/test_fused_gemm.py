@@ -301,6 +301,16 @@ def test_draw_weight_is_the_weight_a_sampling_forward_uses(backend):
     assert torch.equal(layer.draw_weight(torch.float16), layer.weight_mu.half())
 
 
+def test_fused_paths_trace_without_graph_breaks(fused_calls):
+    import torch._dynamo
+
+    bayeslayers.set_backend("triton")
+    model = nn.Sequential(BayesLinear(16, 24), nn.GELU(), BayesLoRALinear(nn.Linear(24, 8), rank=2)).to(DEVICE)
+    with fusion(sample_in_gemm_max_rows=4, fused_lora=True):
+        explanation = torch._dynamo.explain(model)(randn(4, 16))
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    assert "sampled_matmul" in fused_calls and "lora_matmul" in fused_calls
+
 # ---------------------------------------------------------------------------------------------- GPU only
 GPU_SHAPES = [(77, 768, 320), (154, 768, 1280), (256, 1280, 1280), (1024, 640, 640)]  # (rows, in, out)
 
