@@ -182,7 +182,8 @@ def test_recipe_trains_checkpoints_resumes_and_evaluates(tmp_path):
 
     common = ["--output_dir", str(tmp_path), "--num_train_images", "32", "--train_batch_size", "4",
               "--num_validation_images", "2", "--num_inference_steps", "3", "--eval_images", "4",
-              "--checkpointing_steps", "2", "--validation_steps", "3", "--bayesian", "--steering_width", "0.5"]
+              "--checkpointing_steps", "2", "--validation_steps", "3", "--bayesian", "--steering_width", "0.5",
+              "--num_posterior_samples", "2", "--init_sigma", "0.05"]
     first = train.main(train.parse_args(common + ["--max_train_steps", "2"]))
     assert first["steps"] == 2 and (tmp_path / "checkpoint-2" / "params.safetensors").exists()
     resumed = train.main(train.parse_args(common + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]))
@@ -193,6 +194,8 @@ def test_recipe_trains_checkpoints_resumes_and_evaluates(tmp_path):
     assert 0.9 < evaluation["real_renders"]["condition_adherence"] <= 1 + 1e-9  # edges of their own images
     assert set(evaluation["steered"]["accuracy"]) == {"colour", "shape", "size", "background"}
     assert evaluation["steered"]["frechet_distance"] >= 0
+    posterior = resumed["posterior_samples"]
+    assert Path(posterior["grid"]).exists() and posterior["mean_pixel_std"] > 0  # the samples differ
     restored = bayeslayers.load(PowerSteering.from_config(PowerSteering.load_config(tmp_path / "steering")),
                                 tmp_path / "steering_posterior.safetensors")
     assert bayeslayers.bayesian_modules(restored)
@@ -206,3 +209,6 @@ def test_recipe_rejects_bad_flags(capsys):
     assert "--train_batch_size must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.parse_args(["--output_dir", "x", "--condition", "depth"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--output_dir", "x", "--num_posterior_samples", "1"])
+    assert "--num_posterior_samples must be 0 or at least 2" in capsys.readouterr().err

@@ -8,7 +8,8 @@ condition (edge map or layout map) is computed from each image, so nothing is do
 text encoder stay frozen; only the steering network trains (plain epsilon/v loss, plus ``kl_weight`` x KL per
 training image with ``--bayesian``). Checkpoints (safetensors) resume exactly; validation grids show
 condition | steered | frozen; the end of the run evaluates condition adherence, the tiny judge's prompt
-accuracy and the Frechet distance on its embeddings (bundled model only).
+accuracy and the Frechet distance on its embeddings (bundled model only), and with ``--bayesian`` draws
+several steering weight samples per validation scene with a per-pixel std map (``validation/posterior_samples.png``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=3.0)
     p.add_argument("--eval_images", type=int, default=64, help="images per model in the final evaluation (0: none)")
+    p.add_argument("--num_posterior_samples", type=int, default=4,
+                   help="with --bayesian: steering weight samples per validation scene for the final uncertainty "
+                        "grid (0: none)")
     return p
 
 
@@ -74,6 +78,8 @@ def parse_args(input_args=None) -> argparse.Namespace:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.init_sigma <= 0 or args.prior_sigma <= 0:
         parser.error("--init_sigma and --prior_sigma must be positive")
+    if args.num_posterior_samples == 1 or args.num_posterior_samples < 0:
+        parser.error(f"--num_posterior_samples must be 0 or at least 2 (a std map), got {args.num_posterior_samples}")
     if args.pretrained_model_name_or_path is None:
         from .. import tiny_sd
 
@@ -146,6 +152,35 @@ def validation_grid(pipe, steerer, steering, data, args, step: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(tiles, 3).save(path)
     return path
+
+
+def posterior_grid(pipe, steerer, steering, data, args) -> tuple[Path, float]:
+    """Rows of condition | one image per steering weight sample | per-pixel std over them (the steering's
+    epistemic uncertainty; same initial noise for every sample). Returns the PNG path and the mean pixel std."""
+    from PIL import Image
+
+    _, _, conditions, _, scenes = data
+    steering.eval()
+    samples = []
+    with torch.random.fork_rng(devices=[]):
+        for k in range(args.num_posterior_samples):
+            with bayeslayers.sampling(steering, seed=k):
+                samples.append(generate(pipe, steerer, scenes, conditions, args, steer=True, seed=args.seed))
+    samples = (torch.stack(samples) + 1) / 2  # (K, N, 3, H, W) in [0, 1]
+    std = samples.std(dim=0).mean(dim=1)  # (N, H, W)
+    scale = float(std.max().clamp_min(1e-8))
+
+    def pil(t):
+        return Image.fromarray((t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+    tiles = []
+    for n, condition in enumerate(conditions):
+        tiles += [pil(condition.expand(3, -1, -1)), *(pil(s[n]) for s in samples),
+                  pil((std[n] / scale).expand(3, -1, -1))]
+    path = Path(args.output_dir, "validation", "posterior_samples.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(tiles, args.num_posterior_samples + 2).save(path)
+    return path, float(std.mean())
 
 
 def evaluate(pipe, steerer, steering, args, resolution: int) -> dict:
@@ -277,6 +312,9 @@ def main(args, step_callback=None) -> dict:
     metrics = {"steps": step, "final_loss": float(np.mean(history["loss"][-20:])),
                "seconds_per_step": float(np.median(history["seconds_per_step"])), "bayesian": args.bayesian,
                "condition": args.condition}
+    if args.bayesian and args.num_posterior_samples:
+        grid, mean_std = posterior_grid(pipe, steerer, model, validation, args)
+        metrics["posterior_samples"] = {"grid": str(grid), "mean_pixel_std": mean_std}
     if args.eval_images:
         metrics["evaluation"] = evaluate(pipe, steerer, model, args, resolution)
     model.detach()
