@@ -183,7 +183,7 @@ def test_recipe_trains_checkpoints_resumes_and_evaluates(tmp_path):
     common = ["--output_dir", str(tmp_path), "--num_train_images", "32", "--train_batch_size", "4",
               "--num_validation_images", "2", "--num_inference_steps", "3", "--eval_images", "4",
               "--checkpointing_steps", "2", "--validation_steps", "3", "--bayesian", "--steering_width", "0.5",
-              "--num_posterior_samples", "2", "--init_sigma", "0.05"]
+              "--num_posterior_samples", "2", "--init_sigma", "0.05", "--rho_learning_rate", "0.01"]
     first = train.main(train.parse_args(common + ["--max_train_steps", "2"]))
     assert first["steps"] == 2 and (tmp_path / "checkpoint-2" / "params.safetensors").exists()
     resumed = train.main(train.parse_args(common + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]))
@@ -212,3 +212,6 @@ def test_recipe_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--output_dir", "x", "--num_posterior_samples", "1"])
     assert "--num_posterior_samples must be 0 or at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--output_dir", "x", "--rho_learning_rate", "0"])
+    assert "--rho_learning_rate must be positive" in capsys.readouterr().err

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_batch_size", type=int, default=16)
     p.add_argument("--max_train_steps", type=int, default=300)
     p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--rho_learning_rate", type=float, default=None,
+                   help="with --bayesian: learning rate of the posterior's rho (default: --learning_rate)")
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
@@ -78,6 +80,8 @@ def parse_args(input_args=None) -> argparse.Namespace:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.init_sigma <= 0 or args.prior_sigma <= 0:
         parser.error("--init_sigma and --prior_sigma must be positive")
+    if args.rho_learning_rate is not None and args.rho_learning_rate <= 0:
+        parser.error(f"--rho_learning_rate must be positive, got {args.rho_learning_rate}")
     if args.num_posterior_samples == 1 or args.num_posterior_samples < 0:
         parser.error(f"--num_posterior_samples must be 0 or at least 2 (a std map), got {args.num_posterior_samples}")
     if args.pretrained_model_name_or_path is None:
@@ -246,7 +250,10 @@ def main(args, step_callback=None) -> dict:
                             prior_sigma=args.prior_sigma, kl_direction=args.kl_direction)
     steering.train()
     params = [p for p in steering.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    rho = [p for n, p in steering.named_parameters() if p.requires_grad and n.endswith("weight_rho")]
+    rest = [p for p in params if all(p is not r for r in rho)]
+    groups = [{"params": rest}, {"params": rho, "lr": args.rho_learning_rate or args.learning_rate}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate, weight_decay=0.0)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0)
     steering, optimizer = accelerator.prepare(steering, optimizer)
