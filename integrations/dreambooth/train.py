@@ -242,7 +242,10 @@ def main(args, step_callback=None) -> dict:
             for key in ("loss", "kl", "mean_sigma"):
                 history[key].append(logs[key])
             history["step"].append(step)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs['kl']:.3g}", sigma=f"{logs['mean_sigma']:.3g}")
+            shown = {"loss": f"{logs['loss']:.4f}"}
+            if args.bayesian:
+                shown.update(kl=f"{logs['kl']:.3g}", sigma=f"{logs['mean_sigma']:.3g}")
+            progress.set_postfix(**shown)
             accelerator.log(logs, step=step)
             if step_callback is not None:
                 step_callback(args, step)
