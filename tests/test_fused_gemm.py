@@ -301,6 +301,52 @@ def test_draw_weight_is_the_weight_a_sampling_forward_uses(backend):
     assert torch.equal(layer.draw_weight(torch.float16), layer.weight_mu.half())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampled_linear_gradients_of_every_input(dtype):
+    from bayeslayers.kernels import sampled_linear
+
+    rows, n_out, n_in = GEMM_SHAPES[2]
+    mu, rho, prior = posterior(n_out, n_in)
+    mu.requires_grad_(True)
+    rho.requires_grad_(True)
+    x = randn(2, rows, n_in, dtype=dtype).requires_grad_(True)
+    bias = randn(n_out, dtype=dtype, seed=2).requires_grad_(True)
+    upstream = randn(2, rows, n_out, dtype=torch.float64, seed=3)
+    y, kl = sampled_linear(x, mu, rho, bias, prior, 0.07, "qp", SEED)
+    ((y.double() * upstream).sum() + 0.37 * kl).backward()
+    leaves64 = [t.detach().cpu().double().requires_grad_(True) for t in (x, mu, rho, bias)]
+    x64, mu64, rho64, bias64 = leaves64
+    y64 = x64 @ sampled_weight(mu64, rho64, eps_of((n_out, n_in))).t() + bias64
+    kl64 = kl_reference(mu64, rho64, prior.cpu(), 0.07, "qp")
+    ((y64 * upstream.cpu()).sum() + 0.37 * kl64).backward()
+    for name, got, want in zip(("x", "mu", "rho", "bias"), (x, mu, rho, bias), leaves64):
+        assert relative_error(got.grad.cpu(), want.grad) < 2 * TOLERANCE[dtype], name
+    mu.grad = rho.grad = None
+    _, kl = sampled_linear(x, mu, rho, bias, prior, 0.07, "qp", SEED)
+    kl.backward()  # only the KL reaches the parameters
+    mu64.grad = rho64.grad = None
+    kl_reference(mu64, rho64, prior.cpu(), 0.07, "qp").backward()
+    assert relative_error(mu.grad.cpu(), mu64.grad) < 2e-5 and relative_error(rho.grad.cpu(), rho64.grad) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_linear_gradients_of_every_input(dtype):
+    from bayeslayers.kernels import lora_linear
+
+    rows, n_out, n_in = GEMM_SHAPES[0]
+    tensors = [randn(2, rows, n_in, dtype=dtype), randn(n_out, n_in, dtype=dtype, seed=2),
+               randn(n_out, dtype=dtype, seed=3), randn(5, n_in, dtype=dtype, seed=4),
+               randn(n_out, 5, dtype=dtype, seed=5)]
+    x, w, bias, a, b = (t.requires_grad_(True) for t in tensors)
+    upstream = randn(2, rows, n_out, dtype=torch.float64, seed=6)
+    (lora_linear(x, w, bias, a, b, 0.75).double() * upstream).sum().backward()
+    leaves64 = [t.detach().cpu().double().requires_grad_(True) for t in tensors]
+    x64, w64, bias64, a64, b64 = leaves64
+    y64 = x64 @ w64.t() + 0.75 * (x64 @ a64.t()) @ b64.t() + bias64
+    (y64 * upstream.cpu()).sum().backward()
+    for name, got, want in zip(("x", "w", "bias", "a", "b"), tensors, leaves64):
+        assert relative_error(got.grad.cpu(), want.grad) < 2 * TOLERANCE[dtype], name
+
 def test_fused_paths_trace_without_graph_breaks(fused_calls):
     import torch._dynamo
 
