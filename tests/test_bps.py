@@ -215,3 +215,29 @@ def test_recipe_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--output_dir", "x", "--rho_learning_rate", "0"])
     assert "--rho_learning_rate must be positive" in capsys.readouterr().err
+
+
+def test_recipe_starts_from_a_trained_steering_network(tmp_path, unet):
+    """--steering_model_name_or_path: the Bayesian posterior starts at, and its prior is centred on, the given
+    network's weights; a network shaped for another UNet is refused naming the flag."""
+    from bayeslayers.integrations.bps import train
+
+    trained = PowerSteering.from_unet(unet, condition_channels=1, vae_scale_factor=FACTOR, width=0.5)
+    _randomize_outputs(trained)
+    trained.save_pretrained(tmp_path / "trained")
+    args = train.parse_args(["--output_dir", str(tmp_path / "run"), "--steering_model_name_or_path",
+                             str(tmp_path / "trained"), "--bayesian"])
+    steering = train.initial_steering(args, unet, FACTOR)
+    bayeslayers.convert(steering, target_modules=steering.conv_names())
+    for name, module in trained.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            converted = steering.get_submodule(name)
+            assert torch.equal(converted.weight_mu, module.weight) and torch.equal(converted.prior_mu, module.weight)
+
+    other = PowerSteering(block_out_channels=(16, 32), layers_per_block=1, temb_channels=64, condition_channels=1,
+                          vae_scale_factor=FACTOR, norm_num_groups=8)
+    other.save_pretrained(tmp_path / "other")
+    args = train.parse_args(["--output_dir", str(tmp_path / "run"), "--steering_model_name_or_path",
+                             str(tmp_path / "other")])
+    with pytest.raises(ValueError, match="--steering_model_name_or_path .*block_out_channels"):
+        train.initial_steering(args, unet, FACTOR)

@@ -198,6 +198,17 @@ class PowerSteering(ModelMixin, ConfigMixin):
         up = [r * s for r, s in zip(up, self.up_scales)]
         return down, mid, up
 
+    def check_unet(self, unet) -> None:
+        """Raises ValueError naming the first config field in which this network does not fit ``unet``."""
+        config = unet.config
+        wanted = {"block_out_channels": tuple(config.block_out_channels),
+                  "layers_per_block": config.layers_per_block,
+                  "temb_channels": unet.time_embedding.linear_2.out_features}
+        for name, value in wanted.items():
+            have = tuple(self.config[name]) if name == "block_out_channels" else self.config[name]
+            if have != value:
+                raise ValueError(f"steering network: {name} is {have}, the UNet needs {value}")
+
     def conv_names(self) -> list[str]:
         """Qualified names of every Conv2d (the layers ``bayeslayers.convert`` makes Bayesian for BPS)."""
         return [name for name, module in self.named_modules() if isinstance(module, nn.Conv2d)]

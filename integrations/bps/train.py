@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None)
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--steering_model_name_or_path", default=None,
+                   help="start from a trained steering network (a save_pretrained folder, e.g. <run>/steering of a "
+                        "deterministic run); with --bayesian its weights become the posterior means and the prior mean")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--condition", choices=CONDITIONS, default="edges")
     p.add_argument("--num_train_images", type=int, default=512)
@@ -229,6 +233,24 @@ def plot_history(history: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def initial_steering(args, unet, vae_scale_factor: int) -> PowerSteering:
+    """A fresh (zero-output) steering network for ``unet``, or the trained one named by the flags."""
+    if args.steering_model_name_or_path is None:
+        return PowerSteering.from_unet(unet, condition_channels=1, vae_scale_factor=vae_scale_factor,
+                                       width=args.steering_width)
+    steering = PowerSteering.from_pretrained(args.steering_model_name_or_path)
+    try:
+        steering.check_unet(unet)
+    except ValueError as error:
+        raise ValueError(f"--steering_model_name_or_path {args.steering_model_name_or_path!r}: {error}") from None
+    if steering.config.condition_channels != 1 or steering.config.vae_scale_factor != vae_scale_factor:
+        raise ValueError(f"--steering_model_name_or_path {args.steering_model_name_or_path!r}: expected "
+                         f"condition_channels 1 and vae_scale_factor {vae_scale_factor}, got "
+                         f"{steering.config.condition_channels} and {steering.config.vae_scale_factor}")
+    parameter = next(unet.parameters())
+    return nn.Module.to(steering, device=parameter.device, dtype=parameter.dtype)
+
+
 def main(args, step_callback=None) -> dict:
     """Trains, checkpoints, validates and evaluates; returns the final metrics (also in metrics.json)."""
     from accelerate import Accelerator
@@ -243,8 +265,7 @@ def main(args, step_callback=None) -> dict:
     if resolution % factor:
         raise ValueError(f"--resolution must be a multiple of the VAE factor {factor}, got {resolution}")
 
-    steering = PowerSteering.from_unet(pipe.unet, condition_channels=1, vae_scale_factor=factor,
-                                       width=args.steering_width)
+    steering = initial_steering(args, pipe.unet, factor)
     if args.bayesian:
         bayeslayers.convert(steering, target_modules=steering.conv_names(), init_sigma=args.init_sigma,
                             prior_sigma=args.prior_sigma, kl_direction=args.kl_direction)
