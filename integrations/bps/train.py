@@ -1,6 +1,8 @@
 """Train a (Bayesian) Power Steering network for a frozen Stable Diffusion UNet on condition/image pairs.
 
-    bayeslayers-bps --output_dir runs/bps --condition edges --bayesian
+    bayeslayers-bps --output_dir runs/bps --condition edges
+    bayeslayers-bps --output_dir runs/bps-bayes --bayesian --steering_model_name_or_path runs/bps/steering \
+        --max_train_steps 500 --init_sigma 1e-3 --prior_sigma 0.01 --rho_learning_rate 1e-2
     python -m bayeslayers.integrations.bps.train --pretrained_model_name_or_path path/to/sd15 ...
 
 Data: the synthetic captioned world of the bundled tiny model, rendered at the pipeline's resolution; the
