@@ -241,3 +241,19 @@ def test_recipe_starts_from_a_trained_steering_network(tmp_path, unet):
                              str(tmp_path / "other")])
     with pytest.raises(ValueError, match="--steering_model_name_or_path .*block_out_channels"):
         train.initial_steering(args, unet, FACTOR)
+
+
+@pytest.mark.parametrize("kind", ["edges", "layout"])
+def test_condition_adherence_tells_matching_from_mismatched_conditions(kind):
+    from bayeslayers.integrations.bps.conditions import make_condition
+    from bayeslayers.integrations.bps.metrics import condition_adherence
+    from bayeslayers.integrations.tiny_sd.world import make_dataset, to_tensor
+
+    images, scenes = make_dataset(64, 3, resolution=32)
+    images = to_tensor(images)
+    conditions = make_condition(kind, images, scenes)
+    own = condition_adherence(conditions, images, kind)
+    shuffled = condition_adherence(conditions.roll(1, 0), images, kind)
+    assert own > 0.85 and own > shuffled + 0.3
+    with pytest.raises(ValueError, match="kind must be"):
+        condition_adherence(conditions, images, "depth")

@@ -1,4 +1,9 @@
-"""Metrics of steering on the synthetic world: condition adherence and a Frechet distance on judge embeddings."""
+"""Metrics of steering on the synthetic world: condition adherence and a Frechet distance on judge embeddings.
+
+Condition adherence, per condition kind (1 = the image follows its condition exactly, as real renders do):
+``edges``: Pearson correlation of the condition with the generated image's edge map; ``layout``: IoU of the
+layout mask with the generated image's foreground (pixels far from the image's border colour).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,38 @@ import torch
 from .conditions import edge_map
 
 
-def condition_adherence(conditions: torch.Tensor, images: torch.Tensor) -> float:
-    """Mean Pearson correlation between each condition map (N, 1, H, W) and the edge map of its generated image
-    (N, 3, H, W) in [-1, 1]: 1 = the edges lie where the condition says, 0 = unrelated."""
-    target = conditions.flatten(1).double()
-    edges = edge_map(images).flatten(1).double()
+FOREGROUND_DISTANCE = 0.3  # RGB distance (images in [-1, 1]) from the border colour that counts as foreground
+
+
+def condition_adherence(conditions: torch.Tensor, images: torch.Tensor, kind: str = "edges") -> float:
+    """Mean adherence of generated images (N, 3, H, W) in [-1, 1] to their conditions (N, 1, H, W), by ``kind``."""
     if conditions.shape[-2:] != images.shape[-2:]:
         raise ValueError(f"conditions {tuple(conditions.shape)} and images {tuple(images.shape)} differ in size")
+    if kind == "layout":
+        return layout_iou(conditions, images)
+    if kind != "edges":
+        raise ValueError(f"kind must be 'edges' or 'layout', got {kind!r}")
+    return edge_correlation(conditions, images)
+
+
+def foreground(images: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool: pixels farther than FOREGROUND_DISTANCE from the median colour of the image's border."""
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values  # (N, 3)
+    return (images - background[..., None, None]).norm(dim=1) > FOREGROUND_DISTANCE
+
+
+def layout_iou(masks: torch.Tensor, images: torch.Tensor) -> float:
+    """Mean intersection over union of layout masks (N, 1, H, W; > 0.5 inside) and the images' foreground."""
+    inside, shown = masks[:, 0] > 0.5, foreground(images)
+    union = (inside | shown).flatten(1).sum(1).clamp_min(1)
+    return float(((inside & shown).flatten(1).sum(1) / union).double().mean())
+
+
+def edge_correlation(conditions: torch.Tensor, images: torch.Tensor) -> float:
+    """Mean Pearson correlation between each edge condition and the edge map of its image (0 = unrelated)."""
+    target = conditions.flatten(1).double()
+    edges = edge_map(images).flatten(1).double()
     target = target - target.mean(1, keepdim=True)
     edges = edges - edges.mean(1, keepdim=True)
     denominator = (target.norm(dim=1) * edges.norm(dim=1)).clamp_min(1e-12)

@@ -211,10 +211,10 @@ def evaluate(pipe, steerer, steering, args, resolution: int) -> dict:
         judge, _ = tiny_sd.load_judge()
         reference = judge.embedding(images)
     for name, output in generated.items():
-        results[name] = {"condition_adherence": condition_adherence(conditions, output)}
+        results[name] = {"condition_adherence": condition_adherence(conditions, output, args.condition)}
         if judge is not None:
             results[name].update(judge_report(judge, output, scenes, reference))
-    results["real_renders"] = {"condition_adherence": condition_adherence(conditions, images)}
+    results["real_renders"] = {"condition_adherence": condition_adherence(conditions, images, args.condition)}
     return results
 
 
