@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .philox import box_muller
+from .philox import box_muller, counter_normals
 from .posterior_math import softplus
 
 SCATTERED = tl.constexpr(0)
@@ -45,7 +45,7 @@ def normal_at(seed, index):
 @triton.jit
 def sampled_tile(mu_ptr, rho_ptr, seed, n0, k0, stride_wn, stride_wk, N, K, LAYOUT: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(w, eps, mu, rho, index, mask) of the ``[BLOCK_N, BLOCK_K]`` weight tile at rows ``n0 + [0, BLOCK_N)``
+    """(w, eps, mu, rho, sigma, index, mask) of the ``[BLOCK_N, BLOCK_K]`` weight tile at rows ``n0 + [0, BLOCK_N)``
     (< N) and columns ``k0 + [0, BLOCK_K)`` (< K) of a weight read through ``(stride_wn, stride_wk)``;
     float32, 0 outside the weight."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -55,8 +55,9 @@ def sampled_tile(mu_ptr, rho_ptr, seed, n0, k0, stride_wn, stride_wk, N, K, LAYO
     mu = tl.load(mu_ptr + index, mask=mask, other=0.0)
     rho = tl.load(rho_ptr + index, mask=mask, other=0.0)
     eps = tile_normals(seed, n0, k0, stride_wn, stride_wk, LAYOUT, BLOCK_N, BLOCK_K)
-    w = tl.where(mask, mu + softplus(rho) * eps, 0.0)
-    return w, eps, mu, rho, index, mask
+    sigma = softplus(rho)
+    w = tl.where(mask, mu + sigma * eps, 0.0)
+    return w, eps, mu, rho, sigma, index, mask
 
 
 @triton.jit
@@ -72,9 +73,7 @@ def normal_rows(seed, row_start, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """eps of the flat indices ``row_start[:, None] + [0, BLOCK_C)``, ``[BLOCK_R, BLOCK_C]`` float32, for rows
     that start at multiples of 4: one Philox counter per 4 elements, as the elementwise kernels draw them."""
     group = (row_start >> 2)[:, None] + tl.arange(0, BLOCK_C // 4)[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, group)
-    n0, n1 = box_muller(w0, w1)
-    n2, n3 = box_muller(w2, w3)
+    n0, n1, n2, n3 = counter_normals(seed, group)
     # join(join(n0, n2), join(n1, n3))[r, g, c, i] = n_{2c + i}: row-major flattening gives n0, n1, n2, n3.
     return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK_R, BLOCK_C))
 

@@ -103,14 +103,22 @@ def box_muller(radius_word, angle_word):
 
 
 @triton.jit
+def counter_normals(seed, group):
+    """The four eps of each Philox counter in ``group`` (elements ``4 * group + 0..3``), float32 blocks of
+    group's shape."""
+    w0, w1, w2, w3 = tl.randint4x(seed, group)
+    n0, n1 = box_muller(w0, w1)
+    n2, n3 = box_muller(w2, w3)
+    return n0, n1, n2, n3
+
+
+@triton.jit
 def normal_tile(seed, group):
     """eps of elements ``4 * group[:, None] + [0, 1, 2, 3]``: a ``[BLOCK_GROUPS, 4]`` float32 tile.
 
     ``seed``: int64 scalar; ``group``: int32 ``[BLOCK_GROUPS]`` Philox counters (global, not tile-local).
     """
-    w0, w1, w2, w3 = tl.randint4x(seed, group)
-    n0, n1 = box_muller(w0, w1)
-    n2, n3 = box_muller(w2, w3)
+    n0, n1, n2, n3 = counter_normals(seed, group)
     word = tl.arange(0, 4)[None, :]
     return tl.where(word == 0, n0[:, None],
                     tl.where(word == 1, n1[:, None], tl.where(word == 2, n2[:, None], n3[:, None])))

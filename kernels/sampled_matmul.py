@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .config import EXACT, check_numel, dot_options, gemm_configs
 from .gemm_tiles import mma, sampled_tile, tile_layout
-from .posterior_math import KL_DIRECTION_CODES, kl_element, softplus
+from .posterior_math import KL_DIRECTION_CODES, kl_element, load_gap
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K"], reset_to_zero=["kl_partials_ptr"])
@@ -41,17 +41,15 @@ def _sampled_matmul_kernel(
     kl = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w, eps, mu, rho, index, w_mask = sampled_tile(mu_ptr, rho_ptr, seed, pid_n * BLOCK_N, k0, stride_wn,
-                                                      stride_wk, N, K, LAYOUT, BLOCK_N, BLOCK_K)
+        w, _, mu, _, sigma, index, w_mask = sampled_tile(mu_ptr, rho_ptr, seed, pid_n * BLOCK_N, k0, stride_wn,
+                                                         stride_wk, N, K, LAYOUT, BLOCK_N, BLOCK_K)
         a_t = tl.load(a_ptr + offs_m[None, :] * stride_am + offs_k[:, None] * stride_ak,
                       mask=(offs_m[None, :] < M) & (offs_k[:, None] < K), other=0.0)  # [BLOCK_K, BLOCK_M]
         acc = mma(acc, w.to(a_ptr.dtype.element_ty), a_t, INPUT_PRECISION, DOT_FP32)
         if WITH_KL:
             if pid_m == 0:
-                gap = mu
-                if HAS_PRIOR:
-                    gap = mu - tl.load(prior_ptr + index, mask=w_mask, other=0.0).to(tl.float32)
-                kl += tl.where(w_mask, kl_element(gap, softplus(rho), prior_sigma, KL_DIRECTION), 0.0)
+                gap = load_gap(mu, prior_ptr, index, w_mask, HAS_PRIOR)
+                kl += tl.where(w_mask, kl_element(gap, sigma, prior_sigma, KL_DIRECTION), 0.0)
     if WITH_KL:
         if pid_m == 0:
             tl.store(kl_partials_ptr + pid_n, tl.sum(tl.sum(kl, axis=1), axis=0))

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .config import EXACT, check_numel, dot_options, gemm_configs
 from .gemm_tiles import mma, sampled_tile, tile_layout
-from .posterior_math import KL_DIRECTION_CODES, kl_element_grads, sigmoid, softplus
+from .posterior_math import KL_DIRECTION_CODES, kl_element_grads, load_gap, sigmoid
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K"])
@@ -42,16 +42,15 @@ def _weight_grad_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # [BLOCK_M, BLOCK_K]
         dw = mma(dw, dy_t, x, INPUT_PRECISION, DOT_FP32)
-    _, eps, mu, rho, index, mask = sampled_tile(mu_ptr, rho_ptr, tl.load(seed_ptr), tl.program_id(0) * BLOCK_N,
-                                                tl.program_id(1) * BLOCK_K, K, 1, N, K, LAYOUT, BLOCK_N, BLOCK_K)
+    _, eps, mu, rho, sigma, index, mask = sampled_tile(mu_ptr, rho_ptr, tl.load(seed_ptr),
+                                                       tl.program_id(0) * BLOCK_N, tl.program_id(1) * BLOCK_K,
+                                                       K, 1, N, K, LAYOUT, BLOCK_N, BLOCK_K)
     d_mu = dw
     d_sigma = dw * eps
     if HAS_KL_GRAD:
         g_kl = tl.load(g_kl_ptr).to(tl.float32)
-        gap = mu
-        if HAS_PRIOR:
-            gap = mu - tl.load(prior_ptr + index, mask=mask, other=0.0).to(tl.float32)
-        g_mu, g_sigma = kl_element_grads(gap, softplus(rho), prior_var, KL_DIRECTION)
+        gap = load_gap(mu, prior_ptr, index, mask, HAS_PRIOR)
+        g_mu, g_sigma = kl_element_grads(gap, sigma, prior_var, KL_DIRECTION)
         d_mu += g_kl * g_mu
         d_sigma += g_kl * g_sigma
     tl.store(d_mu_ptr + index, d_mu, mask=mask)

@@ -19,7 +19,7 @@ class Backend:
     name = "base"
 
     def is_available(self, device: torch.device) -> bool:
-        return True
+        return self.unavailable_reason(device) == ""
 
     def unavailable_reason(self, device: torch.device) -> str:
         return ""

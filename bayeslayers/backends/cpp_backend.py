@@ -21,9 +21,6 @@ class CppBackend(Backend):
             return "the C++ kernels run on CPU tensors only"
         return _kernels().cpu.unavailable_reason()
 
-    def is_available(self, device: torch.device) -> bool:
-        return self.unavailable_reason(device) == ""
-
     def layer_seed(self, layer_id: int) -> torch.Tensor:
         """int64 CPU tensor: a draw from the default generator mixed with ``layer_id`` (as the triton backend)."""
         return _kernels().device_layer_seed(layer_id, torch.device("cpu"))

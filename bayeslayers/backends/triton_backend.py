@@ -38,9 +38,6 @@ class TritonBackend(Backend):
             return "this build of bayeslayers.kernels provides no fused reparameterization kernels"
         return ""
 
-    def is_available(self, device: torch.device) -> bool:
-        return self.unavailable_reason(device) == ""
-
     def layer_seed(self, layer_id: int) -> torch.Tensor:
         """int64 device tensor: a draw from the kernels' device's default generator mixed with ``layer_id``."""
         return _kernels().device_layer_seed(layer_id, _seed_device())

@@ -109,8 +109,7 @@ class BayesianLayer(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             if not self.sampling_enabled:
                 return op.forward(x, self.weight_mu.to(dtype), bias)
-            backend = resolve_backend(x.device)
-            seed = self.fixed_seed if self.fixed_seed is not None else backend.layer_seed(self.layer_id)
+            backend, seed = self._backend_and_seed(x.device)
             y, kl = backend.apply(op, x, self.weight_mu, self.weight_rho, bias, self.prior_mu, self.prior_sigma,
                                   self.kl_direction, seed)
         self._kl_cache = (kl, self._param_versions())
@@ -121,13 +120,17 @@ class BayesianLayer(nn.Module):
         as a sampling forward records it) or the posterior mean (eval); differentiable w.r.t. mu and rho."""
         if not self.sampling_enabled:
             return self.weight_mu.to(dtype)
-        backend = resolve_backend(self.weight_mu.device)
-        seed = self.fixed_seed if self.fixed_seed is not None else backend.layer_seed(self.layer_id)
+        backend, seed = self._backend_and_seed(self.weight_mu.device)
         with torch.autocast(self.weight_mu.device.type, enabled=False):
             w, kl = backend.sample_weight(self.weight_mu, self.weight_rho, self.prior_mu, self.prior_sigma,
                                           self.kl_direction, seed, dtype)
         self._kl_cache = (kl, self._param_versions())
         return w
+
+    def _backend_and_seed(self, device: torch.device):
+        """The backend serving ``device`` and the seed of this sampling call (the fixed one, else a fresh draw)."""
+        backend = resolve_backend(device)
+        return backend, self.fixed_seed if self.fixed_seed is not None else backend.layer_seed(self.layer_id)
 
     def _param_versions(self):
         return (self.weight_mu._version, self.weight_rho._version,

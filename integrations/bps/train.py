@@ -272,10 +272,11 @@ def main(args, step_callback=None) -> dict:
         bayeslayers.convert(steering, target_modules=steering.conv_names(), init_sigma=args.init_sigma,
                             prior_sigma=args.prior_sigma, kl_direction=args.kl_direction)
     steering.train()
-    params = [p for p in steering.parameters() if p.requires_grad]
-    rho = [p for n, p in steering.named_parameters() if p.requires_grad and n.endswith("weight_rho")]
-    rest = [p for p in params if all(p is not r for r in rho)]
-    groups = [{"params": rest}, {"params": rho, "lr": args.rho_learning_rate or args.learning_rate}]
+    trainable = [(n, p) for n, p in steering.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable]
+    groups = [{"params": [p for n, p in trainable if not n.endswith("weight_rho")]},
+              {"params": [p for n, p in trainable if n.endswith("weight_rho")],
+               "lr": args.rho_learning_rate or args.learning_rate}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate, weight_decay=0.0)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0)
