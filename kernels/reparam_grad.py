@@ -11,7 +11,6 @@ eps is regenerated from the seed (never stored). Optionally the same pass writes
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +18,21 @@ import triton.language as tl
 from .config import EXACT, check_numel, elementwise_configs
 from .philox import grid_over, normal_tile, tile_indices
 from .posterior_math import KL_DIRECTION_CODES, kl_element_grads, load_gap, sigmoid, softplus
+
+
+@triton.jit
+def store_posterior_grads(d_mu, d_sigma, mu, rho, sigma, index, mask, prior_ptr, g_kl_ptr, d_mu_ptr, d_rho_ptr,
+                          prior_var, HAS_KL_GRAD: tl.constexpr, HAS_PRIOR: tl.constexpr, KL_DIRECTION: tl.constexpr):
+    """Adds the KL's gradient (upstream ``g_kl``) to the loss's (d_mu, d_sigma) of a tile and stores d_mu and
+    d_rho = d_sigma * sigmoid(rho) at ``index``."""
+    if HAS_KL_GRAD:
+        g_kl = tl.load(g_kl_ptr).to(tl.float32)
+        gap = load_gap(mu, prior_ptr, index, mask, HAS_PRIOR)
+        g_mu, g_sigma = kl_element_grads(gap, sigma, prior_var, KL_DIRECTION)
+        d_mu += g_kl * g_mu
+        d_sigma += g_kl * g_sigma
+    tl.store(d_mu_ptr + index, d_mu, mask=mask)
+    tl.store(d_rho_ptr + index, d_sigma * sigmoid(rho), mask=mask)
 
 
 @triton.autotune(configs=elementwise_configs(), key=["numel"])
@@ -45,14 +59,8 @@ def _reparameterization_grad_kernel(
             d_sigma = dw * eps
         if WRITE_W:
             tl.store(w_ptr + index, (mu + sigma * eps).to(w_ptr.dtype.element_ty), mask=mask)
-    if HAS_KL_GRAD:
-        g_kl = tl.load(g_kl_ptr).to(tl.float32)
-        gap = load_gap(mu, prior_ptr, index, mask, HAS_PRIOR)
-        g_mu, g_sigma = kl_element_grads(gap, sigma, prior_var, KL_DIRECTION)
-        d_mu += g_kl * g_mu
-        d_sigma += g_kl * g_sigma
-    tl.store(d_mu_ptr + index, d_mu, mask=mask)
-    tl.store(d_rho_ptr + index, d_sigma * sigmoid(rho), mask=mask)
+    store_posterior_grads(d_mu, d_sigma, mu, rho, sigma, index, mask, prior_ptr, g_kl_ptr, d_mu_ptr, d_rho_ptr,
+                          prior_var, HAS_KL_GRAD, HAS_PRIOR, KL_DIRECTION)
 
 
 def reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: float, kl_direction: str,

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from .config import EXACT, check_numel, dot_options, gemm_configs
 from .gemm_tiles import mma, sampled_tile, tile_layout
-from .posterior_math import KL_DIRECTION_CODES, kl_element_grads, load_gap, sigmoid
+from .posterior_math import KL_DIRECTION_CODES
+from .reparam_grad import store_posterior_grads
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K"])
@@ -45,16 +46,8 @@ def _weight_grad_kernel(
     _, eps, mu, rho, sigma, index, mask = sampled_tile(mu_ptr, rho_ptr, tl.load(seed_ptr),
                                                        tl.program_id(0) * BLOCK_N, tl.program_id(1) * BLOCK_K,
                                                        K, 1, N, K, LAYOUT, BLOCK_N, BLOCK_K)
-    d_mu = dw
-    d_sigma = dw * eps
-    if HAS_KL_GRAD:
-        g_kl = tl.load(g_kl_ptr).to(tl.float32)
-        gap = load_gap(mu, prior_ptr, index, mask, HAS_PRIOR)
-        g_mu, g_sigma = kl_element_grads(gap, sigma, prior_var, KL_DIRECTION)
-        d_mu += g_kl * g_mu
-        d_sigma += g_kl * g_sigma
-    tl.store(d_mu_ptr + index, d_mu, mask=mask)
-    tl.store(d_rho_ptr + index, d_sigma * sigmoid(rho), mask=mask)
+    store_posterior_grads(dw, dw * eps, mu, rho, sigma, index, mask, prior_ptr, g_kl_ptr, d_mu_ptr, d_rho_ptr,
+                          prior_var, HAS_KL_GRAD, HAS_PRIOR, KL_DIRECTION)
 
 
 def reparameterized_weight_grad(dy, x, mu, rho, prior_mu, seed, g_kl, prior_sigma: float, kl_direction: str):
