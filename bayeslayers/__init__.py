@@ -9,22 +9,25 @@ pretrained weight, and a prior centred on the pretrained weight. Training draws 
     loss = diffusion_loss + kl_weight * bayeslayers.kl_loss(unet)
 """
 
-from .backends import get_backend, set_backend
+from bayeslayers.kernels.fusion import FusionPolicy, fusion, fusion_policy, set_fusion_policy
+
+from .backends import get_backend, materialize_eps, set_backend
+from .config import BayesConfig
 from .convert import bayesian_modules, convert, posterior_layers, to_deterministic
-from .diagnostics import LayerStats, Summary, summary
+from .diagnostics import LayerStats, Summary, saved_tensor_bytes, summary
 from .layers import BayesConv2d, BayesianLayer, BayesLinear, BayesLoRAConv2d, BayesLoRALinear
 from .objectives import kl_loss
 from .presets import available_presets, get_preset, register_preset
 from .registry import register_layer_type
-from .rng import materialize_eps
 from .sampling import sampling
 from .serialization import load, read_metadata, save
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BayesConv2d", "BayesianLayer", "BayesLinear", "BayesLoRAConv2d", "BayesLoRALinear", "LayerStats", "Summary",
-    "available_presets", "bayesian_modules", "convert", "get_backend", "get_preset", "kl_loss", "load",
-    "materialize_eps", "posterior_layers", "read_metadata", "register_layer_type", "register_preset", "sampling",
-    "save", "set_backend", "summary", "to_deterministic",
+    "BayesConfig", "BayesConv2d", "BayesianLayer", "BayesLinear", "BayesLoRAConv2d", "BayesLoRALinear", "FusionPolicy",
+    "LayerStats", "Summary", "available_presets", "bayesian_modules", "convert", "fusion", "fusion_policy",
+    "get_backend", "get_preset", "kl_loss", "load", "materialize_eps", "posterior_layers", "read_metadata",
+    "register_layer_type", "register_preset", "sampling", "save", "saved_tensor_bytes", "set_backend",
+    "set_fusion_policy", "summary", "to_deterministic",
 ]

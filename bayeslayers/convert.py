@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .config import DEFAULTS, BayesConfig
 from .layers import BayesianLayer
 from .presets import get_preset
-from .registry import MODES, layer_type_for_source, layer_type_of, source_types
+from .registry import layer_type_for_source, layer_type_of, source_types
 from .rng import layer_id_for
 from .targets import check_targets, name_matches
 
@@ -65,59 +66,57 @@ def _select(model, targets, excludes, mode):
     return selected
 
 
-CONVERT_DEFAULTS = dict(mode="full", rank=4, lora_alpha=None, init_sigma=0.01, prior_sigma=0.01, kl_direction="qp",
-                        bayesian_factors="AB", prior_dtype=None)
-_UNSET = object()
+def resolve_config(target_modules=None, exclude_modules=None, preset: str | None = None,
+                   config: BayesConfig | None = None, **options) -> BayesConfig:
+    """The :class:`BayesConfig` a ``convert`` call means: the defaults, or ``preset``'s, or ``config``, with the
+    arguments given here on top (unknown option names raise a TypeError listing the options)."""
+    if preset is not None and config is not None:
+        raise ValueError("pass either preset or config, not both")
+    if config is not None and not isinstance(config, BayesConfig):
+        raise TypeError(f"config must be a bayeslayers.BayesConfig, got {type(config).__name__}")
+    base = get_preset(preset) if preset is not None else config if config is not None else DEFAULTS
+    if target_modules is not None:
+        options["target_modules"] = target_modules
+    if exclude_modules is not None:
+        options["exclude_modules"] = exclude_modules
+    return base.replace(**options) if options else base
 
 
-def convert(model: nn.Module, target_modules=None, exclude_modules=None, mode=_UNSET, rank=_UNSET,
-            lora_alpha=_UNSET, init_sigma=_UNSET, prior_sigma=_UNSET, kl_direction=_UNSET,
-            preset: str | None = None, *, bayesian_factors=_UNSET, prior_dtype=_UNSET) -> nn.Module:
+def convert(model: nn.Module, target_modules=None, exclude_modules=None, *, preset: str | None = None,
+            config: BayesConfig | None = None, **options) -> nn.Module:
     """Replaces matching nn.Linear / nn.Conv2d modules of ``model`` in place by Bayesian layers.
 
     Args:
         target_modules: module names (peft semantics: exact name or ``.name`` suffix) or a full-match regex.
         exclude_modules: same forms; checked before ``target_modules``.
-        mode: "full" (default; the weight becomes Bayesian, other parameters keep ``requires_grad``) or "lora"
-            (a Bayesian LoRA adapter of ``rank`` (4) / ``lora_alpha`` (= rank) is added; every other
-            parameter is frozen).
-        init_sigma: initial posterior std (0.01); prior_sigma: prior std (0.01); both > 0.
-        kl_direction: "qp" = KL(q||p) (default) or "pq" = KL(p||q) (the seed paper's code).
-        preset: a registered preset (see :func:`bayeslayers.available_presets`); arguments passed explicitly
-            override the preset's values, which override the defaults.
-        bayesian_factors: LoRA factors that are Bayesian: "AB" (default), "A" or "B".
-        prior_dtype: dtype of the stored prior mean (torch.bfloat16 halves its memory); None = fp32.
+        preset: a registered preset (see :func:`bayeslayers.available_presets`), or
+        config: a :class:`BayesConfig`; either gives the starting options (else the defaults).
+        **options: any :class:`BayesConfig` field (``mode``, ``init_sigma``, ``prior_sigma``, ``kl_direction``,
+            ``prior_dtype``, ``rank``, ``lora_alpha``, ``bayesian_factors``), overriding the preset / config.
+
+    In mode "full" the weight becomes Bayesian and other parameters keep ``requires_grad``; in mode "lora" a
+    Bayesian LoRA adapter is added and every other parameter of ``model`` is frozen. Each new layer takes over
+    the ``training`` flag of the module it replaces.
 
     Returns:
         ``model`` itself, converted.
     """
-    explicit = dict(mode=mode, rank=rank, lora_alpha=lora_alpha, init_sigma=init_sigma, prior_sigma=prior_sigma,
-                    kl_direction=kl_direction, bayesian_factors=bayesian_factors, prior_dtype=prior_dtype)
-    options = dict(CONVERT_DEFAULTS)
-    if preset is not None:
-        preset_options = get_preset(preset)
-        target_modules = preset_options.pop("target_modules", None) if target_modules is None else target_modules
-        exclude_modules = preset_options.pop("exclude_modules", None) if exclude_modules is None else exclude_modules
-        options.update({k: v for k, v in preset_options.items() if k in CONVERT_DEFAULTS})
-    options.update({k: v for k, v in explicit.items() if v is not _UNSET})
-    mode = options.pop("mode")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    config = resolve_config(target_modules, exclude_modules, preset, config, **options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    target_modules = check_targets(target_modules, "target_modules")
-    exclude_modules = check_targets(exclude_modules, "exclude_modules")
-    if target_modules is None:
+    targets = check_targets(config.target_modules, "target_modules")
+    excludes = check_targets(config.exclude_modules, "exclude_modules")
+    if targets is None:
         raise ValueError("convert needs target_modules or a preset naming the modules to make Bayesian")
 
-    selected = _select(model, target_modules, exclude_modules, mode)
-    if mode == "lora":
+    selected = _select(model, targets, excludes, config.mode)
+    if config.mode == "lora":
         model.requires_grad_(False)
     for name in selected:
         module = model.get_submodule(name)
-        layer_type = layer_type_for_source(module, mode)
-        layer_options = {k: v for k, v in options.items() if k in layer_type.options}
-        _set_submodule(model, name, layer_type.layer.from_module(module, **layer_options))
+        layer_type = layer_type_for_source(module, config.mode)
+        layer = layer_type.layer.from_module(module, **config.layer_options(layer_type.options))
+        _set_submodule(model, name, layer.train(module.training))
     assign_layer_ids(model)
     return model
 

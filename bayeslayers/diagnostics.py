@@ -49,3 +49,22 @@ def summary(model: nn.Module) -> Summary:
         rows.append(LayerStats(name, tuple(mu.shape), mu.numel(), float(sigma.mean()), float(kl),
                                float((mu.abs() / sigma).mean())))
     return rows
+
+
+def saved_tensor_bytes(module: nn.Module, *inputs) -> int:
+    """Bytes autograd saves for backward in one forward ``module(*inputs)``, beyond the module's own parameters
+    and buffers (what a training step keeps alive per layer). Counted once per storage (views count once)."""
+    owned = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    seen, total = set(), 0
+
+    def pack(tensor):
+        nonlocal total
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in owned and ptr not in seen:
+            seen.add(ptr)
+            total += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs)
+    return total

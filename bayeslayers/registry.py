@@ -11,11 +11,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .config import LORA_FIELDS, MODES, POSTERIOR_FIELDS, check_choice
 from .layers import BayesConv2d, BayesLinear, BayesLoRAConv2d, BayesLoRALinear
-
-MODES = ("full", "lora")
-POSTERIOR_OPTIONS = ("init_sigma", "prior_sigma", "kl_direction", "prior_dtype")
-LORA_OPTIONS = ("rank", "lora_alpha", "bayesian_factors")
 
 
 @dataclass(frozen=True)
@@ -24,16 +21,18 @@ class LayerType:
     mode: str  # "full" or "lora"
     source: type  # the plain module class it replaces (subclasses match too)
     layer: type  # the Bayesian module class
-    options: tuple[str, ...]  # keyword options of layer.from_module
+    options: tuple[str, ...]  # the BayesConfig fields layer.from_module accepts
 
 
 _TYPES: dict[str, LayerType] = {}
 
 
-def register_layer_type(name: str, mode: str, source: type, layer: type, options=POSTERIOR_OPTIONS) -> LayerType:
-    """Adds a Bayesian layer type; later registrations for the same (mode, source) take precedence."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+def register_layer_type(name: str, mode: str, source: type, layer: type, options=POSTERIOR_FIELDS) -> LayerType:
+    """Adds a Bayesian layer type; later registrations for the same (mode, source) take precedence.
+
+    ``options``: the :class:`~bayeslayers.BayesConfig` fields its ``from_module`` takes as keywords.
+    """
+    check_choice(mode, MODES, "mode")
     layer_type = LayerType(name, mode, source, layer, tuple(options))
     _TYPES[name] = layer_type
     return layer_type
@@ -61,15 +60,11 @@ def layer_type_of(module: nn.Module) -> LayerType | None:
     return None
 
 
-def registered_types() -> tuple[LayerType, ...]:
-    return tuple(_TYPES.values())
-
-
 def source_types(mode: str) -> tuple[type, ...]:
     return tuple(t.source for t in _TYPES.values() if t.mode == mode)
 
 
 register_layer_type("linear", "full", nn.Linear, BayesLinear)
 register_layer_type("conv2d", "full", nn.Conv2d, BayesConv2d)
-register_layer_type("lora_linear", "lora", nn.Linear, BayesLoRALinear, POSTERIOR_OPTIONS + LORA_OPTIONS)
-register_layer_type("lora_conv2d", "lora", nn.Conv2d, BayesLoRAConv2d, POSTERIOR_OPTIONS + LORA_OPTIONS)
+register_layer_type("lora_linear", "lora", nn.Linear, BayesLoRALinear, POSTERIOR_FIELDS + LORA_FIELDS)
+register_layer_type("lora_conv2d", "lora", nn.Conv2d, BayesLoRAConv2d, POSTERIOR_FIELDS + LORA_FIELDS)

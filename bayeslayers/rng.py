@@ -1,23 +1,22 @@
-"""Seeds and the torch noise stream.
+"""Seeds: how one weight sample's seed is derived.
 
 RNG contract: the noise ``eps`` of one weight sample is a pure function of a 63-bit integer seed and the
-weight's shape. Each sampling forward draws ``seed = mix_seed(draw, layer_id)``, where ``draw`` comes from
-torch's default CPU generator (so ``torch.manual_seed`` makes training reproducible and activation
-checkpointing, which saves and restores that generator, redraws the same sample when it recomputes a
-forward) and ``layer_id`` is a stable hash of the layer's qualified name. Backward regenerates ``eps`` from
-the same seed instead of storing it.
-
-Each backend owns one stream (``Backend.noise``); :func:`materialize_eps` exposes it for tests and users.
+weight's shape (each backend owns one stream: ``Backend.noise``). Each sampling forward draws
+``seed = mix_seed(draw, layer_id)``, where ``draw`` comes from the default generator of the weight's device
+(so ``torch.manual_seed`` makes training reproducible and activation checkpointing, which saves and restores
+the generators, redraws the same sample when it recomputes a forward) and ``layer_id`` is a stable hash of
+the layer's qualified name (``convert``) or a process-unique number (layers built directly). Backward
+regenerates ``eps`` from the same seed instead of storing it.
 """
 
 from __future__ import annotations
 
+import itertools
 import zlib
-
-import torch
 
 _MASK64 = (1 << 64) - 1
 _SEED_BITS = 63
+_unnamed_ids = itertools.count(1 << 32)  # above every crc32 name id: the two kinds never collide
 
 
 def _splitmix64(value: int) -> int:
@@ -40,25 +39,6 @@ def layer_id_for(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
-def draw_seed() -> int:
-    """A fresh 62-bit integer from torch's default CPU generator (restored by activation checkpointing)."""
-    return int(torch.randint(0, 1 << 62, (1,), dtype=torch.int64).item())
-
-
-def torch_normal(seed: int, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normal float32 tensor of ``shape``: a pure function of ``(seed, shape, device type)``."""
-    device = torch.device(device)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed))
-    return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
-
-
-def materialize_eps(seed: int, shape, device="cpu", backend: str | None = None) -> torch.Tensor:
-    """The float32 noise the given (or current) backend draws for ``seed`` and a weight of ``shape``.
-
-    Use it to check a layer against a reference that receives the same ``eps``, or to reproduce a sample
-    (``w = mu + softplus(rho) * eps``).
-    """
-    from .backends import resolve_backend
-
-    return resolve_backend(torch.device(device), backend).noise(seed, tuple(shape), torch.device(device))
+def unnamed_layer_id() -> int:
+    """A process-unique id (>= 2**32) for a posterior built outside ``convert``, in construction order."""
+    return next(_unnamed_ids)

@@ -11,6 +11,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .config import dtype_from_name
 from .convert import bayesian_modules, convert
 from .registry import layer_type_by_name, layer_type_of
 
@@ -64,7 +65,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def _convert_options(options: dict) -> dict:
     options = dict(options)
     if options.get("prior_dtype") is not None:
-        options["prior_dtype"] = getattr(torch, options["prior_dtype"])
+        options["prior_dtype"] = dtype_from_name(options["prior_dtype"], "prior_dtype")
     return options
 
 

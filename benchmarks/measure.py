@@ -6,6 +6,8 @@ import statistics
 
 import torch
 
+from bayeslayers.diagnostics import saved_tensor_bytes
+
 MODES = ("forward", "backward", "full")
 KL_WEIGHT = 1e-6
 
@@ -77,29 +79,11 @@ def summarize(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(times), q[1], q[7]
 
 
-def _storages(tensors) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in tensors}
-
-
 def saved_bytes(module, x, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of non-parameter, non-buffer tensors autograd saves for backward in one forward of ``module(x)``.
-
-    Counted once per storage (views of one tensor count once).
-    """
-    model = _storages(list(module.parameters()) + list(module.buffers()))
-    seen, total = set(), 0
-
-    def pack(tensor):
-        nonlocal total
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr not in model and ptr not in seen:
-            seen.add(ptr)
-            total += tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(x.device, dtype):
-        module(x)
-    return total
+    """Bytes of non-parameter, non-buffer tensors autograd saves for backward in one forward of ``module(x)``
+    under autocast to ``dtype`` (``bayeslayers.diagnostics.saved_tensor_bytes``)."""
+    with autocast(x.device, dtype):
+        return saved_tensor_bytes(module, x)
 
 
 def state_bytes(module) -> int:

@@ -1,48 +1,66 @@
-"""Kernels of bayeslayers (Triton, and their C++ CPU twins), imported as ``bayeslayers.kernels``; they know
-only tensors.
+"""Kernels of bayeslayers (Triton, their C++ CPU twins, a plain-torch fallback), imported as
+``bayeslayers.kernels``; they know only tensors. Names load on first use, so importing this package is cheap.
 
 Modules, one job each:
-  philox.py          the RNG contract and standard normals from Philox4x32-10 (``philox_normal``)
-  seeds.py           seeds as int64 device tensors; on-device mix of a draw with a layer id
-  posterior_math.py  softplus, sigmoid, KL per element and its gradient (both directions)
-  sample_kl.py       one pass: weight sample + per-program KL partial sums
-  reparam_grad.py    one pass: d_mu, d_rho (and optionally the weight sample again)
-  custom_ops.py      a sample/gradient pair as torch.library operators (torch.compile)
-  library.py         the Triton kernels as operators
-  reparameterized.py the autograd Function the triton and cpp backends call: ``reparameterized_op``
-  gemm_tiles.py      weight tiles generated inside a GEMM; one tile product
-  sampled_matmul.py  sample-in-GEMM: a @ w^T (or a @ w) with w built in registers, + KL
+  posterior.py        the Posterior record, KL directions, the posterior's float math in plain torch
+  interpreter.py      whether Triton runs under TRITON_INTERPRET (read once)
+  seeds.py            seeds as int64 device tensors; on-device mix of a draw with a layer id
+  kernel_ops.py       an implementation's sample/gradient kernels as torch.library operators
+  reparameterized.py  the one autograd seam and the paths under it (sample-then-map, sample-in-GEMM)
+  torch_ops.py        the kernels in plain torch (any device)
+  cpu.py              C++ CPU twins of the Triton kernels (csrc/), same eps bit for bit, built on first use
+  philox.py           the RNG contract and standard normals from Philox4x32-10 (``philox_normal``)
+  posterior_math.py   softplus, sigmoid, KL per element and its gradient in Triton (both directions)
+  sample_kl.py        one pass: weight sample + per-program KL partial sums
+  reparam_grad.py     one pass: d_mu, d_rho (and optionally the weight sample again)
+  gemm_tiles.py       weight tiles generated inside a GEMM; one tile product
+  sampled_matmul.py   sample-in-GEMM: a @ w^T (or a @ w) with w built in registers, + KL
   weight_grad_gemm.py dW GEMM whose epilogue writes d_mu, d_rho
-  lora_matmul.py     base GEMM + LoRA adapter in one kernel
-  fused_linear.py    autograd Function of the sample-in-GEMM Linear: ``sampled_linear``
-  fused_lora.py      autograd Functions of the fused Bayesian LoRA: ``sampled_weight``, ``lora_linear``
-  fusion.py          which path (part 1 or fused) a shape takes: ``fusion_policy``, ``fusion``
-  cpu.py             C++ CPU twins of the two kernels (csrc/), same eps bit for bit, built on first use
-  config.py          autotune configs and limits
+  lora_matmul.py      base GEMM + LoRA adapter in one kernel
+  triton_ops.py       the Triton kernels as torch.library operators (``TRITON_KERNELS``)
+  fused_paths.py      host functions of the fused paths: ``sampled_linear``, ``lora_linear``
+  fusion.py           which path a shape takes: ``fusion_policy``, ``fusion``
+  config.py           autotune configs and limits
 """
 
-import importlib.util
+import importlib
 
 # Run from the repository root, this folder is also visible as a top-level ``kernels`` package, and
 # transformers/diffusers import whatever ``kernels`` they find to read its version (the Hugging Face
-# "kernels" hub package has that name). Imported under that name it stays empty: a second import would
-# register the ``torch.ops.bayeslayers`` operators twice and leave the first ones dangling.
+# "kernels" hub package has that name). Imported under that name it exports nothing: a second import of the
+# modules would register the ``torch.ops.bayeslayers`` operators twice and leave the first ones dangling.
+_EXPORTS = {
+    "cpu": ".cpu",
+    "Posterior": ".posterior", "KL_DIRECTIONS": ".posterior", "check_kl_direction": ".posterior",
+    "ReparameterizedFunction": ".reparameterized", "SampledWeightFunction": ".reparameterized",
+    "WeightPath": ".reparameterized", "SampleThenMap": ".reparameterized", "SampleInGemm": ".reparameterized",
+    "reparameterize": ".reparameterized", "sampled_weight": ".reparameterized",
+    "PosteriorKernels": ".kernel_ops",
+    "device_layer_seed": ".seeds", "mix_seed_tensor": ".seeds", "seed_tensor": ".seeds",
+    "TORCH_KERNELS": ".torch_ops", "torch_normal": ".torch_ops",
+}
+_TRITON_EXPORTS = {  # need the triton package (on CPU: TRITON_INTERPRET=1)
+    "philox_normal": ".philox", "sample_weight_and_kl": ".sample_kl", "reparameterization_grad": ".reparam_grad",
+    "TRITON_KERNELS": ".triton_ops", "sampled_linear": ".fused_paths", "lora_linear": ".fused_paths",
+}
+
 if __name__ == "bayeslayers.kernels":
-    from . import cpu
-    from .fusion import FusionPolicy, fusion, fusion_policy, set_fusion_policy
-    from .reparameterized import ReparameterizedFunction, reparameterized_op
-    from .seeds import device_layer_seed, mix_seed_tensor, seed_tensor
+    # Eager: the function ``fusion`` shares its name with its module, which a lazy lookup would return instead.
+    from .fusion import FusionPolicy, fusion, fusion_policy, set_fusion_policy  # noqa: F401
 
-    __all__ = ["cpu", "FusionPolicy", "fusion", "fusion_policy", "set_fusion_policy", "reparameterized_op",
-               "ReparameterizedFunction", "device_layer_seed", "mix_seed_tensor", "seed_tensor"]
-    if importlib.util.find_spec("triton") is not None:  # the C++ twins need no Triton
-        from .fused_linear import sampled_linear
-        from .fused_lora import lora_linear, sampled_weight
-        from .philox import philox_normal
-        from .reparam_grad import reparameterization_grad
-        from .sample_kl import sample_weight_and_kl
-
-        __all__ += ["philox_normal", "sample_weight_and_kl", "reparameterization_grad", "sampled_linear",
-                    "sampled_weight", "lora_linear"]
+    __all__ = sorted({*_EXPORTS, *_TRITON_EXPORTS, "FusionPolicy", "fusion", "fusion_policy", "set_fusion_policy"})
 else:
     __all__ = []
+
+
+def __getattr__(name):
+    if __name__ == "bayeslayers.kernels" and name in _EXPORTS:
+        module = importlib.import_module(_EXPORTS[name], __name__)
+        return module if name == "cpu" else getattr(module, name)
+    if __name__ == "bayeslayers.kernels" and name in _TRITON_EXPORTS:
+        from .interpreter import TRITON_INSTALLED
+
+        if not TRITON_INSTALLED:
+            raise AttributeError(f"bayeslayers.kernels.{name} needs the 'triton' package")
+        return getattr(importlib.import_module(_TRITON_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,12 +10,11 @@ large-tile config: the interpreter's cost is per program, not per element.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from .interpreter import INTERPRETING
+
 WORDS_PER_COUNTER = 4  # Philox4x32 yields four 32-bit words per counter value
 INTERPRETER_BLOCK_GROUPS = 1024
 MAX_NUMEL = 2**31 - 1  # flat element indices stay int32 (the RNG contract's offsets)

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import torch
 
-from .custom_ops import define_kernel_ops
+from .kernel_ops import register_posterior_kernels
+from .posterior import KL_DIRECTION_CODES
 from .seeds import seed_tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "reparameterization_cpu.cpp"
 EXTENSION_NAME = "bayeslayers_cpu_kernels"
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]  # no FMA: eps bits
 # as the Triton kernels; no trapping math: branch-free selects vectorise (results unchanged)
-KL_DIRECTION_CODES = {"qp": 0, "pq": 1}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def extension():
     """The compiled extension module (built on the first call of the process if not cached on disk)."""
     from torch.utils.cpp_extension import load
@@ -32,7 +32,7 @@ def extension():
                 verbose=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def unavailable_reason() -> str:
     """Why the extension cannot be built or loaded here ('' when it can)."""
     try:
@@ -89,4 +89,4 @@ def reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: flo
     return d_mu, d_rho, w
 
 
-CPU_OPS = define_kernel_ops("cpu_", sample_weight_and_kl, reparameterization_grad)
+CPU_KERNELS = register_posterior_kernels("cpu_", sample_weight_and_kl, reparameterization_grad)

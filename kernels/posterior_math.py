@@ -14,9 +14,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .posterior import KL_DIRECTION_CODES  # noqa: F401  (re-exported for the kernels)
+
 KL_QP = tl.constexpr(0)
 KL_PQ = tl.constexpr(1)
-KL_DIRECTION_CODES = {"qp": 0, "pq": 1}
 
 
 @triton.jit

@@ -1,36 +1,134 @@
-"""y, kl = op(x, mu + softplus(rho) * eps, bias), KL(q, p): the autograd Function of the triton and cpp backends.
+"""The autograd seam of every fused backend: y, kl = layer_map(x, mu + softplus(rho) * eps(seed), bias), KL(q, p).
 
-Forward: the sample+KL kernel writes w in x's dtype, then ``op.forward`` (cuBLAS / cuDNN, or the CPU BLAS). Saved for
-backward: x, the seed and references to the parameters (mu, rho, prior mean) -- never eps, sigma or w.
-Backward: ``op.backward`` for dW and the bias gradient, then one gradient kernel that regenerates eps,
-forms d_mu and d_rho and (when dx is needed) writes w again, then ``op.backward`` for dx. With
-``linear_weight_grad`` (a Linear op, kernels that have the dW GEMM with the reparameterization epilogue) d_mu and
-d_rho come straight from that GEMM, and a sampling pass without KL writes w for dx.
+One autograd Function, :class:`ReparameterizedFunction`, keeps the bookkeeping (what is saved, which gradients
+are needed); *how* forward and backward are computed is a :class:`WeightPath` underneath:
 
-``op`` is any object with ``forward(x, w, b)`` and ``backward(dy, x, w, needs) -> (dx, dw, db)``
-(``bayeslayers.ops.LinearOp`` / ``Conv2dOp``); the kernels only see the weight as a flat array.
+* :class:`SampleThenMap` (any :class:`PosteriorKernels`: Triton, C++, plain torch): the sample+KL kernel writes w
+  in x's dtype, then ``layer_map.forward`` (cuBLAS / cuDNN, or the CPU BLAS). Backward: ``layer_map.backward`` for
+  dW and the bias gradient, one gradient pass that regenerates eps, forms d_mu and d_rho and (when dx is
+  needed) writes w again, then ``layer_map.backward`` for dx. With ``weight_grad_epilogue`` (Linear, Triton)
+  d_mu and d_rho come straight from the dW GEMM's epilogue.
+* :class:`SampleInGemm` (Linear, Triton): the forward and input-gradient GEMMs build weight tiles in registers
+  and d_mu / d_rho come from the dW epilogue: no weight sample is ever written.
+
+Saved for backward on every path: x, the seed and references to the parameters (mu, rho, prior mean) -- never
+eps, sigma or w. :class:`SampledWeightFunction` is the same seam for a weight sample on its own (LoRA factors).
+
+``layer_map`` is any object with ``forward(x, w, b)`` and ``backward(dy, x, w, needs) -> (dx, dw, db)``
+(``bayeslayers.layer_maps.LinearMap`` / ``Conv2dMap``); the kernels only see the weight as a flat array.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from .custom_ops import KernelOps
+from .kernel_ops import PosteriorKernels
+from .posterior import Posterior
 from .seeds import seed_tensor
 
 
-def _flat(tensor):
-    return None if tensor is None else tensor.contiguous()
+class Needs(NamedTuple):
+    """Which gradients the backward must form."""
+
+    x: bool
+    mu: bool
+    rho: bool
+    bias: bool
+
+    @property
+    def weight(self) -> bool:
+        return self.mu or self.rho
+
+
+class WeightPath:
+    """How one path computes the forward ``(y, kl)`` and the backward ``(dx, d_mu, d_rho, d_bias)``."""
+
+    kernels: PosteriorKernels
+
+    def forward(self, layer_map, x, posterior: Posterior, bias, seed):
+        raise NotImplementedError
+
+    def backward(self, layer_map, dy, dkl, x, posterior: Posterior, seed, needs: Needs):
+        raise NotImplementedError
+
+
+class SampleThenMap(WeightPath):
+    """Sample the weight in one pass, then the deterministic map (see the module docstring)."""
+
+    def __init__(self, kernels: PosteriorKernels, weight_grad_epilogue: bool = False):
+        if weight_grad_epilogue and kernels.linear_weight_grad_op is None:
+            raise ValueError("weight_grad_epilogue=True needs kernels with a linear_weight_grad operator")
+        self.kernels, self.weight_grad_epilogue = kernels, weight_grad_epilogue
+
+    def forward(self, layer_map, x, posterior, bias, seed):
+        w, kl = self.kernels.sample_weight(posterior, seed, x.dtype)
+        return layer_map.forward(x, w, bias), kl
+
+    def backward(self, layer_map, dy, dkl, x, posterior, seed, needs):
+        kernels = self.kernels
+        need_weight, need_bias = needs.weight, needs.bias
+        dx = d_w = d_bias = d_mu = d_rho = w = None
+        if self.weight_grad_epilogue and dy is not None and need_weight:
+            dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+            mu, rho, prior_mu, prior_sigma, kl_direction = posterior
+            d_mu, d_rho = kernels.linear_weight_grad_op(dy2, x2, mu, rho, prior_mu, seed, dkl, prior_sigma,
+                                                        kl_direction)
+            d_bias = dy2.sum(0) if need_bias else None
+            need_weight = need_bias = False  # done
+        if dy is not None and (need_weight or need_bias):
+            # The weight's values are not read for dW / db; an uninitialised buffer gives the shape and dtype.
+            shape_only = torch.empty(posterior.mu.shape, dtype=x.dtype, device=x.device)
+            _, d_w, d_bias = layer_map.backward(dy, x, shape_only, (False, need_weight, need_bias))
+        write_w = needs.x and dy is not None
+        if need_weight and (d_w is not None or dkl is not None):
+            d_mu, d_rho, w = kernels.reparameterization_grad(posterior, seed, d_w, dkl, x.dtype if write_w else None)
+        if write_w:
+            if w is None:
+                w, _ = kernels.sample_weight(posterior, seed, x.dtype, with_kl=False)
+            dx, _, _ = layer_map.backward(dy, x, w, (True, False, False))
+        return dx, d_mu, d_rho, d_bias
+
+
+class SampleInGemm(WeightPath):
+    """Linear only: weight tiles built inside the forward and dx GEMMs, d_mu / d_rho in the dW epilogue."""
+
+    def __init__(self, kernels: PosteriorKernels):
+        if kernels.sampled_matmul_op is None or kernels.linear_weight_grad_op is None:
+            raise ValueError("SampleInGemm needs kernels with sampled_matmul and linear_weight_grad operators")
+        self.kernels = kernels
+
+    def forward(self, layer_map, x, posterior, bias, seed):
+        mu, rho, prior_mu, prior_sigma, kl_direction = posterior
+        x2 = x.reshape(-1, x.shape[-1])
+        y, kl = self.kernels.sampled_matmul_op(x2, mu, rho, prior_mu, seed, bias, True, prior_sigma, kl_direction,
+                                               True)
+        return y.reshape(*x.shape[:-1], mu.shape[0]), kl
+
+    def backward(self, layer_map, dy, dkl, x, posterior, seed, needs):
+        mu, rho, prior_mu, prior_sigma, kl_direction = posterior
+        dx = d_mu = d_rho = d_bias = None
+        dy2 = None if dy is None else dy.reshape(-1, dy.shape[-1])
+        if needs.x and dy is not None:
+            dx = self.kernels.sampled_matmul_op(dy2, mu, rho, None, seed, None, False, 1.0, "qp", False)[0]
+            dx = dx.reshape(x.shape)
+        if needs.weight and dy is not None:
+            d_mu, d_rho = self.kernels.linear_weight_grad_op(dy2, x.reshape(-1, x.shape[-1]), mu, rho, prior_mu,
+                                                             seed, dkl, prior_sigma, kl_direction)
+        elif needs.weight and dkl is not None:  # only the KL was used
+            d_mu, d_rho, _ = self.kernels.reparameterization_grad(posterior, seed, None, dkl)
+        if needs.bias and dy is not None:
+            d_bias = dy2.sum(0)
+        return dx, d_mu, d_rho, d_bias
 
 
 class ReparameterizedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mu, rho, bias, prior_mu, seed, op, prior_sigma, kl_direction, kernels, linear_weight_grad):
-        w, kl = kernels.sample_weight(mu, rho, prior_mu, seed, prior_sigma, kl_direction, x.dtype, True)
-        y = op.forward(x, w, bias)
+    def forward(ctx, x, mu, rho, bias, prior_mu, seed, prior_sigma, kl_direction, layer_map, path):
+        y, kl = path.forward(layer_map, x, Posterior(mu, rho, prior_mu, prior_sigma, kl_direction), bias, seed)
         ctx.save_for_backward(x, mu, rho, prior_mu, seed)
-        ctx.op, ctx.prior_sigma, ctx.kl_direction, ctx.kernels = op, prior_sigma, kl_direction, kernels
-        ctx.linear_weight_grad = linear_weight_grad
+        ctx.prior_sigma, ctx.kl_direction, ctx.layer_map, ctx.path = prior_sigma, kl_direction, layer_map, path
         ctx.has_bias = bias is not None
         ctx.set_materialize_grads(False)
         return y, kl
@@ -38,57 +136,47 @@ class ReparameterizedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dkl):
         x, mu, rho, prior_mu, seed = ctx.saved_tensors
-        op, prior_sigma, kl_direction, kernels = ctx.op, ctx.prior_sigma, ctx.kl_direction, ctx.kernels
         need_x, need_mu, need_rho, need_bias = ctx.needs_input_grad[:4]
-        need_weight = need_mu or need_rho
-        need_bias = need_bias and ctx.has_bias
-        dx = d_w = d_bias = d_mu = d_rho = w = None
-        if ctx.linear_weight_grad and dy is not None and need_weight:
-            dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-            d_mu, d_rho = kernels.linear_weight_grad(dy2, x2, mu, rho, prior_mu, seed, dkl, prior_sigma,
-                                                     kl_direction)
-            if need_bias:
-                d_bias = dy2.sum(0)
-            need_weight = need_bias = False  # done
-        if dy is not None and (need_weight or need_bias):
-            # The weight's values are not read for dW / db; an uninitialised buffer gives the shape and dtype.
-            shape_only = torch.empty(mu.shape, dtype=x.dtype, device=x.device)
-            _, d_w, d_bias = op.backward(dy, x, shape_only, (False, need_weight, need_bias))
-        write_w = need_x and dy is not None
-        if need_weight and (d_w is not None or dkl is not None):
-            d_mu, d_rho, w = kernels.reparameterization_grad(
-                _flat(d_w), mu, rho, prior_mu, seed, dkl, prior_sigma, kl_direction, x.dtype if write_w else None)
-        if write_w:
-            if w is None:
-                w, _ = kernels.sample_weight(mu, rho, prior_mu, seed, prior_sigma, kl_direction, x.dtype, False)
-            dx, _, _ = op.backward(dy, x, w, (True, False, False))
-        return (dx, d_mu if need_mu else None, d_rho if need_rho else None, d_bias,
-                None, None, None, None, None, None, None)
+        needs = Needs(need_x, need_mu, need_rho, need_bias and ctx.has_bias)
+        posterior = Posterior(mu, rho, prior_mu, ctx.prior_sigma, ctx.kl_direction)
+        dx, d_mu, d_rho, d_bias = ctx.path.backward(ctx.layer_map, dy, dkl, x, posterior, seed, needs)
+        return (dx, d_mu if need_mu else None, d_rho if need_rho else None, d_bias if needs.bias else None,
+                None, None, None, None, None, None)
 
 
-def reparameterized_op(op, x, mu, rho, bias, prior_mu, prior_sigma: float, kl_direction: str, seed,
-                       kernels: KernelOps | None = None, linear_weight_grad: bool = False):
-    """Returns ``(y, kl)``: y = op(x, w, bias) with w = mu + softplus(rho) * eps(seed) in x's dtype, and the
-    summed closed-form KL (0-d float32, nats) in direction ``kl_direction`` ('qp' or 'pq').
+class SampledWeightFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, rho, prior_mu, seed, prior_sigma, kl_direction, dtype, kernels):
+        w, kl = kernels.sample_weight(Posterior(mu, rho, prior_mu, prior_sigma, kl_direction), seed, dtype)
+        ctx.save_for_backward(mu, rho, prior_mu, seed)
+        ctx.prior_sigma, ctx.kl_direction, ctx.kernels = prior_sigma, kl_direction, kernels
+        ctx.set_materialize_grads(False)
+        return w, kl
 
-    x: compute dtype; mu, rho: float32 weight-shaped; bias: x's dtype or None; prior_mu: weight-shaped, any
-    float dtype, or None (zero mean); seed: Python int or one-element int64 tensor (see ``philox.py``);
-    kernels: the operators that sample and differentiate (default: the Triton kernels; ``cpu.CPU_OPS`` for the
-    C++ twins); linear_weight_grad: ``op`` is a Linear and d_mu / d_rho come from ``kernels.linear_weight_grad``.
+    @staticmethod
+    def backward(ctx, d_w, dkl):
+        mu, rho, prior_mu, seed = ctx.saved_tensors
+        d_mu = d_rho = None
+        if d_w is not None or dkl is not None:
+            posterior = Posterior(mu, rho, prior_mu, ctx.prior_sigma, ctx.kl_direction)
+            d_mu, d_rho, _ = ctx.kernels.reparameterization_grad(posterior, seed, d_w, dkl)
+        return d_mu, d_rho, None, None, None, None, None, None
+
+
+def reparameterize(layer_map, x, posterior: Posterior, bias, seed, path: WeightPath):
+    """Returns ``(y, kl)``: y = layer_map(x, w, bias) with w = mu + softplus(rho) * eps(seed) in x's dtype, and the
+    summed closed-form KL (0-d float32, nats), computed along ``path``.
+
+    x: compute dtype; bias: x's dtype or None; seed: Python int or one-element int64 tensor (see ``philox.py``).
     """
-    if kl_direction not in ("qp", "pq"):
-        raise ValueError(f"kl_direction must be 'qp' or 'pq', got {kl_direction!r}")
-    if mu.dtype != torch.float32 or rho.dtype != torch.float32:
-        raise TypeError(f"mu and rho must be float32, got {mu.dtype} and {rho.dtype}")
-    kernels = _triton_ops() if kernels is None else kernels
-    if linear_weight_grad and kernels.linear_weight_grad is None:
-        raise ValueError("linear_weight_grad=True needs kernels with a linear_weight_grad operator")
-    return ReparameterizedFunction.apply(x, _flat(mu), _flat(rho), bias, _flat(prior_mu),
-                                         seed_tensor(seed, mu.device), op, float(prior_sigma), kl_direction,
-                                         kernels, linear_weight_grad)
+    mu, rho, prior_mu, prior_sigma, kl_direction = posterior.checked(path.kernels.param_dtypes)
+    return ReparameterizedFunction.apply(x, mu, rho, bias, prior_mu, seed_tensor(seed, mu.device), prior_sigma,
+                                         kl_direction, layer_map, path)
 
 
-def _triton_ops() -> KernelOps:
-    from .library import TRITON_OPS
-
-    return TRITON_OPS
+def sampled_weight(posterior: Posterior, seed, dtype: torch.dtype, kernels: PosteriorKernels):
+    """Returns ``(w, kl)``: w = mu + softplus(rho) * eps(seed) in ``dtype`` and the summed KL (0-d float32), both
+    differentiable w.r.t. mu and rho; eps is regenerated in backward, never stored."""
+    mu, rho, prior_mu, prior_sigma, kl_direction = posterior.checked(kernels.param_dtypes)
+    return SampledWeightFunction.apply(mu, rho, prior_mu, seed_tensor(seed, mu.device), prior_sigma, kl_direction,
+                                       dtype, kernels)

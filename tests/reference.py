@@ -78,3 +78,21 @@ def posterior(shape, prior_dtype=torch.float32, generator_seed=0, device="cpu"):
     rho = torch.empty(shape).uniform_(-9, 1, generator=g)
     prior = None if prior_dtype is None else (mu + 0.05 * torch.randn(shape, generator=g)).to(prior_dtype)
     return mu.to(device), rho.to(device), None if prior is None else prior.to(device)
+
+
+# Shared test helpers: every test module takes these from here (tests import no other test module).
+KL_WEIGHT = 0.37  # an upstream gradient of the KL that is neither 0 nor 1
+BACKENDS = ["reference", "torch", "cpp", "triton"]  # triton runs under TRITON_INTERPRET=1 on CPU
+DTYPE_TOLERANCES = [(dtype, TOLERANCE[dtype]) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+
+
+def randomize_layer(layer, mu_std=0.2, rho_range=(-6.0, -3.0)):
+    """Fresh non-trivial posterior, prior and bias values (never zeros) in a Bayesian layer, in place."""
+    with torch.no_grad():
+        layer.weight_mu.normal_(0, mu_std)
+        layer.weight_rho.uniform_(*rho_range)
+        if layer.prior_mu is not None:
+            layer.prior_mu.copy_(layer.weight_mu + 0.05 * torch.randn_like(layer.weight_mu))
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.normal_(0, 0.5)
+    return layer

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from reference import BACKENDS
 from torch.utils.checkpoint import checkpoint
 
 import bayeslayers
@@ -38,7 +39,7 @@ def _gradients(use_checkpoint, backend):
     return [x.grad, image.grad] + [p.grad for p in block.parameters()]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_checkpointed_gradients_equal_plain_gradients(backend, use_reentrant):
     plain = _gradients(None, backend)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn as nn
+from tiny_models import tiny_unet, unet_inputs
 
 import bayeslayers
-from tiny_models import tiny_unet, unet_inputs
 
 
 def _out(unet, inputs):
@@ -175,3 +175,26 @@ def test_convert_errors_are_clear():
         bayeslayers.convert(Net(), target_modules="(")
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         bayeslayers.convert(Net(), target_modules=["proj"], mode="lora", rank=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_converted_layers_take_over_the_training_flag(mode):
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4)).eval()
+    reference = {name: p.clone() for name, p in model.state_dict().items()}
+    x = torch.randn(3, 6)
+    expected = model(x)
+    bayeslayers.convert(model, target_modules=["0", "2"], mode=mode, init_sigma=0.3)
+    assert not any(m.training for m in model.modules())  # nested LoRA factors included
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # the mean (LoRA: B = 0), no sample drawn
+    assert all(torch.equal(t, reference[k]) for k, t in model.state_dict().items() if k in reference)
+    model.train()
+    assert all(m.training for m in model.modules())
+
+
+def test_layers_built_directly_get_distinct_noise_ids():
+    lora = bayeslayers.BayesLoRALinear(nn.Linear(8, 8), rank=8, bayesian_factors="AB", init_sigma=0.5)
+    assert lora.lora_A.layer_id != lora.lora_B.layer_id
+    a, b = bayeslayers.BayesLinear(8, 8), bayeslayers.BayesLinear(8, 8)
+    assert len({a.layer_id, b.layer_id, lora.lora_A.layer_id, lora.lora_B.layer_id}) == 4
+    with bayeslayers.sampling(nn.ModuleList([a, b]), seed=3):
+        assert a.fixed_seed != b.fixed_seed

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from reference import TOLERANCE, kl_and_grads64, posterior, reference_normals, relative_error
 
 from bayeslayers.kernels import cpu
-from reference import TOLERANCE, kl_and_grads64, posterior, reference_normals, relative_error
 
 KL_WEIGHT = 0.37
 ODD_SHAPES = [(37, 29), (67, 131), (5, 3, 3, 3), (4099,)]  # 1073, 8777 (three 4096-element chunks), 135, 4099

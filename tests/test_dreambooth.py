@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import save_tiny_pipeline
 
 import bayeslayers
 from bayeslayers.integrations.dreambooth import main, parse_args
-from tiny_models import save_tiny_pipeline
 
 PROMPT = "a sks star"
 

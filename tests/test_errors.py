@@ -39,10 +39,13 @@ def test_auto_backend_picks_cpp_on_cpu_and_falls_back_to_torch_with_one_warning(
     assert backends.resolve_backend(torch.device("cpu")).name == "cpp"
     monkeypatch.setattr(cpu, "unavailable_reason", lambda: "no C++ compiler")
     monkeypatch.setattr(backends, "_warned", set())
+    assert backends.resolve_backend(torch.device("cpu")).name == "cpp"  # resolved once, then cached
+    bayeslayers.set_backend("auto")  # a new selection resolves again
     with pytest.warns(UserWarning, match="using the 'torch' backend on cpu: no C\\+\\+ compiler"):
         assert backends.resolve_backend(torch.device("cpu")).name == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        bayeslayers.set_backend("auto")
         assert backends.resolve_backend(torch.device("cpu")).name == "torch"  # warned once
     bayeslayers.set_backend("cpp")
     with pytest.raises(RuntimeError, match="backend 'cpp' cannot run on device cpu: no C\\+\\+ compiler"):

@@ -8,8 +8,10 @@ every dimension, none a multiple of the block.
 import contextlib
 
 import pytest
+import reference
 import torch
 import torch.nn as nn
+from reference import TOLERANCE, kl_and_grads64, kl_reference, relative_error, sampled_weight
 
 import bayeslayers
 from bayeslayers import BayesLinear, BayesLoRALinear
@@ -18,8 +20,6 @@ from bayeslayers.kernels.gemm_tiles import tile_layout
 from bayeslayers.kernels.lora_matmul import lora_matmul
 from bayeslayers.kernels.sampled_matmul import sampled_matmul
 from bayeslayers.kernels.weight_grad_gemm import reparameterized_weight_grad
-import reference
-from reference import TOLERANCE, kl_and_grads64, kl_reference, relative_error, sampled_weight
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -167,12 +167,12 @@ def test_lora_matmul_rejects_mismatched_factors():
 @pytest.fixture
 def fused_calls(monkeypatch):
     """Names of the fused GEMM kernels launched during the test, in order."""
-    import bayeslayers.kernels.library as library
+    import bayeslayers.kernels.triton_ops as triton_ops
 
     calls = []
     for name in ("sampled_matmul", "reparameterized_weight_grad", "lora_matmul"):
-        launch = getattr(library, name)
-        monkeypatch.setattr(library, name, lambda *a, _launch=launch, _name=name, **k: calls.append(_name)
+        launch = getattr(triton_ops, name)
+        monkeypatch.setattr(triton_ops, name, lambda *a, _launch=launch, _name=name, **k: calls.append(_name)
                             or _launch(*a, **k))
     return calls
 
@@ -216,17 +216,16 @@ def test_bayes_linear_fused_paths_agree_with_sample_then_gemm(fused_calls, dtype
     _assert_same_step(got, want, dtype)
 
 
-def test_heuristic_takes_sample_in_gemm_only_up_to_the_row_limit(monkeypatch):
-    import bayeslayers.kernels as kernels
+def test_heuristic_takes_sample_in_gemm_only_up_to_the_row_limit():
+    from bayeslayers.backends import BACKENDS
+    from bayeslayers.kernels import SampleInGemm, SampleThenMap
+    from bayeslayers.layer_maps import Conv2dMap, LinearMap
 
-    bayeslayers.set_backend("triton")
-    calls = []
-    monkeypatch.setattr(kernels, "sampled_linear", lambda *args: calls.append(args[0].shape) or (args[0], None))
-    layer = BayesLinear(8, 8).to(DEVICE)
+    triton = BACKENDS["triton"]
     with fusion(sample_in_gemm_max_rows=77):
-        layer(randn(2, 77, 8)[:1])
-        layer(randn(2, 78, 8)[:1])
-    assert calls == [(1, 77, 8)]
+        assert isinstance(triton.path(LinearMap(), randn(2, 77, 8)[:1]), SampleInGemm)
+        assert isinstance(triton.path(LinearMap(), randn(2, 78, 8)[:1]), SampleThenMap)
+        assert isinstance(triton.path(Conv2dMap(), randn(1, 8, 2, 2)), SampleThenMap)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -303,7 +302,7 @@ def test_draw_weight_is_the_weight_a_sampling_forward_uses(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sampled_linear_gradients_of_every_input(dtype):
-    from bayeslayers.kernels import sampled_linear
+    from bayeslayers.kernels import Posterior, sampled_linear
 
     rows, n_out, n_in = GEMM_SHAPES[2]
     mu, rho, prior = posterior(n_out, n_in)
@@ -312,7 +311,7 @@ def test_sampled_linear_gradients_of_every_input(dtype):
     x = randn(2, rows, n_in, dtype=dtype).requires_grad_(True)
     bias = randn(n_out, dtype=dtype, seed=2).requires_grad_(True)
     upstream = randn(2, rows, n_out, dtype=torch.float64, seed=3)
-    y, kl = sampled_linear(x, mu, rho, bias, prior, 0.07, "qp", SEED)
+    y, kl = sampled_linear(x, Posterior(mu, rho, prior, 0.07, "qp"), bias, SEED)
     ((y.double() * upstream).sum() + 0.37 * kl).backward()
     leaves64 = [t.detach().cpu().double().requires_grad_(True) for t in (x, mu, rho, bias)]
     x64, mu64, rho64, bias64 = leaves64
@@ -322,7 +321,7 @@ def test_sampled_linear_gradients_of_every_input(dtype):
     for name, got, want in zip(("x", "mu", "rho", "bias"), (x, mu, rho, bias), leaves64):
         assert relative_error(got.grad.cpu(), want.grad) < 2 * TOLERANCE[dtype], name
     mu.grad = rho.grad = None
-    _, kl = sampled_linear(x, mu, rho, bias, prior, 0.07, "qp", SEED)
+    _, kl = sampled_linear(x, Posterior(mu, rho, prior, 0.07, "qp"), bias, SEED)
     kl.backward()  # only the KL reaches the parameters
     mu64.grad = rho64.grad = None
     kl_reference(mu64, rho64, prior.cpu(), 0.07, "qp").backward()

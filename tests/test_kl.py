@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from reference import kl_reference, relative_error
 
 import bayeslayers
 from bayeslayers.kl import kl_elementwise, kl_grads
-from reference import kl_reference, relative_error
 
 
 @pytest.mark.parametrize("direction", ["qp", "pq"])

@@ -4,45 +4,42 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import (
+    BACKENDS,
+    DTYPE_TOLERANCES,
+    KL_WEIGHT,
+    kl_reference,
+    randomize_layer,
+    relative_error,
+    sampled_weight,
+)
 
 import bayeslayers
-from bayeslayers.backends import BACKENDS
-from reference import TOLERANCE, kl_reference, relative_error, sampled_weight
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CPU_BACKENDS = ["reference", "torch", "cpp"]
-KL_WEIGHT = 0.37
+from bayeslayers.backends import BACKENDS as BACKEND_OBJECTS
 
 
-def _randomize(layer, with_prior=True):
-    """Fresh non-trivial posterior and prior values (never zeros)."""
-    with torch.no_grad():
-        layer.weight_mu.normal_(0, 0.2)
-        layer.weight_rho.uniform_(-6, -3)
-        if layer.prior_mu is not None:
-            layer.prior_mu.copy_(layer.weight_mu + 0.05 * torch.randn_like(layer.weight_mu))
-        if getattr(layer, "bias", None) is not None:
-            layer.bias.normal_(0, 0.5)
-
-
-def _make(kind, direction):
+def _make(kind, direction, prior_dtype):
     if kind == "linear":
         base = nn.Linear(37, 29)
-        layer = bayeslayers.BayesLinear.from_module(base, kl_direction=direction, prior_sigma=0.03)
-        return layer, torch.randn(3, 5, 37), (lambda x, w, b: F.linear(x, w, b))
+        layer = bayeslayers.BayesLinear.from_module(base, kl_direction=direction, prior_sigma=0.03,
+                                                    prior_dtype=prior_dtype)
+        # a non-contiguous (B, T, C) input, as attention code produces
+        x = torch.randn(5, 3, 37).transpose(0, 1)
+        return layer, x, (lambda x, w, b: F.linear(x, w, b))
     base = nn.Conv2d(6, 10, 3, stride=2, padding=1, dilation=1, groups=2)
-    layer = bayeslayers.BayesConv2d.from_module(base, kl_direction=direction, prior_sigma=0.03)
+    layer = bayeslayers.BayesConv2d.from_module(base, kl_direction=direction, prior_sigma=0.03, prior_dtype=prior_dtype)
     return layer, torch.randn(2, 6, 11, 9), (lambda x, w, b: F.conv2d(x, w, b, 2, 1, 1, 2))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("dtype", "tol"), DTYPE_TOLERANCES)
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-@pytest.mark.parametrize("direction", ["qp", "pq"])
-def test_layer_matches_float64_reference(backend, dtype, kind, direction):
+@pytest.mark.parametrize(("direction", "prior_dtype"), [("qp", None), ("pq", torch.bfloat16)])
+def test_layer_matches_float64_reference(poisoned, backend, dtype, tol, kind, direction, prior_dtype):
+    """Output, KL and the gradients of x, bias, mu and rho against float64 autograd on the backend's own eps."""
     bayeslayers.set_backend(backend)
-    layer, x, op64 = _make(kind, direction)
-    _randomize(layer)
+    layer, x, map64 = _make(kind, direction, prior_dtype)
+    randomize_layer(layer)
     layer.fixed_seed = 987654321
     x = x.to(dtype).requires_grad_(True)
     y = layer(x)
@@ -56,20 +53,18 @@ def test_layer_matches_float64_reference(backend, dtype, kind, direction):
     rho = layer.weight_rho.detach().double().requires_grad_(True)
     bias = layer.bias.detach().double().requires_grad_(True)
     x64 = x.detach().double().requires_grad_(True)
-    y64 = op64(x64, sampled_weight(mu, rho, eps), bias)
+    y64 = map64(x64, sampled_weight(mu, rho, eps), bias)
     kl64 = kl_reference(mu, rho, layer.prior_mu, layer.prior_sigma, direction)
     ((y64 * upstream).sum() + KL_WEIGHT * kl64).backward()
 
-    tol = TOLERANCE[dtype]
     assert relative_error(y, y64) < tol
     assert relative_error(layer.kl(), kl64) < 1e-5
-    assert relative_error(x.grad, x64.grad) < tol
-    assert relative_error(layer.bias.grad, bias.grad) < tol
-    assert relative_error(layer.weight_mu.grad, mu.grad) < tol
-    assert relative_error(layer.weight_rho.grad, rho.grad) < tol
+    for actual, expected in ((x.grad, x64.grad), (layer.bias.grad, bias.grad), (layer.weight_mu.grad, mu.grad),
+                             (layer.weight_rho.grad, rho.grad)):
+        assert relative_error(actual, expected) < tol
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 @pytest.mark.parametrize("factors", ["AB", "B"])
 def test_lora_matches_float64_reference(backend, kind, factors):
@@ -84,7 +79,7 @@ def test_lora_matches_float64_reference(backend, kind, factors):
         op_a, op_b = (lambda x, w: F.conv2d(x, w, None, 1, 1)), (lambda x, w: F.conv2d(x, w))
     for factor in (layer.lora_A, layer.lora_B):
         if isinstance(factor, bayeslayers.BayesianLayer):
-            _randomize(factor)
+            randomize_layer(factor)
             factor.fixed_seed = 1000 + factor.weight_mu.shape[0]
         else:
             nn.init.normal_(factor.weight, 0, 0.3)
@@ -126,13 +121,15 @@ def test_lora_matches_float64_reference(backend, kind, factors):
 @pytest.mark.parametrize("direction", ["qp", "pq"])
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_torch_backend_gradcheck_float64(direction, kind):
-    from bayeslayers.ops import Conv2dOp, LinearOp
+    from bayeslayers.kernels import Posterior
+    from bayeslayers.layer_maps import Conv2dMap, LinearMap
 
-    backend = BACKENDS["torch"]
+    backend = BACKEND_OBJECTS["torch"]
     if kind == "linear":
-        op, x, shape = LinearOp(), torch.randn(3, 4, dtype=torch.float64), (5, 4)
+        layer_map, x, shape = LinearMap(), torch.randn(3, 4, dtype=torch.float64), (5, 4)
     else:
-        op, x, shape = Conv2dOp((1, 1), (1, 1), (1, 1), 1), torch.randn(1, 2, 4, 4, dtype=torch.float64), (3, 2, 3, 3)
+        layer_map = Conv2dMap((1, 1), (1, 1), (1, 1), 1)
+        x, shape = torch.randn(1, 2, 4, 4, dtype=torch.float64), (3, 2, 3, 3)
     mu = (0.3 * torch.randn(shape, dtype=torch.float64)).requires_grad_(True)
     rho = torch.empty(shape, dtype=torch.float64).uniform_(-3, -1).requires_grad_(True)
     bias = torch.randn(shape[0], dtype=torch.float64, requires_grad=True)
@@ -140,22 +137,23 @@ def test_torch_backend_gradcheck_float64(direction, kind):
     x.requires_grad_(True)
 
     def fn(x, mu, rho, bias):
-        return backend.apply(op, x, mu, rho, bias, prior, 0.2, direction, 424242)
+        return backend.apply(layer_map, x, Posterior(mu, rho, prior, 0.2, direction), bias, 424242)
 
     assert torch.autograd.gradcheck(fn, (x, mu, rho, bias))
 
 
 def test_backward_regenerates_the_forward_eps(monkeypatch):
-    backend = BACKENDS["torch"]
+    import bayeslayers.kernels.torch_ops as torch_ops
+
     calls = []
-    original = backend.noise
+    original = torch_ops.torch_normal
 
     def recording_noise(seed, shape, device):
         eps = original(seed, shape, device)
-        calls.append((seed, eps.clone()))
+        calls.append((int(seed.item()), eps.clone()))
         return eps
 
-    monkeypatch.setattr(backend, "noise", recording_noise)
+    monkeypatch.setattr(torch_ops, "torch_normal", recording_noise)
     bayeslayers.set_backend("torch")
     layer = bayeslayers.BayesLinear(33, 17)
     layer(torch.randn(2, 33)).sum().backward()

@@ -44,7 +44,8 @@ def test_import_from_installed_wheel(wheel, tmp_path):
 
 
 def test_import_bayeslayers_stays_light():
-    code = "import bayeslayers, bayeslayers.integrations, sys; print(sorted(m for m in ('diffusers', 'transformers', 'peft', 'benchmarks') if m in sys.modules))"
+    heavy = ("diffusers", "transformers", "peft", "benchmarks", "triton")
+    code = f"import bayeslayers, bayeslayers.integrations, sys; print(sorted(m for m in {heavy} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -58,8 +59,10 @@ def test_top_level_kernels_probe_from_the_repo_root_registers_nothing():
             "assert probed.__file__ == k.__file__ and probed.__all__ == [], probed.__all__\n"
             "import transformers.integrations.hub_kernels\n"
             "mu = torch.randn(37, 29); rho = torch.full_like(mu, -3.0); mu.requires_grad_(True)\n"
-            "y, kl = k.reparameterized_op(bayeslayers.ops.LinearOp(), torch.randn(5, 29), mu, rho, None, None,"
-            " 1.0, 'qp', 7)\n"
+            "from bayeslayers.layer_maps import LinearMap\n"
+            "path = k.SampleThenMap(k.TRITON_KERNELS)\n"
+            "y, kl = k.reparameterize(LinearMap(), torch.randn(5, 29), k.Posterior(mu, rho, None, 1.0, 'qp'), None, 7,"
+            " path)\n"
             "(y.sum() + kl).backward(); assert torch.isfinite(mu.grad).all()\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True)

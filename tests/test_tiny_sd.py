@@ -1,6 +1,5 @@
 """The bundled tiny Stable Diffusion: offline pipeline, tokenizer, deterministic world, judge, subject."""
 
-import json
 
 import numpy as np
 import pytest

@@ -9,25 +9,42 @@ import math
 
 import numpy as np
 import pytest
+import reference
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import (
+    KL_WEIGHT,
+    TOLERANCE,
+    kl_and_grads64,
+    kl_reference,
+    philox4x32_10,
+    randomize_layer,
+    reference_normals,
+    relative_error,
+    sampled_weight,
+)
 
 import bayeslayers
 from bayeslayers.backends import BACKENDS
-from bayeslayers.kernels import (mix_seed_tensor, philox_normal, reparameterization_grad, reparameterized_op,
-                                 sample_weight_and_kl, seed_tensor)
+from bayeslayers.kernels import (
+    Posterior,
+    SampleThenMap,
+    mix_seed_tensor,
+    philox_normal,
+    reparameterization_grad,
+    reparameterize,
+    sample_weight_and_kl,
+    seed_tensor,
+)
 from bayeslayers.kernels.config import EXACT
 from bayeslayers.kernels.philox import _philox_normal_kernel
 from bayeslayers.kernels.sample_kl import _sample_weight_kl_kernel
-from bayeslayers.ops import Conv2dOp, LinearOp
+from bayeslayers.kernels.triton_ops import TRITON_KERNELS
+from bayeslayers.layer_maps import Conv2dMap, LinearMap
 from bayeslayers.rng import mix_seed
-import reference
-from reference import (TOLERANCE, kl_and_grads64, kl_reference, philox4x32_10, reference_normals, relative_error,
-                       sampled_weight)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-KL_WEIGHT = 0.37
 ODD_SHAPES = [(37, 29), (67, 131), (5, 3, 3, 3)]  # 1073, 8777 (several 4096-element programs), 135 elements
 SEEDS = [0, 1, 0xDEADBEEF, (1 << 40) + 12345, (1 << 64) - 3]  # the last one is negative as an int64
 
@@ -107,10 +124,10 @@ def test_device_seed_mix_equals_python_mix_and_layer_seed_follows_the_generator(
     assert mixed.tolist() == [mix_seed(d, 0xDEADBEEF) for d in draws]
     backend = BACKENDS["triton"]
     torch.manual_seed(5)
-    first = backend.layer_seed(42)
+    first = backend.layer_seed(42, DEVICE)
     torch.manual_seed(5)
-    assert first.dtype == torch.int64 and torch.equal(backend.layer_seed(42), first)
-    assert not torch.equal(backend.layer_seed(42), first) and not torch.equal(backend.layer_seed(43), first)
+    assert first.dtype == torch.int64 and torch.equal(backend.layer_seed(42, DEVICE), first)
+    assert not torch.equal(backend.layer_seed(42, DEVICE), first) and not torch.equal(backend.layer_seed(43, DEVICE), first)
     assert seed_tensor((1 << 64) - 1, DEVICE).item() == -1
     with pytest.raises(TypeError, match="seed must be an int"):
         seed_tensor(1.5, DEVICE)
@@ -168,100 +185,6 @@ def test_softplus_is_accurate_for_very_negative_and_large_rho():
 
 
 # ---------------------------------------------------------------------------------------------- layers
-def _randomize(layer):
-    with torch.no_grad():
-        layer.weight_mu.normal_(0, 0.2)
-        layer.weight_rho.uniform_(-6, -3)
-        if layer.prior_mu is not None:
-            layer.prior_mu.copy_(layer.weight_mu + 0.05 * torch.randn_like(layer.weight_mu))
-        if getattr(layer, "bias", None) is not None:
-            layer.bias.normal_(0, 0.5)
-
-
-def _layer_case(kind, direction, prior_dtype):
-    if kind == "linear":
-        layer = bayeslayers.BayesLinear.from_module(nn.Linear(37, 29), kl_direction=direction, prior_sigma=0.03,
-                                                    prior_dtype=prior_dtype)
-        x = torch.randn(3, 5, 37)
-        return layer, x, (lambda x, w, b: F.linear(x, w, b))
-    layer = bayeslayers.BayesConv2d.from_module(nn.Conv2d(6, 10, 3, stride=2, padding=1, groups=2),
-                                                kl_direction=direction, prior_sigma=0.03, prior_dtype=prior_dtype)
-    return layer, torch.randn(2, 6, 11, 9), (lambda x, w, b: F.conv2d(x, w, b, 2, 1, 1, 2))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
-@pytest.mark.parametrize("direction", ["qp", "pq"])
-def test_layer_forward_and_all_gradients_match_float64(poisoned, dtype, kind, direction):
-    bayeslayers.set_backend("triton")
-    layer, x, op64 = _layer_case(kind, direction, torch.bfloat16 if direction == "pq" else None)
-    _randomize(layer)
-    layer.fixed_seed = 987654321
-    x = x.to(dtype)
-    if kind == "linear":  # a non-contiguous (B, T, C) input, as attention code produces
-        x = x.transpose(0, 1).contiguous().transpose(0, 1)
-        assert not x.is_contiguous()
-    x.requires_grad_(True)
-    y = layer(x)
-    upstream = torch.randn(y.shape, dtype=torch.float64)
-    ((y.double() * upstream).sum() + KL_WEIGHT * layer.kl()).backward()
-    assert y.dtype == dtype
-
-    eps = bayeslayers.materialize_eps(layer.fixed_seed, layer.weight_mu.shape, backend="triton")
-    assert torch.equal(eps, philox_normal(layer.fixed_seed, layer.weight_mu.shape))
-    mu = layer.weight_mu.detach().double().requires_grad_(True)
-    rho = layer.weight_rho.detach().double().requires_grad_(True)
-    bias = layer.bias.detach().double().requires_grad_(True)
-    x64 = x.detach().double().requires_grad_(True)
-    y64 = op64(x64, sampled_weight(mu, rho, eps), bias)
-    kl64 = kl_reference(mu, rho, layer.prior_mu, layer.prior_sigma, direction)
-    ((y64 * upstream).sum() + KL_WEIGHT * kl64).backward()
-
-    tol = TOLERANCE[dtype]
-    assert relative_error(y, y64) < tol
-    assert relative_error(layer.kl(), kl64) < 1e-5
-    for actual, expected in ((x.grad, x64.grad), (layer.bias.grad, bias.grad), (layer.weight_mu.grad, mu.grad),
-                             (layer.weight_rho.grad, rho.grad)):
-        assert relative_error(actual, expected) < tol
-
-
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_lora_forward_and_gradients_match_float64(kind):
-    bayeslayers.set_backend("triton")
-    if kind == "linear":
-        base, x = nn.Linear(21, 13), torch.randn(4, 21)
-        layer = bayeslayers.BayesLoRALinear(base, rank=3, lora_alpha=6, bayesian_factors="AB")
-        op_a = op_b = lambda x, w: F.linear(x, w)
-    else:
-        base, x = nn.Conv2d(5, 7, 3, padding=1), torch.randn(2, 5, 9, 7)
-        layer = bayeslayers.BayesLoRAConv2d(base, rank=3, lora_alpha=6, bayesian_factors="AB")
-        op_a, op_b = (lambda x, w: F.conv2d(x, w, None, 1, 1)), (lambda x, w: F.conv2d(x, w))
-    factors = (layer.lora_A, layer.lora_B)
-    for factor in factors:
-        _randomize(factor)
-        factor.fixed_seed = 1000 + factor.weight_mu.shape[0]
-    x.requires_grad_(True)
-    y = layer(x)
-    upstream = torch.randn_like(y)
-    ((y * upstream).sum() + KL_WEIGHT * bayeslayers.kl_loss(layer)).backward()
-
-    params, weights, kl64 = [], [], 0
-    for factor in factors:
-        mu = factor.weight_mu.detach().double().requires_grad_(True)
-        rho = factor.weight_rho.detach().double().requires_grad_(True)
-        eps = philox_normal(factor.fixed_seed, mu.shape)
-        params.append((mu, rho))
-        weights.append(sampled_weight(mu, rho, eps))
-        kl64 = kl64 + kl_reference(mu, rho, factor.prior_mu, factor.prior_sigma, "qp")
-    x64 = x.detach().double().requires_grad_(True)
-    y64 = base.double()(x64) + layer.scaling * op_b(op_a(x64, weights[0]), weights[1])
-    ((y64 * upstream).sum() + KL_WEIGHT * kl64).backward()
-    assert relative_error(y, y64) < 1e-5 and relative_error(x.grad, x64.grad) < 1e-5
-    for factor, (mu, rho) in zip(factors, params):
-        assert relative_error(factor.weight_mu.grad, mu.grad) < 1e-5
-        assert relative_error(factor.weight_rho.grad, rho.grad) < 1e-5
-
-
 def test_training_forward_uses_the_layer_seed_stream_and_frozen_posterior_still_gives_dx():
     bayeslayers.set_backend("triton")
     layer = bayeslayers.BayesLinear(11, 7, init_sigma=0.1)
@@ -269,7 +192,7 @@ def test_training_forward_uses_the_layer_seed_stream_and_frozen_posterior_still_
     torch.manual_seed(31)
     y = layer(x)
     torch.manual_seed(31)
-    seed = BACKENDS["triton"].layer_seed(layer.layer_id)
+    seed = BACKENDS["triton"].layer_seed(layer.layer_id, torch.device("cpu"))
     w = sampled_weight(layer.weight_mu, layer.weight_rho, philox_normal(seed, (7, 11)))
     assert relative_error(y, F.linear(x.double(), w, layer.bias.double())) < 1e-5
     assert not torch.equal(layer(x), y)  # a fresh sample per training forward
@@ -278,26 +201,6 @@ def test_training_forward_uses_the_layer_seed_stream_and_frozen_posterior_still_
     x.requires_grad_(True)
     layer(x).sum().backward()  # dx only: the backward rebuilds w with the sampling kernel
     assert x.grad is not None and torch.isfinite(x.grad).all()
-
-
-@pytest.mark.parametrize("use_reentrant", [False, True])
-def test_activation_checkpointing_redraws_the_same_sample(use_reentrant):
-    from test_checkpointing import _gradients
-
-    plain, recomputed = _gradients(None, "triton"), _gradients(use_reentrant, "triton")
-    for a, b in zip(plain, recomputed):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-
-
-def test_saves_only_the_input_and_a_seed_for_backward():
-    from benchmarks.measure import saved_bytes
-
-    bayeslayers.set_backend("triton")
-    for plain, shape in ((nn.Linear(64, 48), (16, 64)), (nn.Conv2d(8, 16, 3, padding=1), (2, 8, 8, 8))):
-        x = torch.randn(*shape, requires_grad=True)
-        layer = (bayeslayers.BayesLinear if isinstance(plain, nn.Linear) else bayeslayers.BayesConv2d).from_module(
-            plain)
-        assert saved_bytes(layer, x) - saved_bytes(plain, x) <= 8  # one int64 seed
 
 
 def test_auto_never_picks_triton_on_cpu_but_explicit_triton_runs_interpreted():
@@ -338,10 +241,11 @@ def test_torch_compile_traces_a_converted_model_without_graph_breaks():
 
 def test_bad_arguments():
     mu = torch.zeros(3, 4)
+    path = SampleThenMap(TRITON_KERNELS)
     with pytest.raises(ValueError, match="kl_direction"):
-        reparameterized_op(LinearOp(), torch.randn(2, 4), mu, mu, None, None, 0.1, "pp", 1)
-    with pytest.raises(TypeError, match="mu and rho must be float32"):
-        reparameterized_op(Conv2dOp(), torch.randn(1, 4, 3, 3), mu.double(), mu, None, None, 0.1, "qp", 1)
+        reparameterize(LinearMap(), torch.randn(2, 4), Posterior(mu, mu, None, 0.1, "pp"), None, 1, path)
+    with pytest.raises(TypeError, match="mu and rho must both be float32"):
+        reparameterize(Conv2dMap(), torch.randn(1, 4, 3, 3), Posterior(mu.double(), mu, None, 0.1, "qp"), None, 1, path)
 
 
 # ---------------------------------------------------------------------------------------------- GPU only
@@ -355,7 +259,7 @@ def test_gpu_linear_at_sd_shapes_matches_float64(m, k, n, dtype):
     bayeslayers.set_backend("triton")
     layer = bayeslayers.BayesLinear.from_module(nn.Linear(k, n, device="cuda"), prior_dtype=torch.bfloat16,
                                                 kl_direction="qp").cuda()
-    _randomize(layer)
+    randomize_layer(layer)
     layer.fixed_seed = 4242
     x = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
     y = layer(x)

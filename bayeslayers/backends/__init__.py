@@ -1,15 +1,16 @@
-"""Backend dispatch: one interface, several implementations of the reparameterized layer op.
+"""Backend dispatch: one interface, several implementations of the reparameterized layer.
 
 - ``reference``: plain eager PyTorch; autograd keeps eps, sigma and the sampled weight (the test oracle and
   the benchmark baseline, what a hand-written Bayesian layer does).
-- ``torch``: a custom autograd Function that regenerates eps from the seed in backward and adds the KL
-  gradient analytically (torch's own RNG stream); runs anywhere.
+- ``torch``: the one autograd seam over kernels in plain torch (torch's own RNG stream, the reference's);
+  eps is regenerated in backward, the KL gradient added analytically; runs anywhere.
 - ``cpp``: C++ twins of the Triton kernels, one pass each way (``bayeslayers.kernels.cpu``); the CPU default.
 - ``triton``: fused Triton kernels (``bayeslayers.kernels``); the CUDA default when available.
 
-``cpp`` and ``triton`` draw the same eps for a seed. Choose with :func:`set_backend` or the
-``BAYESLAYERS_BACKEND`` environment variable; ``auto`` picks triton on CUDA and cpp on CPU when they are
-usable, torch otherwise (with one warning saying why).
+``cpp`` and ``triton`` draw the same eps for a seed, as do ``reference`` and ``torch``. Choose with
+:func:`set_backend` or the ``BAYESLAYERS_BACKEND`` environment variable; ``auto`` picks triton on CUDA and cpp
+on CPU when they are usable, torch otherwise (with one warning saying why). A resolution is computed once per
+(selection, device type) and cached, so forwards (and torch.compile traces) never re-run availability checks.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ BACKEND_CHOICES = ("auto", *BACKENDS)
 ENV_VAR = "BAYESLAYERS_BACKEND"
 
 _selected: str | None = None
+_resolved: dict[tuple[str, str], Backend] = {}
+_warned: set[str] = set()
 
 
 def _check_name(name: str, argument: str) -> str:
@@ -46,6 +49,7 @@ def set_backend(name: str | None) -> None:
     """
     global _selected
     _selected = None if name is None else _check_name(name, "backend")
+    _resolved.clear()
 
 
 def get_backend() -> str:
@@ -56,21 +60,27 @@ def get_backend() -> str:
 
 
 def resolve_backend(device: torch.device, name: str | None = None) -> Backend:
-    """The backend object that serves tensors on ``device`` ('auto' resolved)."""
-    name = get_backend() if name is None else _check_name(name, "backend")
-    if name == "auto":
-        return _auto(device)
-    backend = BACKENDS[name]
-    if not backend.is_available(device):
-        raise RuntimeError(f"backend {name!r} cannot run on device {device}: {backend.unavailable_reason(device)}")
+    """The backend object that serves tensors on ``device`` ('auto' resolved); cached per device type."""
+    key = (get_backend() if name is None else _check_name(name, "backend"), device.type)
+    backend = _resolved.get(key)
+    if backend is None:
+        backend = _resolved[key] = _resolve(*key)
     return backend
 
 
-_warned: set[str] = set()
+def _resolve(name: str, device_type: str) -> Backend:
+    device = torch.device(device_type)
+    if name == "auto":
+        return _auto(device)
+    backend = BACKENDS[name]
+    reason = backend.unavailable_reason(device)
+    if reason:
+        raise RuntimeError(f"backend {name!r} cannot run on device {device}: {reason}")
+    return backend
 
 
 def _auto(device: torch.device) -> Backend:
-    preferred = BACKENDS["triton"] if device.type == "cuda" else BACKENDS["cpp"] if device.type == "cpu" else None
+    preferred = {"cuda": BACKENDS["triton"], "cpu": BACKENDS["cpp"]}.get(device.type)
     if preferred is None:
         return BACKENDS["torch"]
     reason = preferred.unavailable_reason(device)
@@ -78,8 +88,18 @@ def _auto(device: torch.device) -> Backend:
         return preferred
     if preferred.name not in _warned:
         _warned.add(preferred.name)
-        warnings.warn(f"bayeslayers: using the 'torch' backend on {device.type}: {reason}", stacklevel=3)
+        warnings.warn(f"bayeslayers: using the 'torch' backend on {device.type}: {reason}", stacklevel=4)
     return BACKENDS["torch"]
 
 
-__all__ = ["Backend", "BACKENDS", "set_backend", "get_backend", "resolve_backend"]
+def materialize_eps(seed: int, shape, device="cpu", backend: str | None = None) -> torch.Tensor:
+    """The float32 noise the given (or current) backend draws for ``seed`` and a weight of ``shape``.
+
+    Use it to check a layer against a reference that receives the same ``eps``, or to reproduce a sample
+    (``w = mu + softplus(rho) * eps``).
+    """
+    device = torch.device(device)
+    return resolve_backend(device, backend).noise(seed, tuple(shape), device)
+
+
+__all__ = ["Backend", "BACKENDS", "get_backend", "materialize_eps", "resolve_backend", "set_backend"]

@@ -1,19 +1,23 @@
-"""The interface every backend implements."""
+"""The interface every backend implements, and the shared implementation of the kernel backends."""
 
 from __future__ import annotations
 
 import torch
 
-from ..kl import kl_elementwise
-from ..rng import draw_seed, mix_seed, torch_normal
+
+def kernels_module():
+    """``bayeslayers.kernels``, imported on first use (``import bayeslayers`` stays light)."""
+    import bayeslayers.kernels as kernels
+
+    return kernels
 
 
 class Backend:
-    """Computes ``(y, kl)`` for y = op(x, mu + softplus(rho) * eps, bias) and the summed closed-form KL.
+    """Computes ``(y, kl)`` for y = layer_map(x, mu + softplus(rho) * eps, bias) and the summed closed-form KL.
 
-    Tensors: x in the compute dtype; mu, rho (fp32 parameters, same shape as the weight); bias in the compute
-    dtype or None; prior_mu (any float dtype, weight-shaped) or None for a zero-mean prior. kl is a 0-d fp32
-    tensor (nats, summed over the weight's elements).
+    Tensors: x in the compute dtype; the :class:`~bayeslayers.kernels.Posterior` holds mu, rho (fp32
+    parameters, weight-shaped) and prior_mu (any float dtype, weight-shaped, or None for a zero-mean prior);
+    bias in the compute dtype or None. kl is a 0-d fp32 tensor (nats, summed over the weight's elements).
     """
 
     name = "base"
@@ -24,23 +28,22 @@ class Backend:
     def unavailable_reason(self, device: torch.device) -> str:
         return ""
 
-    def layer_seed(self, layer_id: int) -> int:
-        """A fresh seed for one sampling forward of the layer ``layer_id``."""
-        return mix_seed(draw_seed(), layer_id)
+    def layer_seed(self, layer_id: int, device: torch.device) -> torch.Tensor:
+        """A fresh seed (one-element int64 tensor on ``device``) for one sampling forward of layer ``layer_id``:
+        a draw from ``device``'s default generator mixed with the id, so ``torch.manual_seed`` reproduces it."""
+        return kernels_module().device_layer_seed(layer_id, device)
 
-    def noise(self, seed: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def noise(self, seed, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """The float32 eps this backend draws for (seed, shape) on ``device``."""
-        return torch_normal(seed, shape, device)
-
-    def apply(self, op, x, mu, rho, bias, prior_mu, prior_sigma: float, kl_direction: str, seed: int):
         raise NotImplementedError
 
-    def sample_weight(self, mu, rho, prior_mu, prior_sigma: float, kl_direction: str, seed, dtype: torch.dtype):
-        """``(w, kl)``: the weight sample mu + softplus(rho) * eps(seed) in ``dtype`` and the summed KL,
-        differentiable w.r.t. mu and rho (plain autograd here; fused where a backend overrides it)."""
-        sigma = torch.nn.functional.softplus(rho)
-        w = mu + sigma * self.noise(seed, tuple(mu.shape), mu.device)
-        return w.to(dtype), kl_elementwise(mu, sigma, prior_mu, prior_sigma, kl_direction).sum()
+    def apply(self, layer_map, x, posterior, bias, seed):
+        raise NotImplementedError
+
+    def sample_weight(self, posterior, seed, dtype: torch.dtype):
+        """``(w, kl)``: the weight sample mu + softplus(rho) * eps(seed) in ``dtype`` and the summed KL, both
+        differentiable w.r.t. mu and rho."""
+        raise NotImplementedError
 
     def fuses_lora(self, device: torch.device) -> bool:
         """True when :meth:`lora_linear` runs the base GEMM and the adapter as one kernel on ``device``."""
@@ -49,3 +52,29 @@ class Backend:
     def lora_linear(self, x, w, bias, a, b, scaling: float):
         """y = x @ w^T + scaling * (x @ a^T) @ b^T + bias, all in x's dtype (see :meth:`fuses_lora`)."""
         raise NotImplementedError(f"backend {self.name!r} has no fused LoRA")
+
+
+class KernelBackend(Backend):
+    """A backend made of :class:`~bayeslayers.kernels.PosteriorKernels` under the one autograd seam: the weight
+    is sampled in one pass and regenerated from the seed in backward (only x and the seed are saved)."""
+
+    def kernels(self):
+        """The backend's :class:`~bayeslayers.kernels.PosteriorKernels`."""
+        raise NotImplementedError
+
+    def path(self, layer_map, x):
+        """The :class:`~bayeslayers.kernels.WeightPath` a call takes (sample-then-map unless overridden)."""
+        return self.sample_then_map()
+
+    def sample_then_map(self, weight_grad_epilogue: bool = False):
+        """The backend's sample-then-map path (one instance per option, built on first use)."""
+        paths = self.__dict__.setdefault("_sample_then_map", {})
+        if weight_grad_epilogue not in paths:
+            paths[weight_grad_epilogue] = kernels_module().SampleThenMap(self.kernels(), weight_grad_epilogue)
+        return paths[weight_grad_epilogue]
+
+    def apply(self, layer_map, x, posterior, bias, seed):
+        return kernels_module().reparameterize(layer_map, x, posterior, bias, seed, self.path(layer_map, x))
+
+    def sample_weight(self, posterior, seed, dtype):
+        return kernels_module().sampled_weight(posterior, seed, dtype, self.kernels())

@@ -10,31 +10,19 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend
+from .base import KernelBackend, kernels_module
 
 
-class CppBackend(Backend):
+class CppBackend(KernelBackend):
     name = "cpp"
 
     def unavailable_reason(self, device: torch.device) -> str:
         if device.type != "cpu":
             return "the C++ kernels run on CPU tensors only"
-        return _kernels().cpu.unavailable_reason()
+        return kernels_module().cpu.unavailable_reason()
 
-    def layer_seed(self, layer_id: int) -> torch.Tensor:
-        """int64 CPU tensor: a draw from the default generator mixed with ``layer_id`` (as the triton backend)."""
-        return _kernels().device_layer_seed(layer_id, torch.device("cpu"))
+    def kernels(self):
+        return kernels_module().cpu.CPU_KERNELS
 
     def noise(self, seed, shape, device):
-        return _kernels().cpu.philox_normal(seed, shape).to(device)
-
-    def apply(self, op, x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed):
-        kernels = _kernels()
-        return kernels.reparameterized_op(op, x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed,
-                                          kernels.cpu.CPU_OPS)
-
-
-def _kernels():
-    import bayeslayers.kernels as kernels
-
-    return kernels
+        return kernels_module().cpu.philox_normal(seed, shape).to(device)

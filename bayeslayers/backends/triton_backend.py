@@ -1,78 +1,51 @@
 """Triton backend: fused sample+KL and gradient kernels from ``bayeslayers.kernels``, and the fused GEMMs
 (sample-in-GEMM Linear, dW epilogue, LoRA in the base GEMM) where ``bayeslayers.kernels.fusion_policy()`` says.
 
-Runs on CUDA, or on CPU when ``TRITON_INTERPRET=1`` was set before the kernels were imported.
-
-Seeds: :meth:`TritonBackend.layer_seed` returns a one-element int64 tensor drawn from the default generator
-of the device the kernels run on and mixed with the layer id there (no host sync; CUDA-graph and
-torch.compile friendly; activation checkpointing restores the generator and so redraws the same seed).
-Python int seeds (``sampling()``, ``fixed_seed``) are accepted as well. The eps stream is the Philox one
-documented in ``bayeslayers/kernels/philox.py``; it differs from the torch backend's stream.
+Runs on CUDA, or on CPU when ``TRITON_INTERPRET=1`` was set before the kernels were imported. Seeds are
+one-element int64 tensors drawn on the weight's device (no host sync; CUDA-graph and torch.compile friendly;
+activation checkpointing restores the generator and so redraws the same seed). The eps stream is the Philox
+one documented in ``bayeslayers/kernels/philox.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
-from ..ops import LinearOp
-from .base import Backend
+from ..layer_maps import LinearMap
+from .base import KernelBackend, kernels_module
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-class TritonBackend(Backend):
+class TritonBackend(KernelBackend):
     name = "triton"
 
     def unavailable_reason(self, device: torch.device) -> str:
-        if importlib.util.find_spec("triton") is None:
+        from bayeslayers.kernels.interpreter import INTERPRETING, TRITON_INSTALLED
+
+        if not TRITON_INSTALLED:
             return "the 'triton' package is not installed"
-        if device.type != "cuda" and not _interpreting():
+        if device.type != "cuda" and not INTERPRETING:
             return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
-        kernels = _kernels()
-        if not hasattr(kernels, "sample_weight_and_kl"):
-            return "this build of bayeslayers.kernels provides no fused reparameterization kernels"
         return ""
 
-    def layer_seed(self, layer_id: int) -> torch.Tensor:
-        """int64 device tensor: a draw from the kernels' device's default generator mixed with ``layer_id``."""
-        return _kernels().device_layer_seed(layer_id, _seed_device())
+    def kernels(self):
+        return kernels_module().TRITON_KERNELS
 
     def noise(self, seed, shape, device):
-        return _kernels().philox_normal(seed, shape, device)
+        return kernels_module().philox_normal(seed, shape, device)
 
-    def apply(self, op, x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed):
-        kernels = _kernels()
+    def path(self, layer_map, x):
+        kernels = kernels_module()
+        if not isinstance(layer_map, LinearMap):
+            return self.sample_then_map()
         policy = kernels.fusion_policy()
-        linear = isinstance(op, LinearOp)
-        if linear and policy.samples_in_gemm(x.numel() // max(1, x.shape[-1])):
-            return kernels.sampled_linear(x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed)
-        return kernels.reparameterized_op(op, x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed,
-                                          linear_weight_grad=linear and policy.weight_grad_epilogue)
+        if policy.samples_in_gemm(x.numel() // max(1, x.shape[-1])):
+            from bayeslayers.kernels.fused_paths import SAMPLE_IN_GEMM
 
-    def sample_weight(self, mu, rho, prior_mu, prior_sigma, kl_direction, seed, dtype):
-        return _kernels().sampled_weight(mu, rho, prior_mu, prior_sigma, kl_direction, seed, dtype)
+            return SAMPLE_IN_GEMM
+        return self.sample_then_map(weight_grad_epilogue=policy.weight_grad_epilogue)
 
     def fuses_lora(self, device):
-        return _kernels().fusion_policy().fused_lora
+        return kernels_module().fusion_policy().fused_lora
 
     def lora_linear(self, x, w, bias, a, b, scaling):
-        return _kernels().lora_linear(x, w, bias, a, b, scaling)
-
-
-def _seed_device() -> torch.device:
-    """The current CUDA device when there is one, else the CPU (interpreter); seeds move to the weight's
-    device in ``reparameterized_op`` if they differ."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _kernels():
-    import bayeslayers.kernels as kernels
-
-    return kernels
+        return kernels_module().lora_linear(x, w, bias, a, b, scaling)

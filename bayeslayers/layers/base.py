@@ -7,21 +7,17 @@ import math
 import torch
 import torch.nn as nn
 
-from ..backends import resolve_backend
-from ..kl import check_direction, kl_elementwise
+from bayeslayers.kernels.posterior import Posterior
 
-PRIOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from ..backends import resolve_backend
+from ..config import DEFAULTS, PRIOR_DTYPES, check_choice, check_positive, dtype_from_name, dtype_name
+from ..kl import KL_DIRECTIONS, kl_elementwise
+from ..rng import unnamed_layer_id
 
 
 def inverse_softplus(sigma: float) -> float:
     """rho such that softplus(rho) == sigma (stable for small sigma)."""
     return sigma + math.log(-math.expm1(-sigma))
-
-
-def check_positive(value: float, argument: str) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{argument} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -41,17 +37,17 @@ class BayesianLayer(nn.Module):
     mode the posterior mean is used (a plain layer's cost). :func:`bayeslayers.sampling` fixes the seed.
     """
 
-    def __init__(self, weight_shape, *, init_sigma=0.01, prior_sigma=0.01, kl_direction="qp", prior_mean=None,
-                 prior_dtype=None, device=None):
+    def __init__(self, weight_shape, *, init_sigma=DEFAULTS.init_sigma, prior_sigma=DEFAULTS.prior_sigma,
+                 kl_direction=DEFAULTS.kl_direction, prior_mean=None, prior_dtype=DEFAULTS.prior_dtype, device=None):
         super().__init__()
         init_sigma = check_positive(init_sigma, "init_sigma")
         self.prior_sigma = check_positive(prior_sigma, "prior_sigma")
-        self.kl_direction = check_direction(kl_direction)
+        self.kl_direction = check_choice(kl_direction, KL_DIRECTIONS, "kl_direction")
         self.weight_mu = nn.Parameter(torch.empty(weight_shape, dtype=torch.float32, device=device))
         self.weight_rho = nn.Parameter(
             torch.full(weight_shape, inverse_softplus(init_sigma), dtype=torch.float32, device=device))
         self.register_buffer("prior_mu", self._prior_tensor(prior_mean, prior_dtype, weight_shape, device))
-        self.layer_id = 0
+        self.layer_id = unnamed_layer_id()  # convert() replaces it by a stable id from the layer's name
         self.fixed_seed: int | None = None
         self._kl_cache = None
 
@@ -67,7 +63,7 @@ class BayesianLayer(nn.Module):
         dtype = prior_dtype or torch.float32
         return prior_mean.detach().to(device=device, dtype=dtype).clone()
 
-    def _copy_from(self, module: nn.Module) -> "BayesianLayer":
+    def _copy_from(self, module: nn.Module) -> BayesianLayer:
         """Takes the mean and bias from a plain layer; exports will use its weight dtype."""
         weight = module.weight.detach()
         with torch.no_grad():
@@ -99,8 +95,12 @@ class BayesianLayer(nn.Module):
     def sampling_enabled(self) -> bool:
         return self.training or self.fixed_seed is not None
 
-    def _reparameterized(self, op, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Applies ``op`` with a weight sample (training / fixed seed) or the posterior mean (eval)."""
+    def posterior(self) -> Posterior:
+        """This layer's posterior and prior as the backends receive them."""
+        return Posterior(self.weight_mu, self.weight_rho, self.prior_mu, self.prior_sigma, self.kl_direction)
+
+    def _reparameterized(self, layer_map, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Applies ``layer_map`` with a weight sample (training / fixed seed) or the posterior mean (eval)."""
         if not x.is_floating_point():
             raise TypeError(f"{type(self).__name__}: input x must be a floating-point tensor, got {x.dtype}")
         dtype = compute_dtype(x)
@@ -108,10 +108,9 @@ class BayesianLayer(nn.Module):
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             if not self.sampling_enabled:
-                return op.forward(x, self.weight_mu.to(dtype), bias)
+                return layer_map.forward(x, self.weight_mu.to(dtype), bias)
             backend, seed = self._backend_and_seed(x.device)
-            y, kl = backend.apply(op, x, self.weight_mu, self.weight_rho, bias, self.prior_mu, self.prior_sigma,
-                                  self.kl_direction, seed)
+            y, kl = backend.apply(layer_map, x, self.posterior(), bias, seed)
         self._kl_cache = (kl, self._param_versions())
         return y
 
@@ -122,15 +121,16 @@ class BayesianLayer(nn.Module):
             return self.weight_mu.to(dtype)
         backend, seed = self._backend_and_seed(self.weight_mu.device)
         with torch.autocast(self.weight_mu.device.type, enabled=False):
-            w, kl = backend.sample_weight(self.weight_mu, self.weight_rho, self.prior_mu, self.prior_sigma,
-                                          self.kl_direction, seed, dtype)
+            w, kl = backend.sample_weight(self.posterior(), seed, dtype)
         self._kl_cache = (kl, self._param_versions())
         return w
 
     def _backend_and_seed(self, device: torch.device):
         """The backend serving ``device`` and the seed of this sampling call (the fixed one, else a fresh draw)."""
         backend = resolve_backend(device)
-        return backend, self.fixed_seed if self.fixed_seed is not None else backend.layer_seed(self.layer_id)
+        if self.fixed_seed is not None:
+            return backend, self.fixed_seed
+        return backend, backend.layer_seed(self.layer_id, device)
 
     def _param_versions(self):
         return (self.weight_mu._version, self.weight_rho._version,
@@ -159,13 +159,16 @@ class BayesianLayer(nn.Module):
 
     def options(self) -> dict:
         """Prior and KL options, JSON-friendly (saved with checkpoints)."""
-        prior_dtype = None if self.prior_mu is None else str(self.prior_mu.dtype).replace("torch.", "")
+        prior_dtype = None if self.prior_mu is None else dtype_name(self.prior_mu.dtype)
         return {"prior_sigma": self.prior_sigma, "kl_direction": self.kl_direction, "prior_dtype": prior_dtype}
 
     def apply_options(self, options: dict) -> None:
-        """Sets the prior width and KL direction from :meth:`options` output."""
+        """Sets the prior width, KL direction and prior storage dtype from :meth:`options` output."""
         self.prior_sigma = check_positive(options["prior_sigma"], "prior_sigma")
-        self.kl_direction = check_direction(options["kl_direction"])
+        self.kl_direction = check_choice(options["kl_direction"], KL_DIRECTIONS, "kl_direction")
+        prior_dtype = options.get("prior_dtype")
+        if self.prior_mu is not None and prior_dtype is not None:
+            self.prior_mu = self.prior_mu.to(dtype_from_name(prior_dtype, "prior_dtype"))
         self._kl_cache = None
 
     def posterior_repr(self) -> str:

@@ -9,12 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from ..ops import Conv2dOp
+from ..config import DEFAULTS
+from ..layer_maps import Conv2dMap
 from .base import BayesianLayer
 
 
 def _resolve_padding(padding, kernel_size, stride, dilation, padding_mode):
-    """Splits a Conv2d padding spec into (numeric op padding, explicit F.pad amounts or None)."""
+    """Splits a Conv2d padding spec into (numeric padding of the map, explicit F.pad amounts or None)."""
     if isinstance(padding, str):
         if padding == "valid":
             return (0, 0), None
@@ -54,8 +55,8 @@ class BayesConv2d(BayesianLayer):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.dilation, self.groups = kernel_size, stride, dilation, groups
         self.padding, self.padding_mode = padding, padding_mode
-        op_padding, self._pre_pad = _resolve_padding(padding, kernel_size, stride, dilation, padding_mode)
-        self._op = Conv2dOp(stride, op_padding, dilation, groups)
+        map_padding, self._pre_pad = _resolve_padding(padding, kernel_size, stride, dilation, padding_mode)
+        self._layer_map = Conv2dMap(stride, map_padding, dilation, groups)
         self.bias = nn.Parameter(torch.empty(out_channels, device=device)) if bias else None
         self.export_dtype = torch.float32
         self.reset_mean()
@@ -73,8 +74,8 @@ class BayesConv2d(BayesianLayer):
                     dilation=self.dilation, groups=self.groups, padding_mode=self.padding_mode)
 
     @classmethod
-    def from_module(cls, module: nn.Conv2d, *, init_sigma=0.01, prior_sigma=0.01, kl_direction="qp",
-                    prior_dtype=None) -> "BayesConv2d":
+    def from_module(cls, module: nn.Conv2d, *, init_sigma=DEFAULTS.init_sigma, prior_sigma=DEFAULTS.prior_sigma,
+                    kl_direction=DEFAULTS.kl_direction, prior_dtype=DEFAULTS.prior_dtype) -> BayesConv2d:
         """Posterior mean = ``module.weight``; prior mean = a frozen copy of it; bias copied."""
         weight = module.weight.detach()
         layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
@@ -99,7 +100,7 @@ class BayesConv2d(BayesianLayer):
         if self._pre_pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pre_pad, mode=mode)
-        y = self._reparameterized(self._op, x, self.bias)
+        y = self._reparameterized(self._layer_map, x, self.bias)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:

@@ -7,10 +7,11 @@ import math
 import torch
 import torch.nn as nn
 
-from ..ops import LinearOp
+from ..config import DEFAULTS
+from ..layer_maps import LinearMap
 from .base import BayesianLayer
 
-_LINEAR = LinearOp()
+_LINEAR = LinearMap()
 
 
 class BayesLinear(BayesianLayer):
@@ -36,8 +37,8 @@ class BayesLinear(BayesianLayer):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_module(cls, module: nn.Linear, *, init_sigma=0.01, prior_sigma=0.01, kl_direction="qp",
-                    prior_dtype=None) -> "BayesLinear":
+    def from_module(cls, module: nn.Linear, *, init_sigma=DEFAULTS.init_sigma, prior_sigma=DEFAULTS.prior_sigma,
+                    kl_direction=DEFAULTS.kl_direction, prior_dtype=DEFAULTS.prior_dtype) -> BayesLinear:
         """Posterior mean = ``module.weight``; prior mean = a frozen copy of it; bias copied."""
         weight = module.weight.detach()
         layer = cls(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device,

@@ -14,35 +14,29 @@ import torch
 import torch.nn as nn
 
 from ..backends import resolve_backend
+from ..config import DEFAULTS, BayesConfig, dtype_name
 from .base import compute_dtype
 from .conv import BayesConv2d
 from .linear import BayesLinear
-
-FACTOR_CHOICES = ("AB", "A", "B", "")  # "": a plain (deterministic) LoRA, for baselines
-
-
-def _check_lora_options(rank, lora_alpha, bayesian_factors):
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    if lora_alpha is not None and (not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0):
-        raise ValueError(f"lora_alpha must be a positive number or None, got {lora_alpha!r}")
-    if bayesian_factors not in FACTOR_CHOICES:
-        raise ValueError(f"bayesian_factors must be one of {FACTOR_CHOICES}, got {bayesian_factors!r}")
 
 
 class _BayesLoRA(nn.Module):
     """Shared structure of the LoRA layer types; subclasses build the two factors and the merged update."""
 
-    def __init__(self, base_layer: nn.Module, rank: int = 4, lora_alpha=None, bayesian_factors: str = "AB",
-                 init_sigma=0.01, prior_sigma=0.01, kl_direction="qp", prior_dtype=None):
+    def __init__(self, base_layer: nn.Module, rank: int = DEFAULTS.rank, lora_alpha=DEFAULTS.lora_alpha,
+                 bayesian_factors: str = DEFAULTS.bayesian_factors, init_sigma=DEFAULTS.init_sigma,
+                 prior_sigma=DEFAULTS.prior_sigma, kl_direction=DEFAULTS.kl_direction,
+                 prior_dtype=DEFAULTS.prior_dtype):
         super().__init__()
-        _check_lora_options(rank, lora_alpha, bayesian_factors)
+        BayesConfig(mode="lora", rank=rank, lora_alpha=lora_alpha, bayesian_factors=bayesian_factors,
+                    init_sigma=init_sigma, prior_sigma=prior_sigma, kl_direction=kl_direction,
+                    prior_dtype=prior_dtype)  # validates every option
         self.base_layer = base_layer.requires_grad_(False)
         self.rank = rank
         self.lora_alpha = float(rank if lora_alpha is None else lora_alpha)
         self.scaling = self.lora_alpha / rank
         self.bayesian_factors = bayesian_factors
-        self.lora_prior_dtype = None if prior_dtype is None else str(prior_dtype).replace("torch.", "")
+        self.lora_prior_dtype = dtype_name(prior_dtype)
         posterior = dict(init_sigma=init_sigma, prior_sigma=prior_sigma, kl_direction=kl_direction,
                          prior_dtype=prior_dtype)
         device = base_layer.weight.device
@@ -80,11 +74,20 @@ class _BayesLoRA(nn.Module):
         """LoRA structure plus the factors' prior and KL options, JSON-friendly (saved with checkpoints)."""
         options = {"rank": self.rank, "lora_alpha": self.lora_alpha, "bayesian_factors": self.bayesian_factors}
         posteriors = self._posteriors()
-        options.update(posteriors[0].options() if posteriors else {"prior_sigma": 0.01, "kl_direction": "qp"})
+        options.update(posteriors[0].options() if posteriors else DEFAULTS.layer_options(("prior_sigma",
+                                                                                           "kl_direction")))
         options["prior_dtype"] = self.lora_prior_dtype
         return options
 
     def apply_options(self, options: dict) -> None:
+        """Sets alpha (and so the scaling) and the factors' prior options from :meth:`options` output; the
+        structure (rank, Bayesian factors) must already match."""
+        for name in ("rank", "bayesian_factors"):
+            if options[name] != getattr(self, name):
+                raise ValueError(f"{name} is {getattr(self, name)!r} in this layer but {options[name]!r} in the options")
+        self.lora_alpha = float(options["lora_alpha"])
+        self.scaling = self.lora_alpha / self.rank
+        self.lora_prior_dtype = options.get("prior_dtype")
         for factor in self._posteriors():
             factor.apply_options(options)
 

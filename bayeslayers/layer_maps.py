@@ -1,7 +1,8 @@
-"""The deterministic operation a Bayesian layer applies with its sampled weight, with an explicit backward.
+"""Layer maps: the deterministic function a Bayesian layer applies with its weight, with an explicit backward.
 
-Backends call ``forward(x, w, b)`` and ``backward(dy, x, w, needs)``; autograd Functions use the latter to
-form input and weight gradients without autograd saving the sampled weight.
+Backends call ``forward(x, w, b)`` and ``backward(dy, x, w, needs)``; the autograd seam
+(``bayeslayers.kernels.reparameterized``) uses the latter to form input and weight gradients without autograd
+saving the sampled weight.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
-class LinearOp:
+class LinearMap:
     """y[..., out] = x[..., in] @ w[out, in]^T + b[out]."""
 
     def forward(self, x, w, b):
@@ -29,8 +30,8 @@ class LinearOp:
 
 
 @dataclass(frozen=True)
-class Conv2dOp:
-    """2-D convolution with numeric zero padding (other padding is applied to x before the op)."""
+class Conv2dMap:
+    """2-D convolution with numeric zero padding (other padding is applied to x before the map)."""
 
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)

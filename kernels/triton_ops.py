@@ -1,6 +1,6 @@
 """The Triton kernels as ``torch.library`` operators (``torch.ops.bayeslayers.*``).
 
-The sample/gradient pair follows the schemas of ``custom_ops.py``; the fused GEMMs are registered here:
+The sample/gradient pair follows the schemas of ``kernel_ops.py``; the fused GEMMs are registered here:
 
   sampled_matmul(a, mu, rho, prior_mu?, seed, bias?, transpose_weight, prior_sigma, kl_direction, with_kl)
       -> (out [M, N or K] a.dtype, kl [] float32, or [0] when with_kl is False)
@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .custom_ops import define_kernel_ops
+from .kernel_ops import register_posterior_kernels
 from .lora_matmul import lora_matmul
 from .reparam_grad import reparameterization_grad
 from .sample_kl import sample_weight_and_kl
@@ -65,5 +65,6 @@ def _(x, w, a, b, scaling, bias):
     return x.new_empty((x.shape[0], b.shape[0]))
 
 
-TRITON_OPS = define_kernel_ops("", sample_weight_and_kl, reparameterization_grad,
-                               linear_weight_grad=reparameterized_weight_grad_op)
+TRITON_KERNELS = register_posterior_kernels("", sample_weight_and_kl, reparameterization_grad,
+                                            linear_weight_grad_op=reparameterized_weight_grad_op,
+                                            sampled_matmul_op=sampled_matmul_op)

@@ -1,0 +1,64 @@
+"""The posterior kernels in plain torch (``bayeslayers::torch_*``): runs on any device torch supports.
+
+eps comes from torch's own generator seeded with the layer's seed (a stream of its own, not the Philox one of
+the Triton and C++ kernels); the gradient pass regenerates it, so nothing but the seed is kept for backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kernel_ops import register_posterior_kernels
+from .posterior import kl_elementwise, kl_grads
+from .seeds import seed_tensor
+
+
+def torch_normal(seed, shape, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal float32 tensor of ``shape``: a pure function of ``(seed, shape, device type)``.
+
+    seed: a Python int or a one-element int64 tensor (read on the host)."""
+    device = torch.device(device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed_tensor(seed, torch.device("cpu")).item()) & ((1 << 64) - 1))
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+
+
+def _sample(mu, rho, seed):
+    sigma = F.softplus(rho)
+    return torch.addcmul(mu, sigma, torch_normal(seed, mu.shape, mu.device).to(mu.dtype)), sigma
+
+
+def sample_weight_and_kl(mu, rho, prior_mu, seed, prior_sigma: float, kl_direction: str, out_dtype: torch.dtype,
+                         with_kl: bool = True):
+    """``(w in out_dtype, kl 0-d or empty)`` on any device; kl in mu's dtype (float32, or float64 for gradcheck)."""
+    w, sigma = _sample(mu, rho, seed)
+    if not with_kl:
+        return w.to(out_dtype), mu.new_empty(0, dtype=torch.float32)
+    return w.to(out_dtype), kl_elementwise(mu, sigma, prior_mu, prior_sigma, kl_direction).sum()
+
+
+def reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: float, kl_direction: str,
+                            w_dtype: torch.dtype | None = None):
+    """``(d_mu, d_rho, w or None)``: d_mu = dW + g_kl dKL/dmu, d_rho = (dW eps + g_kl dKL/dsigma) sigmoid(rho)."""
+    sigma = F.softplus(rho)
+    d_mu = torch.zeros_like(mu)
+    d_sigma = torch.zeros_like(mu)
+    w = None
+    if d_w is not None or w_dtype is not None:
+        eps = torch_normal(seed, mu.shape, mu.device)
+        if d_w is not None:
+            d_mu = d_w.to(mu.dtype).clone()
+            d_sigma = d_mu * eps.to(mu.dtype)
+        if w_dtype is not None:
+            w = torch.addcmul(mu, sigma, eps.to(mu.dtype)).to(w_dtype)
+    if g_kl is not None:
+        g_mu, g_sigma = kl_grads(mu, sigma, prior_mu, prior_sigma, kl_direction)
+        g_kl = g_kl.to(mu.dtype)
+        d_mu = d_mu + g_kl * g_mu
+        d_sigma = d_sigma + g_kl * g_sigma
+    return d_mu, d_sigma * torch.sigmoid(rho), w
+
+
+TORCH_KERNELS = register_posterior_kernels("torch_", sample_weight_and_kl, reparameterization_grad,
+                                           param_dtypes=(torch.float32, torch.float64))  # float64: gradcheck
