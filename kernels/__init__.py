@@ -37,7 +37,7 @@ _EXPORTS = {
     "reparameterize": ".reparameterized", "sampled_weight": ".reparameterized",
     "PosteriorKernels": ".kernel_ops",
     "device_layer_seed": ".seeds", "mix_seed_tensor": ".seeds", "seed_tensor": ".seeds",
-    "TORCH_KERNELS": ".torch_ops", "torch_normal": ".torch_ops",
+    "TORCH_KERNELS": ".torch_ops", "torch_normal": ".torch_ops", "torch_normal_op": ".torch_ops",
 }
 _TRITON_EXPORTS = {  # need the triton package (on CPU: TRITON_INTERPRET=1)
     "philox_normal": ".philox", "sample_weight_and_kl": ".sample_kl", "reparameterization_grad": ".reparam_grad",

@@ -47,33 +47,44 @@ def _splitmix64(value: torch.Tensor) -> torch.Tensor:
     return value ^ _shift_right(value, 31)
 
 
-def mix_seed_tensor(draw: torch.Tensor, layer_id: int) -> torch.Tensor:
-    """63-bit seed from a drawn int64 tensor and a layer id, on the draw's device.
+def mix_seed_tensor(draw: torch.Tensor, layer_id) -> torch.Tensor:
+    """63-bit seed from a drawn int64 tensor and a layer id (int, or an int64 tensor of one element), on the
+    draw's device.
 
     Bit-identical to ``bayeslayers.rng.mix_seed(draw, layer_id)`` (SplitMix64 chain), computed without a
     host sync.
     """
+    layer_id = layer_id.reshape(1).to(draw.device) if isinstance(layer_id, torch.Tensor) else _signed64(layer_id)
     state = _splitmix64(draw)
-    state = _splitmix64(state ^ _signed64(layer_id))
+    state = _splitmix64(state ^ layer_id)
     return state & _SEED_MASK
 
 
-@torch.library.custom_op("bayeslayers::mix_seed", mutates_args=())
-def _mix_seed_op(draw: torch.Tensor, layer_id: int) -> torch.Tensor:
+# Every draw mutates this token, so a compiled graph keeps the draws in program order: eager and compiled runs
+# then take the same numbers from the generator and draw the same weight samples for one torch.manual_seed.
+DRAW_ORDER = torch.zeros(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("bayeslayers::draw_layer_seed", mutates_args=("order",))
+def _draw_layer_seed_op(order: torch.Tensor, layer_id: torch.Tensor) -> torch.Tensor:
+    draw = torch.randint(0, _DRAW_BOUND, (1,), dtype=torch.int64, device=layer_id.device)
+    order.add_(1)
     return mix_seed_tensor(draw, layer_id)
 
 
-@_mix_seed_op.register_fake
-def _(draw, layer_id):
-    return torch.empty_like(draw)
+@_draw_layer_seed_op.register_fake
+def _(order, layer_id):
+    return torch.empty(1, dtype=torch.int64, device=layer_id.device)
 
 
-def device_layer_seed(layer_id: int, device: torch.device) -> torch.Tensor:
-    """A fresh seed for one sampling forward: a draw from ``device``'s default generator mixed with ``layer_id``.
+def device_layer_seed(layer_id, device: torch.device) -> torch.Tensor:
+    """A fresh seed for one sampling forward: a draw from ``device``'s default generator mixed with ``layer_id``
+    (an int or an int64 tensor of one element).
 
-    ``torch.manual_seed`` makes it reproducible, and activation checkpointing (which saves and restores the
-    device generators) redraws the same seed when it recomputes a forward.
+    ``torch.manual_seed`` makes it reproducible, eager or compiled, and activation checkpointing (which saves
+    and restores the device generators) redraws the same seed when it recomputes a forward. One opaque
+    operator draws and mixes (Inductor, torch 2.13 CPU, miscompiles the SplitMix64 chain fused with randint).
     """
-    draw = torch.randint(0, _DRAW_BOUND, (1,), dtype=torch.int64, device=device)
-    # An opaque op: Inductor (torch 2.13, CPU) miscompiles the SplitMix64 chain when it fuses it with randint.
-    return _mix_seed_op(draw, layer_id)
+    if not isinstance(layer_id, torch.Tensor):
+        layer_id = torch.tensor([_signed64(layer_id)], dtype=torch.int64)
+    return _draw_layer_seed_op(DRAW_ORDER, layer_id.reshape(1).to(device))

@@ -24,6 +24,17 @@ def torch_normal(seed, shape, device: torch.device | str = "cpu") -> torch.Tenso
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
 
 
+@torch.library.custom_op("bayeslayers::torch_normal", mutates_args=())
+def torch_normal_op(seed: torch.Tensor, shape: list[int], device: torch.device) -> torch.Tensor:
+    """:func:`torch_normal` as an operator (an opaque call under torch.compile: its generator stays eager)."""
+    return torch_normal(seed, shape, device)
+
+
+@torch_normal_op.register_fake
+def _(seed, shape, device):
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def _sample(mu, rho, seed):
     sigma = F.softplus(rho)
     return torch.addcmul(mu, sigma, torch_normal(seed, mu.shape, mu.device).to(mu.dtype)), sigma

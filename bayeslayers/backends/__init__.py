@@ -61,11 +61,17 @@ def get_backend() -> str:
 
 def resolve_backend(device: torch.device, name: str | None = None) -> Backend:
     """The backend object that serves tensors on ``device`` ('auto' resolved); cached per device type."""
-    key = (get_backend() if name is None else _check_name(name, "backend"), device.type)
-    backend = _resolved.get(key)
-    if backend is None:
-        backend = _resolved[key] = _resolve(*key)
-    return backend
+    return BACKENDS[_resolved_name(name, device.type)]
+
+
+@torch.compiler.assume_constant_result
+def _resolved_name(name: str | None, device_type: str) -> str:
+    """Runs eagerly even while torch.compile traces (availability checks may build the C++ extension); the
+    traced graph keeps the answer as a constant."""
+    key = (get_backend() if name is None else _check_name(name, "backend"), device_type)
+    if key not in _resolved:
+        _resolved[key] = _resolve(*key)
+    return _resolved[key].name
 
 
 def _resolve(name: str, device_type: str) -> Backend:

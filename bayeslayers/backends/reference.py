@@ -6,6 +6,7 @@ sample for the same seed; it is the tests' oracle and the benchmarks' baseline.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..kl import kl_elementwise
@@ -16,7 +17,8 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def noise(self, seed, shape, device):
-        return kernels_module().torch_normal(seed, shape, device)
+        kernels = kernels_module()
+        return kernels.torch_normal_op(kernels.seed_tensor(seed, torch.device("cpu")), list(shape), device)
 
     def sample_weight(self, posterior, seed, dtype):
         mu, rho, prior_mu, prior_sigma, kl_direction = posterior

@@ -47,8 +47,12 @@ class BayesianLayer(nn.Module):
         self.weight_rho = nn.Parameter(
             torch.full(weight_shape, inverse_softplus(init_sigma), dtype=torch.float32, device=device))
         self.register_buffer("prior_mu", self._prior_tensor(prior_mean, prior_dtype, weight_shape, device))
-        self.layer_id = unnamed_layer_id()  # convert() replaces it by a stable id from the layer's name
-        self.fixed_seed: int | None = None
+        # Noise id and fixed seed live in int64 buffers (not state): compiled graphs take them as inputs, so
+        # layers of one shape and new seeds never recompile.
+        self.register_buffer("noise_id", torch.tensor([unnamed_layer_id()], device=device), persistent=False)
+        self.register_buffer("fixed_seed_tensor", torch.zeros(1, dtype=torch.int64, device=device),
+                             persistent=False)
+        self.has_fixed_seed = False
         self._kl_cache = None
 
     @staticmethod
@@ -92,8 +96,32 @@ class BayesianLayer(nn.Module):
         return nn.functional.softplus(self.weight_rho)
 
     @property
+    def layer_id(self) -> int:
+        """The id mixed into this layer's noise seeds: stable from its name after ``convert``, else
+        process-unique."""
+        return int(self.noise_id.item())
+
+    @layer_id.setter
+    def layer_id(self, value: int) -> None:
+        self.noise_id.fill_(int(value))
+
+    @property
+    def fixed_seed(self) -> int | None:
+        """The seed every forward uses (also in eval mode), or None: a fresh draw per training forward."""
+        return int(self.fixed_seed_tensor.item()) & ((1 << 64) - 1) if self.has_fixed_seed else None
+
+    @fixed_seed.setter
+    def fixed_seed(self, value: int | None) -> None:
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"fixed_seed must be an int or None, got {type(value).__name__}")
+            value &= (1 << 64) - 1
+            self.fixed_seed_tensor.fill_(value - (1 << 64) if value >= 1 << 63 else value)
+        self.has_fixed_seed = value is not None
+
+    @property
     def sampling_enabled(self) -> bool:
-        return self.training or self.fixed_seed is not None
+        return self.training or self.has_fixed_seed
 
     def posterior(self) -> Posterior:
         """This layer's posterior and prior as the backends receive them."""
@@ -128,9 +156,9 @@ class BayesianLayer(nn.Module):
     def _backend_and_seed(self, device: torch.device):
         """The backend serving ``device`` and the seed of this sampling call (the fixed one, else a fresh draw)."""
         backend = resolve_backend(device)
-        if self.fixed_seed is not None:
-            return backend, self.fixed_seed
-        return backend, backend.layer_seed(self.layer_id, device)
+        if self.has_fixed_seed:  # a copy: the saved seed must not follow later changes of the buffer
+            return backend, self.fixed_seed_tensor.clone()
+        return backend, backend.layer_seed(self.noise_id, device)
 
     def _param_versions(self):
         return (self.weight_mu._version, self.weight_rho._version,

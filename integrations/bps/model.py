@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-# The per-position weights of the reference implementation for SD1.5's 12 skip features and the middle.
+# The per-position weights of the reference implementation for SD1.5's 12 skip features (the middle's, 16, is
+# 2**levels for any depth).
 SD15_DOWN_SCALES = (16.0, 16.0, 1.0, 8.0, 8.0, 1.0, 4.0, 4.0, 1.0, 2.0, 2.0, 1.0)
-SD15_MID_SCALE = 16.0
 
 
 def _groups(channels: int, preferred: int) -> int:

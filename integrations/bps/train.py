@@ -3,7 +3,7 @@
     bayeslayers-bps --output_dir runs/bps --condition edges
     bayeslayers-bps --output_dir runs/bps-bayes --bayesian --steering_model_name_or_path runs/bps/steering \
         --max_train_steps 500 --init_sigma 1e-3 --prior_sigma 0.01 --rho_learning_rate 1e-2
-    python -m bayeslayers.integrations.bps.train --pretrained_model_name_or_path path/to/sd15 ...
+    python -m bayeslayers.integrations.bps --pretrained_model_name_or_path path/to/sd15 ...
 
 Data: the synthetic captioned world of the bundled tiny model, rendered at the pipeline's resolution; the
 condition (edge map or layout map) is computed from each image, so nothing is downloaded. The UNet, VAE and
