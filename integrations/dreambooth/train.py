@@ -12,8 +12,10 @@ import torch
 
 import bayeslayers
 
-from .checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoints import (check_finite_metrics, check_finite_parameters, load_checkpoint, resolve_checkpoint,
+                          save_checkpoint)
 from .data import DreamBoothData, check_image_dir, generate_class_images
+from .distributed import process_rng_states, run_seed, shared_weight_sample
 from .export import export_model, plot_history, write_model_card
 from .images import captioned_grid
 from .recipe import (allow_tf32, build_lr_scheduler, build_optimizer, class_image_pipeline, create_hub_repo,
@@ -218,7 +220,8 @@ def main(args, step_callback=None) -> dict:
     step, history = 0, {"step": [], "loss": [], "kl": [], "mean_sigma": []}
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
-        step, history = load_checkpoint(checkpoint, named_params, optimizer, lr_scheduler)
+        step, history = load_checkpoint(checkpoint, named_params, optimizer, lr_scheduler,
+                                        accelerator.process_index)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-bnn", config={k: v for k, v in vars(args).items()
@@ -230,6 +233,7 @@ def main(args, step_callback=None) -> dict:
     progress = tqdm(range(args.max_train_steps), initial=step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     unet.train()
+    sample_seed, forwards = run_seed(accelerator, args.seed), step * args.gradient_accumulation_steps
     started = time.perf_counter()
     interrupted = None
     with stop_requests() as stop:
@@ -246,13 +250,16 @@ def main(args, step_callback=None) -> dict:
                 target = noise if noise_scheduler.config.prediction_type == "epsilon" \
                     else noise_scheduler.get_velocity(latents, noise, timesteps)
                 class_labels = timesteps if args.class_labels_conditioning == "timesteps" else None
-                with torch.set_grad_enabled(args.train_text_encoder):
-                    text = prompt_encoder(prompts)
-                pred = unet(noisy, timesteps, encoder_hidden_states=text, class_labels=class_labels).sample
+                with shared_weight_sample(sample_seed, forwards):  # one weight sample per global batch
+                    with torch.set_grad_enabled(args.train_text_encoder):
+                        text = prompt_encoder(prompts)
+                    pred = unet(noisy, timesteps, encoder_hidden_states=text, class_labels=class_labels).sample
+                forwards += 1
                 loss = diffusion_loss(pred, target, timesteps, noise_scheduler, args)
                 zero = torch.zeros((), device=loss.device)
-                kl_unet = bayeslayers.kl_loss(raw_unet) if bayesian else zero
-                kl_text = bayeslayers.kl_loss(raw_text_encoder) if text_bayesian else zero
+                # divergence (NaN/Inf loss or KL) is reported after the step by check_finite_metrics
+                kl_unet = bayeslayers.kl_loss(raw_unet, check_finite=False) if bayesian else zero
+                kl_text = bayeslayers.kl_loss(raw_text_encoder, check_finite=False) if text_bayesian else zero
                 kl = kl_unet + kl_text
                 total = loss + args.kl_weight * kl if args.kl_weight > 0 else loss
                 accelerator.backward(total)
@@ -270,6 +277,7 @@ def main(args, step_callback=None) -> dict:
             if text_bayesian:
                 logs.update(kl_unet=kl_unet.item(), kl_text_encoder=kl_text.item(),
                             mean_sigma_text_encoder=mean_sigma(raw_text_encoder))
+            check_finite_metrics(logs, out, step)
             for key in HISTORY_KEYS:
                 if key in logs:
                     history.setdefault(key, []).append(logs[key])
@@ -281,10 +289,14 @@ def main(args, step_callback=None) -> dict:
             accelerator.log(logs, step=step)
             if step_callback is not None:
                 step_callback(args, step)
+            scheduled = step % args.checkpointing_steps == 0
+            if scheduled or stop["signal"] is not None:
+                check_finite_parameters(named_params, out, step)  # on every process, so all stop together
+                rng_states = process_rng_states(accelerator) if scheduled else None
             if accelerator.is_main_process:
-                if step % args.checkpointing_steps == 0 or stop["signal"] is not None:
+                if scheduled or stop["signal"] is not None:
                     save_checkpoint(out, step, named_params, optimizer, lr_scheduler, history,
-                                    args.checkpoints_total_limit)
+                                    args.checkpoints_total_limit, rng_states)
                 if args.validation_prompt and step % args.validation_steps == 0:
                     run_validation(args, pipe, step, resolution, accelerator, prompt_encoder)
                     history.setdefault("validation_step", []).append(step)
