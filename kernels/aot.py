@@ -150,9 +150,9 @@ def _elementwise_calls(full: bool) -> Iterator[tuple[str, Callable]]:
     from .sample_kl import sample_weight_and_kl
 
     seed = _meta(1, dtype=torch.int64)
-    sizes = (
-        {"aligned": ALIGNED[1] * ALIGNED[2], "odd": ODD[1] * ODD[2]} if full else {"aligned": ALIGNED[1] * ALIGNED[2]}
-    )
+    sizes = {"aligned": ALIGNED[1] * ALIGNED[2]}
+    if full:
+        sizes["odd"] = ODD[1] * ODD[2]
     for size_name, numel in sizes.items():
         mu = _meta(numel)
         yield f"fp32 {size_name}", lambda mu=mu: philox_normal_into(seed, _meta(mu.numel()))
@@ -225,65 +225,97 @@ def _gemm_variants(full: bool) -> list[dict]:
     return variants
 
 
+@dataclasses.dataclass
+class _GemmCase:
+    """Meta tensors of one GEMM variant and the wrapper calls the layers make with them."""
+
+    m: int
+    n: int
+    k: int
+    dtype: torch.dtype
+    tf32: bool
+    prior: torch.dtype | None
+    direction: str
+    bias: bool
+    rank: int = 4
+
+    def _t(self, *shape):
+        return _meta(*shape, dtype=self.dtype)
+
+    def _weights(self):
+        mu = _meta(self.n, self.k)
+        prior = None if self.prior is None else _meta(self.n, self.k, dtype=self.prior)
+        return mu, prior, _meta(1, dtype=torch.int64)
+
+    def forward(self):
+        from .sampled_matmul import sampled_matmul
+
+        mu, prior, seed = self._weights()
+        bias = self._t(self.n) if self.bias else None
+        with _tf32(self.tf32):
+            sampled_matmul(
+                self._t(self.m, self.k),
+                mu,
+                mu,
+                seed,
+                transpose_weight=True,
+                bias=bias,
+                prior_mu=prior,
+                prior_sigma=0.01,
+                kl_direction=self.direction,
+                with_kl=True,
+            )
+
+    def input_grad(self):
+        from .sampled_matmul import sampled_matmul
+
+        mu, _, seed = self._weights()
+        with _tf32(self.tf32):
+            sampled_matmul(self._t(self.m, self.n), mu, mu, seed, transpose_weight=False)
+
+    def weight_grad(self):
+        from .weight_grad_gemm import reparameterized_weight_grad
+
+        mu, prior, seed = self._weights()
+        with _tf32(self.tf32):
+            reparameterized_weight_grad(
+                self._t(self.m, self.n), self._t(self.m, self.k), mu, mu, prior, seed, _meta(1), 0.01, self.direction
+            )
+
+    def _lora_factors(self):
+        return self._t(self.n, self.k), self._t(self.rank, self.k), self._t(self.n, self.rank)
+
+    def lora_forward(self):
+        from .lora_matmul import lora_matmul
+
+        w, a, b = self._lora_factors()
+        with _tf32(self.tf32):
+            lora_matmul(self._t(self.m, self.k), w, a, b, 1.0, self._t(self.n) if self.bias else None)
+
+    def lora_input_grad(self):
+        from .lora_matmul import lora_matmul
+
+        w, a, b = self._lora_factors()
+        with _tf32(self.tf32):
+            lora_matmul(self._t(self.m, self.n), w.t(), b.t(), a.t(), 1.0, None)
+
+
 def _gemm_calls(full: bool) -> Iterator[tuple[str, Callable]]:
-    from .lora_matmul import lora_matmul
-    from .sampled_matmul import sampled_matmul
-    from .weight_grad_gemm import reparameterized_weight_grad
-
-    seed = _meta(1, dtype=torch.int64)
     shapes = {"aligned": ALIGNED, "tokens": TOKENS, "odd": ODD}
-    rank = 4
     for v in _gemm_variants(full):
-        m, n, k = shapes[v["shape"]]
-        dtype, tf32, prior, direction = v["dtype"], v["tf32"], v["prior"], v["kl"]
-        mu = _meta(n, k)
-        p = None if prior is None else _meta(n, k, dtype=prior)
-        bias = _meta(n, dtype=dtype) if v["bias"] else None
-        label = _options_label(dtype, tf32, prior=prior, kl=direction, bias=v["bias"]) + f" {v['shape']}"
-
-        def forward(x=_meta(m, k, dtype=dtype), p=p, bias=bias, direction=direction, tf32=tf32, mu=mu):
-            with _tf32(tf32):
-                sampled_matmul(
-                    x,
-                    mu,
-                    mu,
-                    seed,
-                    transpose_weight=True,
-                    bias=bias,
-                    prior_mu=p,
-                    prior_sigma=0.01,
-                    kl_direction=direction,
-                    with_kl=True,
-                )
-
-        def input_grad(dy=_meta(m, n, dtype=dtype), tf32=tf32, mu=mu):
-            with _tf32(tf32):
-                sampled_matmul(dy, mu, mu, seed, transpose_weight=False)
-
-        def weight_grad(
-            dy=_meta(m, n, dtype=dtype), x=_meta(m, k, dtype=dtype), p=p, direction=direction, tf32=tf32, mu=mu
-        ):
-            with _tf32(tf32):
-                reparameterized_weight_grad(dy, x, mu, mu, p, seed, _meta(1), 0.01, direction)
-
-        def lora_forward(x=_meta(m, k, dtype=dtype), bias=bias, tf32=tf32, dtype=dtype):
-            with _tf32(tf32):
-                lora_matmul(
-                    x, _meta(n, k, dtype=dtype), _meta(rank, k, dtype=dtype), _meta(n, rank, dtype=dtype), 1.0, bias
-                )
-
-        def lora_input_grad(dy=_meta(m, n, dtype=dtype), tf32=tf32, dtype=dtype):
-            w, a, b = _meta(n, k, dtype=dtype), _meta(rank, k, dtype=dtype), _meta(n, rank, dtype=dtype)
-            with _tf32(tf32):
-                lora_matmul(dy, w.t(), b.t(), a.t(), 1.0, None)
-
-        yield label + " forward", forward
-        yield label + " weight_grad", weight_grad
-        if full and v["bias"] and v["prior"] is torch.bfloat16 and v["kl"] == "qp":  # no prior, KL or bias read
-            yield _options_label(dtype, tf32) + f" {v['shape']} input_grad", input_grad
-            yield _options_label(dtype, tf32) + f" {v['shape']} lora_input_grad", lora_input_grad
-        if v["prior"] is torch.bfloat16 and v["kl"] == "qp":  # LoRA reads no prior
-            yield _options_label(dtype, tf32, bias=v["bias"]) + f" {v['shape']} lora_forward", lora_forward
+        case = _GemmCase(*shapes[v["shape"]], v["dtype"], v["tf32"], v["prior"], v["kl"], v["bias"])
+        label = _options_label(case.dtype, case.tf32, prior=case.prior, kl=case.direction, bias=case.bias)
+        shape = v["shape"]
+        yield f"{label} {shape} forward", case.forward
+        if case.bias:  # the dW GEMM reads no bias: one launch covers both
+            no_bias = _options_label(case.dtype, case.tf32, prior=case.prior, kl=case.direction)
+            yield f"{no_bias} {shape} weight_grad", case.weight_grad
+        defaults = case.prior is torch.bfloat16 and case.direction == "qp"
+        if full and case.bias and defaults:  # the input gradients read no prior, KL or bias
+            yield _options_label(case.dtype, case.tf32) + f" {shape} input_grad", case.input_grad
+            yield _options_label(case.dtype, case.tf32) + f" {shape} lora_input_grad", case.lora_input_grad
+        if defaults:  # LoRA reads no prior
+            yield _options_label(case.dtype, case.tf32, bias=case.bias) + f" {shape} lora_forward", case.lora_forward
 
 
 def library_launches(subset: str = "default") -> list[Launch]:
