@@ -470,3 +470,63 @@ def test_one_run_with_diffusers_flags_and_a_mocked_hub_upload(workspace, monkeyp
     )
     assert result["hub_repo"] == "someone/bnn-star"
     assert math.isfinite(result["final_loss"])
+
+
+def test_grids_upscale_small_images_with_nearest_and_a_caption_row():
+    from bayeslayers.integrations.dreambooth.images import MIN_CELL, captioned_grid
+
+    rng = np.random.default_rng(0)
+    small = [rng.random((16, 16, 3)) for _ in range(3)]
+    grid = np.asarray(captioned_grid(small, "a sks star on a black background", columns=2))
+    header = grid.shape[0] - 2 * MIN_CELL
+    assert grid.shape[1] == 2 * MIN_CELL and header > 0
+    caption = grid[:header]
+    assert (caption < 128).any() and (caption == 255).mean() > 0.5  # dark text on white
+    cell = grid[header : header + MIN_CELL, :MIN_CELL].astype(int)
+    blocks = cell.reshape(16, 16, 16, 16, 3)  # 16x16 source pixels, each a 16x16 block
+    assert (blocks == blocks[:, :1, :, :1]).all()  # nearest: every block is one colour
+    expected = (np.clip(small[0], 0, 1) * 255).round().astype(int)
+    np.testing.assert_array_equal(blocks[:, 0, :, 0], expected)
+
+
+def test_training_curves_mark_validation_steps(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from bayeslayers.integrations.dreambooth.export import plot_history
+
+    marked = []
+    real = matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "axvline", lambda self, x, *a, **k: marked.append(x) or real(self, x, *a, **k)
+    )
+    history = {
+        "step": [1, 2, 3, 4],
+        "loss": [0.4, 0.3, 0.3, 0.2],
+        "kl": [1.0, 2.0, 3.0, 4.0],
+        "mean_sigma": [0.01] * 4,
+        "validation_step": [2, 4],
+    }
+    plot_history(history, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert sorted(set(marked)) == [2, 4] and len(marked) == 2 * 3  # on each of the three panels
+
+
+def test_model_card_embeds_the_final_grid_and_the_exact_command(workspace, tmp_path):
+    from bayeslayers.integrations.dreambooth.export import write_model_card
+
+    args = parse_args(
+        _base(workspace)
+        + [
+            "--output_dir",
+            str(tmp_path),
+            "--instance_prompt",
+            "a photo of sks dog",
+            "--validation_prompt",
+            "sks dog in a bucket",
+        ]
+    )
+    grid = tmp_path / "validation" / "step-000010.png"
+    card = write_model_card(args, {"steps": 10}, {"unet": str(tmp_path / "unet")}, grid).read_text()
+    assert "![final validation grid](validation/step-000010.png)" in card
+    assert "bayeslayers-dreambooth --pretrained_model_name_or_path" in card
+    assert "--instance_prompt 'a photo of sks dog'" in card  # shell-quoted, copy-pasteable
