@@ -50,6 +50,7 @@ setup(
         "bayeslayers.presets": [
             "dreambooth-bnn=bayeslayers.integrations.presets:DREAMBOOTH_BNN",
             "dreambooth-bnn-lora=bayeslayers.integrations.presets:DREAMBOOTH_BNN_LORA",
+            "clip-text-bnn=bayeslayers.integrations.presets:CLIP_TEXT_BNN",
         ],
         "console_scripts": [
             "bayeslayers-dreambooth=bayeslayers.integrations.dreambooth:cli",

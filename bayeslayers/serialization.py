@@ -8,7 +8,7 @@ import re
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import dtype_from_name
@@ -47,6 +47,9 @@ def save(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | N
     try:
         save_file(tensors, tmp_path, metadata=header)
         os.replace(tmp_path, path)
+    except (OSError, SafetensorError) as error:
+        kept = "the existing file there is unchanged" if os.path.exists(path) else "nothing was written"
+        raise OSError(f"save: could not write {path!r} ({error}); {kept}") from error
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -54,8 +57,12 @@ def save(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | N
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The header of a bayeslayers checkpoint: {'format', 'layers': {name: {'type', 'options'}}, ...}."""
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        header = handle.metadata() or {}
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except SafetensorError as error:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable safetensors file, truncated or corrupted "
+                         f"({error})") from None
     if header.get("format") != FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not a bayeslayers checkpoint (format {header.get('format')!r}, "
                          f"expected {FORMAT!r})")

@@ -27,13 +27,38 @@ def parse_args(input_args=None):
 
 def recipe_flags(args, name: str, bayesian: bool) -> list[str]:
     out = Path(args.output_dir)
-    return ["--output_dir", str(out / name), "--class_data_dir", str(out / "class_images"),
-            "--with_prior_preservation", "--num_class_images", "32", "--train_batch_size", "4",
-            "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
-            "--validation_steps", str(max(1, args.max_train_steps // 3)), "--checkpointing_steps",
-            str(args.max_train_steps), "--checkpoints_total_limit", "1", "--seed", str(args.seed),
-            "--kl_weight", str(args.kl_weight), "--guidance_scale", "3.0", "--num_validation_images", "8",
-            "--bayesian" if bayesian else "--no-bayesian"]
+    return [
+        "--output_dir",
+        str(out / name),
+        "--class_data_dir",
+        str(out / "class_images"),
+        "--with_prior_preservation",
+        "--num_class_images",
+        "32",
+        "--train_batch_size",
+        "4",
+        "--max_train_steps",
+        str(args.max_train_steps),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--validation_steps",
+        str(max(1, args.max_train_steps // 3)),
+        "--checkpointing_steps",
+        str(args.max_train_steps),
+        "--checkpoints_total_limit",
+        "1",
+        "--seed",
+        str(args.seed),
+        "--kl_weight",
+        str(args.kl_weight),
+        "--guidance_scale",
+        "3.0",
+        "--num_validation_images",
+        "8",
+        "--validation_scheduler",
+        "DDIMScheduler",
+        "--bayesian" if bayesian else "--no-bayesian",
+    ]
 
 
 def evaluate_run(run_dir: Path, num_images: int = 32) -> dict[str, float]:
@@ -46,8 +71,9 @@ def evaluate_run(run_dir: Path, num_images: int = 32) -> dict[str, float]:
     from bayeslayers.integrations.tiny_sd.evaluate import generate
     from bayeslayers.integrations.tiny_sd.fidelity import subject_metrics
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd.pipeline_path(), safety_checker=None,
-                                                   unet=UNet2DConditionModel.from_pretrained(run_dir / "unet"))
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_sd.pipeline_path(), safety_checker=None, unet=UNet2DConditionModel.from_pretrained(run_dir / "unet")
+    )
     pipe.set_progress_bar_config(disable=True)
     images = generate(pipe, ["a sks star on a black background"] * num_images, 25, 3.0, seed=123)
     subject = torch.stack([load_image(p, 32, True) for p in sorted(tiny_sd.subject_path().glob("*.png"))])
@@ -64,22 +90,29 @@ def main(args) -> dict:
         results[name] = dreambooth.main(dreambooth.parse_args(recipe_flags(args, name, bayesian)))
     model_dir = str(Path(args.output_dir) / "bayesian")
     prompts = ["a sks star on a black background", "a sks star on a white background"]
-    results["posterior"] = sample.main(sample.parse_args(
-        ["--model_dir", model_dir, "--num_posterior_samples", "8", "--guidance_scale", "3.0"]
-        + [flag for p in prompts for flag in ("--prompt", p)]))
+    results["posterior"] = sample.main(
+        sample.parse_args(
+            ["--model_dir", model_dir, "--num_posterior_samples", "8", "--guidance_scale", "3.0"]
+            + [flag for p in prompts for flag in ("--prompt", p)]
+        )
+    )
     results["metrics"] = {name: evaluate_run(Path(args.output_dir) / name) for name in ("bayesian", "baseline")}
     minutes = (time.perf_counter() - started) / 60
     print(f"\nDone in {minutes:.1f} min. Outputs:")
     for name in ("bayesian", "baseline"):
         r = results[name]
-        print(f"  {name:9s} validation grid {r.get('validation_grid')}\n            curves {r['curves']}  "
-              f"final loss {r['final_loss']:.4f}")
+        print(
+            f"  {name:9s} validation grid {r.get('validation_grid')}\n            curves {r['curves']}  "
+            f"final loss {r['final_loss']:.4f}"
+        )
     print("\n  judge metrics on 32 images of 'a sks star on a black background' (mean weights):")
     for name, metrics in results["metrics"].items():
         print(f"  {name:9s} " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     for row in results["posterior"]:
-        print(f"  posterior samples {row['grid']}  uncertainty map {row['std_map']}  "
-              f"(mean pixel std {row['mean_pixel_std']:.4f})")
+        print(
+            f"  posterior samples {row['grid']}  uncertainty map {row['std_map']}  "
+            f"(mean pixel std {row['mean_pixel_std']:.4f})"
+        )
     return results
 
 

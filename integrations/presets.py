@@ -8,6 +8,11 @@ cross-attention ``attn2``, time embeddings and norms stay deterministic (and tra
 
 ``dreambooth-bnn-lora``: the seed paper's LoRA variant: rank-4 LoRA on every attention projection (attn1 and
 attn2) in the blocks, only the LoRA up factor (B) Bayesian.
+
+``clip-text-bnn``: for transformers' CLIPTextModel (Stable Diffusion's text encoder) under
+``--train_text_encoder --bayes_text_encoder``: in every encoder layer the self-attention projections
+``self_attn.q_proj/k_proj/v_proj/out_proj`` and the MLP ``mlp.fc1`` / ``mlp.fc2`` become Bayesian (72 Linear
+layers in SD1.5's 12-layer encoder); embeddings, layer norms and the final norm stay deterministic (and trainable).
 """
 
 _BLOCKS = r".*(?:down_blocks|mid_block|up_blocks)\..*"
@@ -24,4 +29,9 @@ DREAMBOOTH_BNN_LORA = {
     "bayesian_factors": "B",
 }
 
-PRESETS = {"dreambooth-bnn": DREAMBOOTH_BNN, "dreambooth-bnn-lora": DREAMBOOTH_BNN_LORA}
+CLIP_TEXT_BNN = {
+    "target_modules": r".*encoder\.layers\.\d+\.(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12])",
+    "mode": "full",
+}
+
+PRESETS = {"dreambooth-bnn": DREAMBOOTH_BNN, "dreambooth-bnn-lora": DREAMBOOTH_BNN_LORA, "clip-text-bnn": CLIP_TEXT_BNN}

@@ -42,24 +42,78 @@ def smallest_block_elements() -> int:
 
 def check_numel(numel: int) -> None:
     if numel > MAX_NUMEL:
-        raise ValueError(f"weights with more than {MAX_NUMEL} elements are not supported (int32 RNG offsets), "
-                         f"got {numel}")
-
+        raise ValueError(
+            f"weights with more than {MAX_NUMEL} elements are not supported (int32 RNG offsets), got {numel}"
+        )
 
 
 INTERPRETER_GEMM_BLOCK = 32
 
 
-def gemm_configs() -> list[triton.Config]:
-    """Autotune candidates for the GEMM kernels (``BLOCK_M`` rows of x, ``BLOCK_N`` outputs, ``BLOCK_K``
-    reduction; each kernel's docstring maps them to its operands). One small config when interpreting."""
+def _gemm_config_list(shapes) -> list[triton.Config]:
     if INTERPRETING:
         block = INTERPRETER_GEMM_BLOCK
         return [triton.Config({"BLOCK_M": block, "BLOCK_N": block, "BLOCK_K": block}, num_warps=4)]
-    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
-              (32, 128, 64, 4, 4), (16, 128, 64, 4, 4), (16, 64, 128, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes
+    ]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Every config here compiles for sm_80, sm_86, sm_89 and sm_90
+# without local memory and within each target's shared memory (``python -m bayeslayers.kernels.aot``;
+# benchmarks/results/aot_compile.csv).
+#
+# Sample-in-GEMM (sampled_matmul.py): each weight tile [BLOCK_N, BLOCK_K] is drawn in registers (Philox +
+# Box-Muller per element) every K step, so the tile holds at most 8 elements per thread: 16 and more spilled
+# 0.3-2.4 KB per thread at 255 registers (e.g. 64x128x32 / 4 warps, 32x128x64 / 4 warps). At most 3 stages:
+# the float32 mu and rho tiles are pipelined through shared memory, and 4 stages of 128x64 fp32 tiles needed
+# 220-245 KB (over every target's limit). BLOCK_M is the few rows of x this path is for.
+SAMPLED_GEMM_SHAPES = [
+    (16, 64, 32, 8, 3),
+    (32, 64, 32, 8, 3),
+    (64, 64, 32, 8, 3),
+    (128, 64, 32, 8, 3),
+    (16, 128, 16, 8, 3),
+    (64, 128, 16, 8, 3),
+    (16, 64, 16, 4, 3),
+]
+# dW GEMM with the reparameterization epilogue (weight_grad_gemm.py): BLOCK_M is the reduction; the epilogue
+# holds dW, mu, rho, sigma and eps of a [BLOCK_N, BLOCK_K] tile at once, so the tile is at most 16 elements per
+# thread (32 spilled: 64x128x32 / 4 warps, 64x64x64 / 4 warps; 64 per thread spilled 2.5-6.9 KB).
+WEIGHT_GRAD_GEMM_SHAPES = [
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 8, 3),
+    (64, 64, 64, 8, 3),
+    (128, 64, 64, 8, 3),
+    (64, 64, 32, 4, 3),
+]
+# Plain GEMM tiles (lora_matmul.py): no generated operand; all fit without spills.
+GEMM_SHAPES = [
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 64, 4, 3),
+    (32, 128, 64, 4, 4),
+    (16, 128, 64, 4, 4),
+    (16, 64, 128, 4, 3),
+]
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Autotune candidates of the LoRA GEMM (``BLOCK_M`` rows of x, ``BLOCK_N`` outputs, ``BLOCK_K``
+    reduction). One small config when interpreting."""
+    return _gemm_config_list(GEMM_SHAPES)
+
+
+def sampled_gemm_configs() -> list[triton.Config]:
+    """Autotune candidates of the sample-in-GEMM kernel (see ``SAMPLED_GEMM_SHAPES``)."""
+    return _gemm_config_list(SAMPLED_GEMM_SHAPES)
+
+
+def weight_grad_gemm_configs() -> list[triton.Config]:
+    """Autotune candidates of the dW GEMM with the reparameterization epilogue (see ``WEIGHT_GRAD_GEMM_SHAPES``)."""
+    return _gemm_config_list(WEIGHT_GRAD_GEMM_SHAPES)
 
 
 def dot_options(dtype: torch.dtype) -> dict:

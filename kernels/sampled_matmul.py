@@ -17,20 +17,42 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import EXACT, check_numel, dot_options, gemm_configs
+from .config import EXACT, check_numel, dot_options, sampled_gemm_configs
 from .gemm_tiles import mma, sampled_tile, tile_layout
 from .posterior_math import KL_DIRECTION_CODES, kl_element, load_gap
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K"], reset_to_zero=["kl_partials_ptr"])
+@triton.autotune(configs=sampled_gemm_configs(), key=["M", "N", "K"], reset_to_zero=["kl_partials_ptr"])
 @triton.jit
 def _sampled_matmul_kernel(
-    a_ptr, mu_ptr, rho_ptr, prior_ptr, seed_ptr, bias_ptr,  # a [M, K] compute dtype; weight tensors contiguous
-    out_ptr, kl_partials_ptr,  # out [M, N] compute dtype; [cdiv(N, BLOCK_N)] float32
-    M, N, K, stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, prior_sigma,
-    HAS_BIAS: tl.constexpr, HAS_PRIOR: tl.constexpr, WITH_KL: tl.constexpr, KL_DIRECTION: tl.constexpr,
-    LAYOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    mu_ptr,
+    rho_ptr,
+    prior_ptr,
+    seed_ptr,
+    bias_ptr,  # a [M, K] compute dtype; weight tensors contiguous
+    out_ptr,
+    kl_partials_ptr,  # out [M, N] compute dtype; [cdiv(N, BLOCK_N)] float32
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_wn,
+    stride_wk,
+    stride_om,
+    stride_on,
+    prior_sigma,
+    HAS_BIAS: tl.constexpr,
+    HAS_PRIOR: tl.constexpr,
+    WITH_KL: tl.constexpr,
+    KL_DIRECTION: tl.constexpr,
+    LAYOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -41,10 +63,14 @@ def _sampled_matmul_kernel(
     kl = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w, _, mu, _, sigma, index, w_mask = sampled_tile(mu_ptr, rho_ptr, seed, pid_n * BLOCK_N, k0, stride_wn,
-                                                         stride_wk, N, K, LAYOUT, BLOCK_N, BLOCK_K)
-        a_t = tl.load(a_ptr + offs_m[None, :] * stride_am + offs_k[:, None] * stride_ak,
-                      mask=(offs_m[None, :] < M) & (offs_k[:, None] < K), other=0.0)  # [BLOCK_K, BLOCK_M]
+        w, _, mu, _, sigma, index, w_mask = sampled_tile(
+            mu_ptr, rho_ptr, seed, pid_n * BLOCK_N, k0, stride_wn, stride_wk, N, K, LAYOUT, BLOCK_N, BLOCK_K
+        )
+        a_t = tl.load(
+            a_ptr + offs_m[None, :] * stride_am + offs_k[:, None] * stride_ak,
+            mask=(offs_m[None, :] < M) & (offs_k[:, None] < K),
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_M]
         acc = mma(acc, w.to(a_ptr.dtype.element_ty), a_t, INPUT_PRECISION, DOT_FP32)
         if WITH_KL:
             if pid_m == 0:
@@ -55,12 +81,26 @@ def _sampled_matmul_kernel(
             tl.store(kl_partials_ptr + pid_n, tl.sum(tl.sum(kl, axis=1), axis=0))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+    tl.store(
+        out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=(offs_m[None, :] < M) & (offs_n[:, None] < N),
+    )
 
 
-def sampled_matmul(a, mu, rho, seed, *, transpose_weight: bool = True, bias=None, prior_mu=None,
-                   prior_sigma: float = 1.0, kl_direction: str = "qp", with_kl: bool = False):
+def sampled_matmul(
+    a,
+    mu,
+    rho,
+    seed,
+    *,
+    transpose_weight: bool = True,
+    bias=None,
+    prior_mu=None,
+    prior_sigma: float = 1.0,
+    kl_direction: str = "qp",
+    with_kl: bool = False,
+):
     """Returns ``(out, kl)``: out = a @ w^T + bias (``transpose_weight``, a [M, K] for w [N, K]) or a @ w
     (a [M, N]), in a's dtype, with w = mu + softplus(rho) * eps(seed) never materialised; kl the summed KL
     of the posterior (0-d float32, nats) or an empty tensor when ``with_kl`` is False.
@@ -78,21 +118,45 @@ def sampled_matmul(a, mu, rho, seed, *, transpose_weight: bool = True, bias=None
         out_features, stride_wn, stride_wk = n_in, 1, n_in
     rows, reduction = a.shape
     if reduction != (n_in if transpose_weight else n_out):
-        raise ValueError(f"a has {reduction} columns; the weight {tuple(mu.shape)} needs "
-                         f"{n_in if transpose_weight else n_out}")
+        raise ValueError(
+            f"a has {reduction} columns; the weight {tuple(mu.shape)} needs {n_in if transpose_weight else n_out}"
+        )
+    if not with_kl:  # prior and direction are not read: one compiled kernel serves them all
+        prior_mu, kl_direction = None, "qp"
     out = (torch.empty if reduction else torch.zeros)((rows, out_features), dtype=a.dtype, device=a.device)
-    n_partials = triton.cdiv(out_features, min(c.kwargs["BLOCK_N"] for c in gemm_configs())) if with_kl else 0
+    n_partials = triton.cdiv(out_features, min(c.kwargs["BLOCK_N"] for c in sampled_gemm_configs())) if with_kl else 0
     partials = torch.zeros(n_partials, dtype=torch.float32, device=a.device)
     if out_features and reduction:
         # At least one row block even when a has no rows: its programs sum the KL.
-        grid = lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),  # noqa: E731
-                             max(1, triton.cdiv(rows, meta["BLOCK_M"])))
+        grid = lambda meta: (
+            triton.cdiv(out_features, meta["BLOCK_N"]),  # noqa: E731
+            max(1, triton.cdiv(rows, meta["BLOCK_M"])),
+        )
         _sampled_matmul_kernel[grid](
-            a, mu, rho, mu if prior_mu is None else prior_mu, seed, a if bias is None else bias, out, partials,
-            rows, out_features, reduction, a.stride(0), a.stride(1), stride_wn, stride_wk,
-            out.stride(0), out.stride(1), prior_sigma,
-            HAS_BIAS=bias is not None, HAS_PRIOR=prior_mu is not None, WITH_KL=with_kl,
-            KL_DIRECTION=KL_DIRECTION_CODES[kl_direction], LAYOUT=tile_layout(stride_wn, stride_wk),
-            **dot_options(a.dtype), **EXACT,
+            a,
+            mu,
+            rho,
+            mu if prior_mu is None else prior_mu,
+            seed,
+            a if bias is None else bias,
+            out,
+            partials,
+            rows,
+            out_features,
+            reduction,
+            a.stride(0),
+            a.stride(1),
+            stride_wn,
+            stride_wk,
+            out.stride(0),
+            out.stride(1),
+            prior_sigma,
+            HAS_BIAS=bias is not None,
+            HAS_PRIOR=prior_mu is not None,
+            WITH_KL=with_kl,
+            KL_DIRECTION=KL_DIRECTION_CODES[kl_direction],
+            LAYOUT=tile_layout(stride_wn, stride_wk),
+            **dot_options(a.dtype),
+            **EXACT,
         )
     return out, partials.sum() if with_kl else partials

@@ -1,5 +1,11 @@
-"""Command-line flags of the DreamBooth-BNN recipe (diffusers' train_dreambooth(_lora).py names and defaults,
-plus the Bayesian method flags) and their validation."""
+"""Command-line flags of the DreamBooth-BNN recipe: every flag of diffusers' ``train_dreambooth.py`` and
+``train_dreambooth_lora.py`` (same names, types and meaning), plus the Bayesian method flags, and their validation.
+
+Defaults that differ from diffusers' (each for a reason the README gives): ``--learning_rate`` (the seed paper's
+5e-6 full / 1e-4 LoRA), ``--lr_warmup_steps`` 0 (the paper's constant LR), ``--resolution`` (the model's native
+size), ``--max_train_steps`` 400 when neither it nor ``--num_train_epochs`` is given, ``--output_dir``,
+``--validation_scheduler`` accepts DDIMScheduler too.
+"""
 
 from __future__ import annotations
 
@@ -7,68 +13,168 @@ import argparse
 import os
 import sys
 
-from .data import check_image_dir
+from .data import INTERPOLATION_MODES, check_image_dir
 
 # The seed paper's recipe: constant LR, 5e-6 full / 1e-4 LoRA, sigma init and prior 0.01; its shipped
 # scripts train sigma by the diffusion loss alone (KL weight 0).
 DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4}
 DEFAULT_PRESET = {"full": "dreambooth-bnn", "lora": "dreambooth-bnn-lora"}
+DEFAULT_TEXT_ENCODER_PRESET = "clip-text-bnn"
+DEFAULT_MAX_TRAIN_STEPS = 400
+VALIDATION_SCHEDULERS = ["DPMSolverMultistepScheduler", "DDPMScheduler", "DDIMScheduler"]
+PROG = "bayeslayers-dreambooth"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="DreamBooth fine-tuning with Bayesian layers (bayeslayers).")
-    add = p.add_argument
-    add("--pretrained_model_name_or_path", type=str, default=None,
-        help="diffusers pipeline dir or hub id; default: the bundled tiny Stable Diffusion")
+def _diffusers_flags(add) -> None:
+    """The flags of diffusers' two DreamBooth scripts, in their order."""
+    add(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="diffusers pipeline dir or hub id; default: the bundled tiny Stable Diffusion",
+    )
     add("--revision", type=str, default=None)
     add("--variant", type=str, default=None)
+    add("--tokenizer_name", type=str, default=None, help="tokenizer name or path if not the model's own")
     add("--instance_data_dir", type=str, default=None, help="default: the bundled subject's images")
-    add("--instance_prompt", type=str, default=None, help="default: the bundled subject's instance prompt")
     add("--class_data_dir", type=str, default=None)
+    add("--instance_prompt", type=str, default=None, help="default: the bundled subject's instance prompt")
     add("--class_prompt", type=str, default=None)
     add("--with_prior_preservation", action="store_true")
     add("--prior_loss_weight", type=float, default=1.0)
     add("--num_class_images", type=int, default=100)
-    add("--sample_batch_size", type=int, default=4)
     add("--output_dir", type=str, default="dreambooth-bnn-model")
     add("--seed", type=int, default=None)
-    add("--resolution", type=int, default=None,
-        help="default: the model's native resolution (512 for SD1.5)")
+    add("--resolution", type=int, default=None, help="default: the model's native resolution (512 for SD1.5)")
     add("--center_crop", action="store_true")
+    add(
+        "--train_text_encoder",
+        action="store_true",
+        help="train the text encoder too (full: all its weights; lora: LoRA on its attention projections)",
+    )
     add("--train_batch_size", type=int, default=4)
-    add("--max_train_steps", type=int, default=400)
+    add("--sample_batch_size", type=int, default=4)
+    add(
+        "--num_train_epochs",
+        type=int,
+        default=None,
+        help="epochs of max(#instance, #class) images; used when --max_train_steps is not given",
+    )
+    add(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help=f"overrides --num_train_epochs; default {DEFAULT_MAX_TRAIN_STEPS} when neither is given",
+    )
     add("--checkpointing_steps", type=int, default=500)
     add("--checkpoints_total_limit", type=int, default=None)
     add("--resume_from_checkpoint", type=str, default=None, help='a checkpoint dir name or "latest"')
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--gradient_checkpointing", action="store_true")
     add("--learning_rate", type=float, default=None, help="default: 5e-6 (full) / 1e-4 (lora)")
+    add("--scale_lr", action="store_true", help="multiply the LR by #processes x accumulation x batch size")
     add("--lr_scheduler", type=str, default="constant")
     add("--lr_warmup_steps", type=int, default=0)
+    add("--lr_num_cycles", type=int, default=1, help="hard restarts of cosine_with_restarts")
+    add("--lr_power", type=float, default=1.0, help="power of the polynomial scheduler")
+    add("--use_8bit_adam", action="store_true", help="AdamW8bit from bitsandbytes")
+    add("--dataloader_num_workers", type=int, default=0, help="subprocesses that load and resize the images")
     add("--adam_beta1", type=float, default=0.9)
     add("--adam_beta2", type=float, default=0.999)
     add("--adam_weight_decay", type=float, default=1e-2)
     add("--adam_epsilon", type=float, default=1e-8)
     add("--max_grad_norm", type=float, default=1.0)
-    add("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    add("--report_to", type=str, default="tensorboard")
+    add("--push_to_hub", action="store_true", help="upload --output_dir to the Hugging Face Hub at the end")
+    add("--hub_token", type=str, default=None)
+    add("--hub_model_id", type=str, default=None, help="default: the name of --output_dir")
     add("--logging_dir", type=str, default="logs")
+    add("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on Ampere+ GPUs")
+    add("--report_to", type=str, default="tensorboard")
     add("--validation_prompt", type=str, default=None)
     add("--num_validation_images", type=int, default=4)
     add("--validation_steps", type=int, default=100)
+    add(
+        "--validation_epochs",
+        type=int,
+        default=None,
+        help="validate every X epochs (the LoRA script's flag); overrides --validation_steps when given",
+    )
+    add("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    add(
+        "--prior_generation_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp32", "fp16", "bf16"],
+        help="dtype of class-image generation; default fp16 on a GPU, else fp32",
+    )
+    add("--local_rank", type=int, default=-1)
+    add("--enable_xformers_memory_efficient_attention", action="store_true")
+    add("--set_grads_to_none", action="store_true", help="optimizer.zero_grad(set_to_none=True)")
+    add("--offset_noise", action="store_true", help="add 0.1 x per-channel noise (crosslabs' offset noise)")
+    add("--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma (5.0 recommended)")
+    add(
+        "--pre_compute_text_embeddings",
+        action="store_true",
+        help="encode the prompts once and free the text encoder (not with --train_text_encoder)",
+    )
+    add("--tokenizer_max_length", type=int, default=None, help="default: the tokenizer's model_max_length")
+    add("--text_encoder_use_attention_mask", action="store_true")
+    add("--skip_save_text_encoder", action="store_true", help="do not export the trained text encoder")
+    add(
+        "--validation_images",
+        default=None,
+        nargs="+",
+        help="images for image-conditioned pipelines; StableDiffusionPipeline takes none (rejected)",
+    )
+    add("--class_labels_conditioning", default=None, help='"timesteps" passes the timesteps as UNet class labels')
+    add("--validation_scheduler", type=str, default="DPMSolverMultistepScheduler", choices=VALIDATION_SCHEDULERS)
+    add("--rank", type=int, default=4, help="LoRA rank")
+    add(
+        "--image_interpolation_mode",
+        type=str,
+        default="bicubic",
+        choices=sorted(INTERPOLATION_MODES),
+        help="resampling filter for resizing training images",
+    )
+
+
+def _extra_flags(add) -> None:
     add("--num_inference_steps", type=int, default=25, help="for validation and class images")
     add("--guidance_scale", type=float, default=7.5, help="for validation and class images")
-    add("--rank", type=int, default=4)
-    # Bayesian method
+
+
+def _bayesian_flags(add) -> None:
     add("--train_mode", type=str, default="full", choices=["full", "lora"])
-    add("--bayesian", action=argparse.BooleanOptionalAction, default=True,
-        help="--no-bayesian trains the plain baseline with the same script")
+    add(
+        "--bayesian",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-bayesian trains the plain baseline with the same script",
+    )
     add("--bayes_preset", type=str, default=None, help="default: dreambooth-bnn (full) / dreambooth-bnn-lora")
     add("--bayes_target_modules", type=str, default=None, help="regex or comma-separated names; overrides preset")
+    add(
+        "--bayes_text_encoder",
+        action="store_true",
+        help="with --train_text_encoder: make the text encoder Bayesian too (KL in the same loss)",
+    )
+    add(
+        "--bayes_text_encoder_preset",
+        type=str,
+        default=DEFAULT_TEXT_ENCODER_PRESET,
+        help="full mode: which text-encoder layers become Bayesian (lora mode: its LoRA up factors)",
+    )
     add("--init_sigma", type=float, default=0.01)
     add("--prior_sigma", type=float, default=0.01)
     add("--kl_weight", type=float, default=0.0)
     add("--kl_direction", type=str, default="qp", choices=["qp", "pq"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="DreamBooth fine-tuning with Bayesian layers (bayeslayers).")
+    _diffusers_flags(p.add_argument)
+    _extra_flags(p.add_argument)
+    _bayesian_flags(p.add_argument)
     return p
 
 
@@ -77,23 +183,92 @@ def tiny_sd_defaults() -> dict:
     try:
         from bayeslayers.integrations import tiny_sd
     except ImportError:
-        raise FileNotFoundError("the bundled tiny Stable Diffusion is not installed; pass "
-                                "--pretrained_model_name_or_path and --instance_data_dir") from None
+        raise FileNotFoundError(
+            "the bundled tiny Stable Diffusion is not installed; pass "
+            "--pretrained_model_name_or_path and --instance_data_dir"
+        ) from None
     prompts = tiny_sd.subject_prompts()
-    return {"pretrained_model_name_or_path": str(tiny_sd.pipeline_path()),
-            "instance_data_dir": str(tiny_sd.subject_path()), "instance_prompt": prompts["instance_prompt"],
-            "class_prompt": prompts["class_prompt"], "validation_prompt": prompts["validation_prompt"]}
+    return {
+        "pretrained_model_name_or_path": str(tiny_sd.pipeline_path()),
+        "instance_data_dir": str(tiny_sd.subject_path()),
+        "instance_prompt": prompts["instance_prompt"],
+        "class_prompt": prompts["class_prompt"],
+        "validation_prompt": prompts["validation_prompt"],
+    }
 
 
 def _fail(message: str):
     raise ValueError(message)
 
 
+def _check_ranges(args) -> None:
+    for flag in ("kl_weight", "prior_loss_weight", "adam_weight_decay", "max_grad_norm"):
+        if getattr(args, flag) < 0:
+            _fail(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("init_sigma", "prior_sigma", "learning_rate", "lr_power"):
+        if getattr(args, flag) <= 0:
+            _fail(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    for flag in (
+        "train_batch_size",
+        "checkpointing_steps",
+        "validation_steps",
+        "rank",
+        "sample_batch_size",
+        "gradient_accumulation_steps",
+        "num_validation_images",
+        "lr_num_cycles",
+        "max_train_steps",
+        "num_train_epochs",
+        "validation_epochs",
+        "tokenizer_max_length",
+    ):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            _fail(f"--{flag} must be a positive integer, got {value}")
+    for flag in ("lr_warmup_steps", "dataloader_num_workers"):
+        if getattr(args, flag) < 0:
+            _fail(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        _fail(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if args.resolution is not None and args.resolution < 8:
+        _fail(f"--resolution must be a positive multiple of the VAE factor, got {args.resolution}")
+
+
+def _check_combinations(args) -> None:
+    if args.train_text_encoder and args.pre_compute_text_embeddings:
+        _fail("--train_text_encoder cannot be used with --pre_compute_text_embeddings")
+    if args.bayes_text_encoder and not args.train_text_encoder:
+        _fail("--bayes_text_encoder needs --train_text_encoder (a frozen text encoder has no posterior to learn)")
+    if args.bayes_text_encoder and not args.bayesian:
+        _fail("--bayes_text_encoder cannot be used with --no-bayesian")
+    if args.validation_images is not None:
+        _fail(
+            "--validation_images is for image-conditioned pipelines (e.g. DeepFloyd IF super-resolution); "
+            "the Stable Diffusion text-to-image pipeline this recipe trains takes no input image"
+        )
+    if args.class_labels_conditioning not in (None, "timesteps"):
+        _fail(f"--class_labels_conditioning must be 'timesteps', got {args.class_labels_conditioning!r}")
+    if args.hub_token is not None and args.report_to == "wandb":
+        _fail(
+            "--hub_token together with --report_to=wandb would expose the token in the wandb logs; "
+            "log in with `hf auth login` instead"
+        )
+
+
 def parse_args(input_args=None) -> argparse.Namespace:
-    """Parses and validates the flags (every check runs before any model is loaded)."""
-    args = build_parser().parse_args(input_args if input_args is not None else sys.argv[1:])
-    defaults = tiny_sd_defaults() if args.pretrained_model_name_or_path is None or args.instance_data_dir is None \
-        else {}
+    """Parses and validates the flags (every check runs before any model is loaded).
+
+    ``args.command`` records the command line (``bayeslayers-dreambooth`` + the flags) for the model card.
+    """
+    argv = list(input_args) if input_args is not None else sys.argv[1:]
+    args = build_parser().parse_args(argv)
+    args.command = [PROG, *argv]
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+    defaults = (
+        tiny_sd_defaults() if args.pretrained_model_name_or_path is None or args.instance_data_dir is None else {}
+    )
     if args.pretrained_model_name_or_path is None:
         args.pretrained_model_name_or_path = defaults["pretrained_model_name_or_path"]
     if args.instance_data_dir is None:
@@ -113,19 +288,12 @@ def parse_args(input_args=None) -> argparse.Namespace:
         args.bayes_preset = DEFAULT_PRESET[args.train_mode]
     import bayeslayers
 
-    if args.bayes_preset not in bayeslayers.available_presets():
-        _fail(f"--bayes_preset must be one of {bayeslayers.available_presets()}, got {args.bayes_preset!r}")
-    for flag in ("kl_weight", "prior_loss_weight"):
-        if getattr(args, flag) < 0:
-            _fail(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    for flag in ("init_sigma", "prior_sigma", "learning_rate"):
-        if getattr(args, flag) <= 0:
-            _fail(f"--{flag} must be > 0, got {getattr(args, flag)}")
-    for flag in ("train_batch_size", "max_train_steps", "checkpointing_steps", "validation_steps", "rank",
-                 "gradient_accumulation_steps", "num_validation_images"):
-        if getattr(args, flag) < 1:
-            _fail(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
-    if args.resolution is not None and args.resolution < 8:
-        _fail(f"--resolution must be a positive multiple of the VAE factor, got {args.resolution}")
+    presets = bayeslayers.available_presets()
+    if args.bayes_preset not in presets:
+        _fail(f"--bayes_preset must be one of {presets}, got {args.bayes_preset!r}")
+    if args.bayes_text_encoder and args.bayes_text_encoder_preset not in presets:
+        _fail(f"--bayes_text_encoder_preset must be one of {presets}, got {args.bayes_text_encoder_preset!r}")
+    _check_ranges(args)
+    _check_combinations(args)
     args.output_dir = os.path.abspath(args.output_dir)
     return args

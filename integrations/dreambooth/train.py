@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import bayeslayers
 
-from .checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoints import (check_finite_metrics, check_finite_parameters, load_checkpoint, resolve_checkpoint,
+                          save_checkpoint)
 from .data import DreamBoothData, check_image_dir, generate_class_images
+from .distributed import process_rng_states, run_seed, shared_weight_sample
 from .export import export_model, plot_history, write_model_card
+from .images import captioned_grid
+from .recipe import (allow_tf32, build_lr_scheduler, build_optimizer, class_image_pipeline, create_hub_repo,
+                     diffusion_loss, enable_xformers, resolve_training_length, sample_noise, upload_to_hub)
+from .text import PromptEncoder, load_tokenizer, prepare_text_encoder
 
 
 @contextmanager
@@ -40,17 +45,23 @@ def stop_requests():
 
 
 def load_components(args, device, weight_dtype):
+    """Tokenizer, text encoder (frozen in ``weight_dtype`` unless ``--train_text_encoder``: then fp32 and
+    trainable), frozen VAE, UNet and the DDPM noise scheduler."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     path, common = args.pretrained_model_name_or_path, dict(revision=args.revision)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
+    tokenizer = load_tokenizer(args)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    for frozen in (vae, text_encoder):
-        frozen.requires_grad_(False).to(device, dtype=weight_dtype).eval()
+    vae.requires_grad_(False).to(device, dtype=weight_dtype).eval()
+    if args.train_text_encoder:
+        prepare_text_encoder(text_encoder, args)
+        text_encoder.to(device)
+    else:
+        text_encoder.requires_grad_(False).to(device, dtype=weight_dtype).eval()
     return tokenizer, text_encoder, vae, unet.to(device), noise_scheduler
 
 
@@ -70,9 +81,17 @@ def make_bayesian(unet, args) -> None:
 
 
 def validation_pipeline(args, unet, text_encoder, vae, tokenizer, weight_dtype):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """StableDiffusionPipeline over the training modules with the ``--validation_scheduler`` (variance type
+    "learned" mapped to "fixed_small", as in diffusers)."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
 
-    scheduler = DDIMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    config = diffusers.DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler")
+    extra = {}
+    if "variance_type" in config:
+        variance = config["variance_type"]
+        extra["variance_type"] = "fixed_small" if variance in ("learned", "learned_range") else variance
+    scheduler = getattr(diffusers, args.validation_scheduler).from_config(config, **extra)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -80,32 +99,29 @@ def validation_pipeline(args, unet, text_encoder, vae, tokenizer, weight_dtype):
     return pipe
 
 
-def image_grid(images, columns: int):
-    from PIL import Image
-
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
-
-
 @torch.no_grad()
-def run_validation(args, pipe, step, resolution, accelerator):
-    """Generates ``num_validation_images`` with the mean weights; saves a PNG grid; returns its path."""
-    unet = pipe.unet
-    was_training = unet.training
-    unet.eval()
+def run_validation(args, pipe, step, resolution, accelerator, prompts=None):
+    """Generates ``num_validation_images`` with the mean weights; saves a captioned PNG grid (each image
+    upscaled to >= 256 px); returns its path. ``prompts`` (a PromptEncoder) supplies pre-computed embeddings."""
+    modules = [m for m in (pipe.unet, pipe.text_encoder) if m is not None]
+    was_training = [m.training for m in modules]
+    for module in modules:
+        module.eval()
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+    count = args.num_validation_images
+    if prompts is not None and prompts.text_encoder is None:
+        text = dict(prompt_embeds=prompts([args.validation_prompt] * count),
+                    negative_prompt_embeds=prompts([""] * count))
+    else:
+        text = dict(prompt=[args.validation_prompt] * count)
     with torch.random.fork_rng(devices=[]):
-        images = pipe([args.validation_prompt] * args.num_validation_images, height=resolution, width=resolution,
-                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                      generator=generator).images
-    unet.train(was_training)
+        images = pipe(**text, height=resolution, width=resolution, num_inference_steps=args.num_inference_steps,
+                      guidance_scale=args.guidance_scale, generator=generator).images
+    for module, training in zip(modules, was_training):
+        module.train(training)
     path = Path(args.output_dir, "validation", f"step-{step:06d}.png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, min(4, len(images))).save(path)
+    captioned_grid(images, f"step {step}: {args.validation_prompt}").save(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
@@ -115,10 +131,7 @@ def run_validation(args, pipe, step, resolution, accelerator):
     return path
 
 
-def encode_prompts(tokenizer, text_encoder, prompts, device):
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    return text_encoder(ids)[0]
+HISTORY_KEYS = ("loss", "kl", "mean_sigma", "kl_unet", "kl_text_encoder", "mean_sigma_text_encoder")
 
 
 def mean_sigma(unet) -> float:
@@ -138,7 +151,6 @@ def main(args, step_callback=None) -> dict:
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     out = Path(args.output_dir)
@@ -155,6 +167,9 @@ def main(args, step_callback=None) -> dict:
                                                                   logging_dir=str(out / args.logging_dir)))
     if args.seed is not None:
         torch.manual_seed(args.seed + accelerator.process_index)
+    if args.allow_tf32:
+        allow_tf32()
+    hub_repo = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args, accelerator.device, weight_dtype)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -164,83 +179,108 @@ def main(args, step_callback=None) -> dict:
 
     class_images = ()
     if args.with_prior_preservation:
-        pipe = validation_pipeline(args, unet, text_encoder, vae, tokenizer, weight_dtype)
         if accelerator.is_main_process:
-            generate_class_images(pipe, args.class_prompt, args.class_data_dir, args.num_class_images,
+            base_pipeline = partial(class_image_pipeline, args, accelerator.device)  # loaded only if needed
+            generate_class_images(base_pipeline, args.class_prompt, args.class_data_dir, args.num_class_images,
                                   args.sample_batch_size, resolution, args.num_inference_steps, args.guidance_scale,
                                   args.seed or 0)
         accelerator.wait_for_everyone()
         class_images = check_image_dir(args.class_data_dir, "--class_data_dir")[: args.num_class_images]
     data = DreamBoothData(args.instance_images, args.instance_prompt, resolution, args.center_crop, class_images,
-                          args.class_prompt)
+                          args.class_prompt, args.image_interpolation_mode, args.dataloader_num_workers)
+    resolve_training_length(args, data.steps_per_epoch(args.train_batch_size * accelerator.num_processes,
+                                                       args.gradient_accumulation_steps))
 
     make_bayesian(unet, args)
+    if args.enable_xformers_memory_efficient_attention:
+        enable_xformers(unet)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
     named_params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(list(named_params.values()), lr=args.learning_rate,
-                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                                  eps=args.adam_epsilon)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    raw_unet = accelerator.unwrap_model(unet)
+    if args.train_text_encoder:  # checkpoint names: UNet parameters as they are, text encoder ones prefixed
+        named_params.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
+    optimizer = build_optimizer(list(named_params.values()), args, accelerator.num_processes)
+    lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer,
+                                                                          lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    raw_unet, raw_text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    trained_models = [unet, text_encoder] if args.train_text_encoder else [unet]
+    precompute = [args.instance_prompt, args.class_prompt, args.validation_prompt, ""] \
+        if args.pre_compute_text_embeddings else ()
+    prompt_encoder = PromptEncoder(tokenizer, text_encoder, args.tokenizer_max_length,
+                                   args.text_encoder_use_attention_mask, [p for p in precompute if p is not None])
+    if args.pre_compute_text_embeddings:  # the text encoder is not kept during training
+        text_encoder = raw_text_encoder = None
 
     step, history = 0, {"step": [], "loss": [], "kl": [], "mean_sigma": []}
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
-        step, history = load_checkpoint(checkpoint, named_params, optimizer, lr_scheduler)
+        step, history = load_checkpoint(checkpoint, named_params, optimizer, lr_scheduler,
+                                        accelerator.process_index)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-bnn", config={k: v for k, v in vars(args).items()
                                                             if isinstance(v, (int, float, str, bool))})
 
-    pipe = validation_pipeline(args, raw_unet, text_encoder, vae, tokenizer, weight_dtype)
+    pipe = validation_pipeline(args, raw_unet, raw_text_encoder, vae, tokenizer, weight_dtype)
     bayesian = bool(bayeslayers.posterior_layers(raw_unet))
+    text_bayesian = raw_text_encoder is not None and bool(bayeslayers.posterior_layers(raw_text_encoder))
     progress = tqdm(range(args.max_train_steps), initial=step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     unet.train()
+    sample_seed, forwards = run_seed(accelerator, args.seed), step * args.gradient_accumulation_steps
     started = time.perf_counter()
     interrupted = None
     with stop_requests() as stop:
         while step < args.max_train_steps:
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(*trained_models):
                 pixels, prompts = data.batch(args.train_batch_size)
                 with torch.no_grad():
                     latents = vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist.sample()
                     latents = latents * vae.config.scaling_factor
-                    text = encode_prompts(tokenizer, text_encoder, prompts, accelerator.device)
-                noise = torch.randn_like(latents)
+                noise = sample_noise(latents, args.offset_noise)
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                           device=latents.device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 target = noise if noise_scheduler.config.prediction_type == "epsilon" \
                     else noise_scheduler.get_velocity(latents, noise, timesteps)
-                pred = unet(noisy, timesteps, encoder_hidden_states=text).sample.float()
-                if args.with_prior_preservation:
-                    pred, pred_prior = pred.chunk(2)
-                    target, target_prior = target.chunk(2)
-                    loss = F.mse_loss(pred, target.float()) + args.prior_loss_weight * F.mse_loss(
-                        pred_prior, target_prior.float())
-                else:
-                    loss = F.mse_loss(pred, target.float())
-                kl = bayeslayers.kl_loss(raw_unet) if bayesian else torch.zeros((), device=loss.device)
+                class_labels = timesteps if args.class_labels_conditioning == "timesteps" else None
+                with shared_weight_sample(sample_seed, forwards):  # one weight sample per global batch
+                    with torch.set_grad_enabled(args.train_text_encoder):
+                        text = prompt_encoder(prompts)
+                    pred = unet(noisy, timesteps, encoder_hidden_states=text, class_labels=class_labels).sample
+                forwards += 1
+                loss = diffusion_loss(pred, target, timesteps, noise_scheduler, args)
+                zero = torch.zeros((), device=loss.device)
+                # divergence (NaN/Inf loss or KL) is reported after the step by check_finite_metrics
+                kl_unet = bayeslayers.kl_loss(raw_unet, check_finite=False) if bayesian else zero
+                kl_text = bayeslayers.kl_loss(raw_text_encoder, check_finite=False) if text_bayesian else zero
+                kl = kl_unet + kl_text
                 total = loss + args.kl_weight * kl if args.kl_weight > 0 else loss
                 accelerator.backward(total)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(list(named_params.values()), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
             if not accelerator.sync_gradients:
                 continue
             step += 1
             progress.update(1)
             logs = {"loss": loss.item(), "kl": kl.item(), "mean_sigma": mean_sigma(raw_unet),
                     "lr": lr_scheduler.get_last_lr()[0]}
-            for key in ("loss", "kl", "mean_sigma"):
-                history[key].append(logs[key])
+            if text_bayesian:
+                logs.update(kl_unet=kl_unet.item(), kl_text_encoder=kl_text.item(),
+                            mean_sigma_text_encoder=mean_sigma(raw_text_encoder))
+            check_finite_metrics(logs, out, step)
+            for key in HISTORY_KEYS:
+                if key in logs:
+                    history.setdefault(key, []).append(logs[key])
             history["step"].append(step)
             shown = {"loss": f"{logs['loss']:.4f}"}
             if args.bayesian:
@@ -249,12 +289,17 @@ def main(args, step_callback=None) -> dict:
             accelerator.log(logs, step=step)
             if step_callback is not None:
                 step_callback(args, step)
+            scheduled = step % args.checkpointing_steps == 0
+            if scheduled or stop["signal"] is not None:
+                check_finite_parameters(named_params, out, step)  # on every process, so all stop together
+                rng_states = process_rng_states(accelerator) if scheduled else None
             if accelerator.is_main_process:
-                if step % args.checkpointing_steps == 0 or stop["signal"] is not None:
+                if scheduled or stop["signal"] is not None:
                     save_checkpoint(out, step, named_params, optimizer, lr_scheduler, history,
-                                    args.checkpoints_total_limit)
+                                    args.checkpoints_total_limit, rng_states)
                 if args.validation_prompt and step % args.validation_steps == 0:
-                    run_validation(args, pipe, step, resolution, accelerator)
+                    run_validation(args, pipe, step, resolution, accelerator, prompt_encoder)
+                    history.setdefault("validation_step", []).append(step)
             if stop["signal"] is not None:
                 interrupted = stop["signal"]
                 break
@@ -266,16 +311,27 @@ def main(args, step_callback=None) -> dict:
         accelerator.end_training()
         return {"interrupted": True, "step": step}
 
-    metrics = {"steps": step, "final_loss": history["loss"][-1], "final_kl": history["kl"][-1],
-               "final_mean_sigma": history["mean_sigma"][-1], "train_seconds": round(seconds, 2)}
+    metrics = {"steps": step, "epochs": args.num_train_epochs, "final_loss": history["loss"][-1],
+               "final_kl": history["kl"][-1], "final_mean_sigma": history["mean_sigma"][-1],
+               "train_seconds": round(seconds, 2)}
+    if text_bayesian:
+        metrics.update(final_kl_unet=history["kl_unet"][-1], final_kl_text_encoder=history["kl_text_encoder"][-1],
+                       final_mean_sigma_text_encoder=history["mean_sigma_text_encoder"][-1])
     result = dict(metrics)
     if accelerator.is_main_process:
+        grid = None
         if args.validation_prompt:
-            result["validation_grid"] = str(run_validation(args, pipe, step, resolution, accelerator))
+            grid = run_validation(args, pipe, step, resolution, accelerator, prompt_encoder)
+            if step not in history.get("validation_step", []):
+                history.setdefault("validation_step", []).append(step)
+            result["validation_grid"] = str(grid)
         plot_history(history, out / "training_curves.png")
         result["curves"] = str(out / "training_curves.png")
-        written = export_model(raw_unet, args)
-        write_model_card(args, metrics, written)
+        written = export_model(raw_unet, args, raw_text_encoder if args.train_text_encoder else None)
+        result["model_card"] = str(write_model_card(args, metrics, written, grid))
         result.update(written)
+        if hub_repo is not None:
+            upload_to_hub(args, hub_repo)
+            result["hub_repo"] = hub_repo
     accelerator.end_training()
     return result
