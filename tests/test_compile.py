@@ -96,3 +96,18 @@ def test_compiled_unet_draws_the_same_samples_and_gradients_as_eager():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     other_loss = _loss(compiled, inputs)  # the next draw: a different sample
     assert not torch.allclose(other_loss, loss)
+
+
+def test_set_backend_retraces_a_compiled_layer():
+    layer = bayeslayers.BayesLinear(12, 10, init_sigma=0.2)
+    x = torch.randn(4, 12)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    outputs = {}
+    for backend in ("torch", "cpp"):  # two noise streams: the outputs tell which backend ran
+        bayeslayers.set_backend(backend)
+        torch.manual_seed(5)
+        eager = layer(x)
+        torch.manual_seed(5)
+        outputs[backend] = compiled(x)
+        torch.testing.assert_close(outputs[backend], eager)
+    assert not torch.allclose(outputs["torch"], outputs["cpp"])

@@ -32,6 +32,7 @@ BACKEND_CHOICES = ("auto", *BACKENDS)
 ENV_VAR = "BAYESLAYERS_BACKEND"
 
 _selected: str | None = None
+_selection_count = 0  # changes with every set_backend: compiled graphs guard on it and retrace
 _resolved: dict[tuple[str, str], Backend] = {}
 _warned: set[str] = set()
 
@@ -47,8 +48,9 @@ def set_backend(name: str | None) -> None:
 
     ``None`` clears the selection (back to $BAYESLAYERS_BACKEND, else 'auto').
     """
-    global _selected
+    global _selected, _selection_count
     _selected = None if name is None else _check_name(name, "backend")
+    _selection_count += 1
     _resolved.clear()
 
 
@@ -61,13 +63,13 @@ def get_backend() -> str:
 
 def resolve_backend(device: torch.device, name: str | None = None) -> Backend:
     """The backend object that serves tensors on ``device`` ('auto' resolved); cached per device type."""
-    return BACKENDS[_resolved_name(name, device.type)]
+    return BACKENDS[_resolved_name(name, device.type, _selection_count)]
 
 
 @torch.compiler.assume_constant_result
-def _resolved_name(name: str | None, device_type: str) -> str:
+def _resolved_name(name: str | None, device_type: str, selection_count: int) -> str:
     """Runs eagerly even while torch.compile traces (availability checks may build the C++ extension); the
-    traced graph keeps the answer as a constant."""
+    traced graph keeps the answer as a constant and guards on ``selection_count``."""
     key = (get_backend() if name is None else _check_name(name, "backend"), device_type)
     if key not in _resolved:
         _resolved[key] = _resolve(*key)

@@ -73,7 +73,7 @@ def prepare_text_encoder(text_encoder, args) -> None:
     options = dict(init_sigma=args.init_sigma, prior_sigma=args.prior_sigma, kl_direction=args.kl_direction)
     text_encoder.to(dtype=torch.float32)
     if args.train_mode == "lora":
-        unet_factors = bayeslayers.get_preset(args.bayes_preset).get("bayesian_factors", "AB")
+        unet_factors = bayeslayers.get_preset(args.bayes_preset).bayesian_factors
         bayeslayers.convert(
             text_encoder,
             target_modules=TEXT_ENCODER_LORA_TARGETS,

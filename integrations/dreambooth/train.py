@@ -73,7 +73,7 @@ def make_bayesian(unet, args) -> None:
     options = dict(target_modules=targets, preset=args.bayes_preset, mode=args.train_mode, rank=args.rank,
                    init_sigma=args.init_sigma, prior_sigma=args.prior_sigma, kl_direction=args.kl_direction)
     if args.train_mode == "lora":
-        options["bayesian_factors"] = bayeslayers.get_preset(args.bayes_preset).get("bayesian_factors", "AB") \
+        options["bayesian_factors"] = bayeslayers.get_preset(args.bayes_preset).bayesian_factors \
             if args.bayesian else ""
         bayeslayers.convert(unet, **options)
     elif args.bayesian:
