@@ -14,24 +14,11 @@ from __future__ import annotations
 import itertools
 import zlib
 
-_MASK64 = (1 << 64) - 1
-_SEED_BITS = 63
+from bayeslayers.kernels.seeds import mix_seed
+
 _unnamed_ids = itertools.count(1 << 32)  # above every crc32 name id: the two kinds never collide
 
-
-def _splitmix64(value: int) -> int:
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def mix_seed(*values: int) -> int:
-    """Hashes integers (user seed, layer id, step, ...) into one non-negative 63-bit seed."""
-    state = 0
-    for value in values:
-        state = _splitmix64(state ^ (int(value) & _MASK64))
-    return state & ((1 << _SEED_BITS) - 1)
+__all__ = ["layer_id_for", "mix_seed", "unnamed_layer_id"]
 
 
 def layer_id_for(name: str) -> int:

@@ -36,14 +36,22 @@ FUSED_PROVIDERS = {
 }
 
 
+# UNet-step providers run under torch.compile (Inductor): the plain UNet, and bayeslayers on the device's
+# default backend ("auto").
+COMPILED_PROVIDERS = ("deterministic:compiled", "auto:compiled")
+
+
 def providers() -> list[str]:
-    """Provider names in display order: the three baselines, bayeslayers' other backends, the fused paths."""
+    """Provider names in display order: the three baselines, bayeslayers' other backends, the fused paths,
+    the compiled UNet steps."""
     return ["deterministic", "reference", "bayesian-torch", *[name for name in BACKENDS if name != "reference"],
-            *FUSED_PROVIDERS]
+            *FUSED_PROVIDERS, *COMPILED_PROVIDERS]
 
 
 def unavailable_reason(provider: str, op: str, device: torch.device) -> str:
     """Why ``provider`` cannot run ``op`` on ``device`` ('' when it can)."""
+    if provider in COMPILED_PROVIDERS:
+        return "" if op == "unet" else "compiled providers time the UNet step"
     if provider == "deterministic":
         return "peft is not installed" if op == "lora" and not importlib.util.find_spec("peft") else ""
     if provider == "bayesian-torch":
@@ -67,6 +75,7 @@ class Case:
     module: nn.Module
     x: torch.Tensor
     bayesian_weights: int
+    compiled: bool = False  # under torch.compile: saved bytes are not counted (hooks would retrace)
 
 
 class PlainStep(nn.Module):

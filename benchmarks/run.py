@@ -39,8 +39,9 @@ def build_case(provider, op, shape, device):
 def measure_group(names, op, shape, device, dtype, budget_s, rounds) -> list[dict]:
     """Rows of the providers ``names`` for one shape; their timings interleave over ``rounds`` rounds."""
     cases = {name: build_case(name, op, shape, device) for name in names}
-    memory = {name: {"saved_bytes": saved_bytes(case.module, case.x, dtype), "state_bytes": state_bytes(case.module),
-                     "bayesian_weights": case.bayesian_weights} for name, case in cases.items()}
+    memory = {name: {"saved_bytes": "" if case.compiled else saved_bytes(case.module, case.x, dtype),
+                     "state_bytes": state_bytes(case.module), "bayesian_weights": case.bayesian_weights}
+              for name, case in cases.items()}
     rows = []
     for mode in MODES:
         fns = {name: step_function(case.module, case.x, mode, dtype) for name, case in cases.items()}
@@ -71,8 +72,9 @@ def add_ratios(rows: list[dict]) -> list[dict]:
             row[column] = row["median_ms"] / other["median_ms"] if other else ""
         plain = by_key.get(("deterministic", row["mode"]))
         n = row["bayesian_weights"]
-        row["saved_bytes_per_weight"] = row["saved_bytes"] / n if n else ""
-        row["extra_saved_bytes_per_weight"] = (row["saved_bytes"] - plain["saved_bytes"]) / n if n and plain else ""
+        counted = row["saved_bytes"] != "" and plain is not None and plain["saved_bytes"] != ""
+        row["saved_bytes_per_weight"] = row["saved_bytes"] / n if n and row["saved_bytes"] != "" else ""
+        row["extra_saved_bytes_per_weight"] = (row["saved_bytes"] - plain["saved_bytes"]) / n if n and counted else ""
     return rows
 
 
@@ -131,7 +133,7 @@ def main(args) -> Path:
                         writer.writerow({**row, **env})
                         print(f"{op:6s} {row['shape']:>15s} {row['provider']:>14s} {row['mode']:>8s} "
                               f"{row['median_ms']:9.3f} ms  x{row['ratio_to_deterministic']:.2f} det  "
-                              f"saved {row['saved_bytes']:>10d} B  peak {row['peak_bytes'] or '-':>10} B")
+                              f"saved {row['saved_bytes'] or '-':>10} B  peak {row['peak_bytes'] or '-':>10} B")
                     handle.flush()
         finally:
             bayeslayers.set_backend(None)

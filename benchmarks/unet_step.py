@@ -58,7 +58,18 @@ def build_unet(provider: str, shape: tuple, device: torch.device) -> Case:
     timesteps = torch.randint(0, 1000, (batch,), generator=generator)
     latents = torch.randn(batch, unet.config.in_channels, size, size, generator=generator).to(device)
     model = Denoiser(unet, text, timesteps)
-    if provider == "deterministic":
-        return Case(PlainStep(model).to(device), latents, 0)
+    base, _, variant = provider.partition(":")
+    compiled = variant == "compiled"
+    if base == "deterministic":
+        return Case(PlainStep(_compiled(model) if compiled else model).to(device), latents, 0, compiled=compiled)
     bayeslayers.convert(unet, preset="dreambooth-bnn")
-    return Case(BayesStep(model, provider).to(device), latents, bayesian_weights(unet))
+    weights = bayesian_weights(unet)
+    if compiled:
+        return Case(BayesStep(_compiled(model), "auto").to(device), latents, weights, compiled=True)
+    return Case(BayesStep(model, provider).to(device), latents, weights)
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    """The model under torch.compile (Inductor, one graph); compiled on its first call."""
+    model.compile(fullgraph=True)
+    return model

@@ -47,12 +47,28 @@ def _splitmix64(value: torch.Tensor) -> torch.Tensor:
     return value ^ _shift_right(value, 31)
 
 
+def splitmix64(value: int) -> int:
+    """SplitMix64 finaliser on a Python int (mod 2**64)."""
+    value = (value + _GOLDEN) & _MASK64
+    value = ((value ^ (value >> 30)) * _MIX1) & _MASK64
+    value = ((value ^ (value >> 27)) * _MIX2) & _MASK64
+    return value ^ (value >> 31)
+
+
+def mix_seed(*values: int) -> int:
+    """Hashes integers (a draw or user seed, layer id, step, ...) into one non-negative 63-bit seed: the
+    SplitMix64 chain that :func:`mix_seed_tensor` computes on the device."""
+    state = 0
+    for value in values:
+        state = splitmix64(state ^ (int(value) & _MASK64))
+    return state & _SEED_MASK
+
+
 def mix_seed_tensor(draw: torch.Tensor, layer_id) -> torch.Tensor:
     """63-bit seed from a drawn int64 tensor and a layer id (int, or an int64 tensor of one element), on the
     draw's device.
 
-    Bit-identical to ``bayeslayers.rng.mix_seed(draw, layer_id)`` (SplitMix64 chain), computed without a
-    host sync.
+    Bit-identical to ``mix_seed(draw, layer_id)``, computed without a host sync.
     """
     layer_id = layer_id.reshape(1).to(draw.device) if isinstance(layer_id, torch.Tensor) else _signed64(layer_id)
     state = _splitmix64(draw)
@@ -69,6 +85,8 @@ DRAW_ORDER = torch.zeros(1, dtype=torch.int64)
 def _draw_layer_seed_op(order: torch.Tensor, layer_id: torch.Tensor) -> torch.Tensor:
     draw = torch.randint(0, _DRAW_BOUND, (1,), dtype=torch.int64, device=layer_id.device)
     order.add_(1)
+    if layer_id.device.type == "cpu":  # host integers: cheaper than a chain of one-element tensor ops
+        return torch.tensor([mix_seed(int(draw.item()), int(layer_id.item()))], dtype=torch.int64)
     return mix_seed_tensor(draw, layer_id)
 
 

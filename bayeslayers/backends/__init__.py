@@ -49,8 +49,10 @@ def set_backend(name: str | None) -> None:
     ``None`` clears the selection (back to $BAYESLAYERS_BACKEND, else 'auto').
     """
     global _selected, _selection_count
-    _selected = None if name is None else _check_name(name, "backend")
-    _selection_count += 1
+    name = None if name is None else _check_name(name, "backend")
+    if name != _selected or name is None:  # a new selection: compiled graphs retrace
+        _selected = name
+        _selection_count += 1
     _resolved.clear()
 
 

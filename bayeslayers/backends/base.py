@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import torch
 
+_kernels = None
+
 
 def kernels_module():
     """``bayeslayers.kernels``, imported on first use (``import bayeslayers`` stays light)."""
-    import bayeslayers.kernels as kernels
+    global _kernels
+    if _kernels is None:
+        import bayeslayers.kernels as kernels
 
-    return kernels
+        _kernels = kernels
+    return _kernels
 
 
 class Backend:
