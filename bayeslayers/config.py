@@ -85,8 +85,10 @@ class BayesConfig:
         return {name: getattr(self, name) for name in names}
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, names=POSTERIOR_FIELDS, defaults: dict | None = None):
-        """Adds ``--<name>`` flags for the options ``names`` (help text, type and choices from the fields)."""
+    def add_arguments(cls, parser, names=POSTERIOR_FIELDS, defaults: dict | None = None):
+        """Adds ``--<name>`` flags for the options ``names`` (help text, type and choices from the fields) to an
+        ``argparse`` parser (or argument group, or its ``add_argument`` function); returns ``parser``."""
+        add = getattr(parser, "add_argument", parser)
         defaults = defaults or {}
         by_name = {f.name: f for f in fields(cls)}
         for name in names:
@@ -95,7 +97,7 @@ class BayesConfig:
             if "choices" in option.metadata:
                 kwargs["choices"] = option.metadata["choices"]
             kwargs["type"] = _ARGUMENT_TYPES.get(name, str)
-            parser.add_argument(f"--{name}", **kwargs)
+            add(f"--{name}", **kwargs)
         return parser
 
     @classmethod
