@@ -46,22 +46,24 @@ class TritonBackend(Backend):
         return _kernels().philox_normal(seed, shape, device)
 
     def apply(self, op, x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed):
-        kernels = _kernels()
-        policy = kernels.fusion_policy()
-        linear = isinstance(op, LinearOp)
-        if linear and policy.samples_in_gemm(x.numel() // max(1, x.shape[-1])):
-            return kernels.sampled_linear(x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed)
-        return kernels.reparameterized_op(op, x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed,
-                                          linear_weight_grad=linear and policy.weight_grad_epilogue)
+        # kernels/fusion.py picks the path (fixed policy, BAYESLAYERS_FUSION, or measured on CUDA) and runs it.
+        from bayeslayers.kernels.fusion import apply_bayesian
+
+        return apply_bayesian(op, x, mu, rho, bias, prior_mu, prior_sigma, kl_direction, seed,
+                              linear=isinstance(op, LinearOp))
 
     def sample_weight(self, mu, rho, prior_mu, prior_sigma, kl_direction, seed, dtype):
         return _kernels().sampled_weight(mu, rho, prior_mu, prior_sigma, kl_direction, seed, dtype)
 
     def fuses_lora(self, device):
-        return _kernels().fusion_policy().fused_lora
+        from bayeslayers.kernels.fusion import fuses_lora
+
+        return fuses_lora(device)
 
     def lora_linear(self, x, w, bias, a, b, scaling):
-        return _kernels().lora_linear(x, w, bias, a, b, scaling)
+        from bayeslayers.kernels.fusion import apply_lora
+
+        return apply_lora(x, w, bias, a, b, scaling)
 
 
 def _seed_device() -> torch.device:
