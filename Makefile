@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS ?= -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench wheel clean
+.PHONY: install demo test lint bench wheel clean gpu-check aot
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --device cpu --out benchmarks/results/
+
+# The whole GPU verification (< 8 min on one H100); DRY_RUN=1: the same script on CPU, tiny shapes, interpreter.
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.gpu_check $(if $(DRY_RUN),--dry-run)
+
+# Ahead-of-time compile of every Triton kernel for sm_80/86/89/90 (no GPU needed; ~30 min on 2 cores).
+aot: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m bayeslayers.kernels.aot --subset full --csv benchmarks/results/aot_compile.csv
 
 wheel: $(STAMP)
 	$(PY) -m build --wheel --no-isolation --outdir dist .

@@ -27,9 +27,12 @@ from bayeslayers.kernels.fusion import set_fusion_policy
 
 SIGMA = 0.01
 RHO = math.log(math.expm1(SIGMA))
-BAYESIAN_TORCH_OPS = ("linear", "conv2d")
-# provider -> (op it applies to, fusion policy of the triton backend)
+BAYESIAN_TORCH_OPS = ("linear", "conv2d", "unet")
+# provider -> (op it applies to, fixed fusion policy of the triton backend); plain ``triton`` measures the paths
+# on CUDA and keeps the fastest per shape (kernels/fusion.py), the others force one path. The linear paths also
+# apply to the UNet step.
 FUSED_PROVIDERS = {
+    "triton:sample_then_gemm": ("linear", {"sample_in_gemm_max_rows": 0}),
     "triton:sample_in_gemm": ("linear", {"sample_in_gemm_max_rows": 2**31 - 1}),
     "triton:dw_epilogue": ("linear", {"weight_grad_epilogue": True}),
     "triton:fused_lora": ("lora", {"fused_lora": True}),
@@ -39,6 +42,9 @@ FUSED_PROVIDERS = {
 # UNet-step providers run under torch.compile (Inductor): the plain UNet, and bayeslayers on the device's
 # default backend ("auto").
 COMPILED_PROVIDERS = ("deterministic:compiled", "auto:compiled")
+# Set by ``gpu_check --dry-run``: the triton providers run on CPU under TRITON_INTERPRET=1 (to exercise the
+# harness, never to time it).
+INTERPRETED_TRITON = False
 
 
 def providers() -> list[str]:
@@ -60,10 +66,10 @@ def unavailable_reason(provider: str, op: str, device: torch.device) -> str:
         return "" if importlib.util.find_spec("bayesian_torch") else "bayesian-torch is not installed"
     if provider in FUSED_PROVIDERS:
         fused_op = FUSED_PROVIDERS[provider][0]
-        if op != fused_op:
+        if op != fused_op and not (op == "unet" and fused_op == "linear"):
             return f"{provider} is a {fused_op} path"
     backend = BACKENDS[provider.split(":")[0]]
-    if backend.name == "triton" and device.type != "cuda":
+    if backend.name == "triton" and device.type != "cuda" and not INTERPRETED_TRITON:
         return "GPU only (the CPU interpreter is for correctness tests, not timing)"
     return backend.unavailable_reason(device) if not backend.is_available(device) else ""
 
@@ -125,7 +131,8 @@ def _bayesian_torch_layer(plain: nn.Module) -> nn.Module:
     """
     from bayesian_torch.layers import Conv2dReparameterization, LinearReparameterization
 
-    common = dict(prior_mean=0.0, prior_variance=SIGMA, posterior_mu_init=0.0, posterior_rho_init=RHO, bias=True)
+    has_bias = plain.bias is not None
+    common = dict(prior_mean=0.0, prior_variance=SIGMA, posterior_mu_init=0.0, posterior_rho_init=RHO, bias=has_bias)
     if isinstance(plain, nn.Linear):
         layer = LinearReparameterization(plain.in_features, plain.out_features, **common)
         mu, rho, prior = layer.mu_weight, layer.rho_weight, layer.prior_weight_mu
@@ -137,9 +144,10 @@ def _bayesian_torch_layer(plain: nn.Module) -> nn.Module:
         mu.copy_(plain.weight)
         prior.copy_(plain.weight)
         rho.fill_(RHO)
-        layer.mu_bias.copy_(plain.bias)
-        layer.rho_bias.fill_(RHO)
-        layer.prior_bias_mu.copy_(plain.bias)
+        if has_bias:
+            layer.mu_bias.copy_(plain.bias)
+            layer.rho_bias.fill_(RHO)
+            layer.prior_bias_mu.copy_(plain.bias)
     return layer
 
 

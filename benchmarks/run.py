@@ -78,9 +78,12 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def measure_shape(op, shape, device, dtype, budget_s, rounds) -> list[dict]:
+def measure_shape(op, shape, device, dtype, budget_s, rounds, only=None) -> list[dict]:
+    """Rows of every available provider (or of those in ``only``) for one shape."""
     names = []
     for name in providers():
+        if only is not None and name not in only:
+            continue
         reason = unavailable_reason(name, op, device)
         if reason:
             print(f"skip {name} for {op}: {reason}")

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import bayeslayers
 
-from .providers import BayesStep, Case, PlainStep, bayesian_weights
+from .providers import BayesStep, Case, PlainStep, _bayesian_torch_layer, bayesian_weights
 
 TINY = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -22,7 +22,9 @@ TINY = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, b
             cross_attention_dim=64, attention_head_dim=16, norm_num_groups=16)
 MICRO = dict(TINY, sample_size=8, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
              norm_num_groups=8)  # --quick only
-CONFIGS = {"tiny": TINY, "micro": MICRO}
+NANO = dict(MICRO, sample_size=4, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",))  # gpu_check --dry-run: Triton kernels under the interpreter
+CONFIGS = {"tiny": TINY, "micro": MICRO, "nano": NANO}
 SD15_CONFIG = Path(__file__).parent / "sd15_unet.json"
 TEXT_TOKENS = 77
 
@@ -47,6 +49,42 @@ class Denoiser(nn.Module):
         return self.unet(latents, self.timesteps, encoder_hidden_states=self.text).sample
 
 
+class KLRecorder(nn.Module):
+    """A bayesian-torch layer inside a model: returns the output, keeps the KL of its last forward."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer, self.kl = layer, None
+
+    def forward(self, x):
+        out, self.kl = self.layer(x, return_kl=True)
+        return out
+
+
+class BayesianTorchModelStep(nn.Module):
+    """The model with bayesian-torch layers; KL summed over them (each is bayesian-torch's mean reduction)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return out, sum(m.kl for m in self.model.modules() if isinstance(m, KLRecorder))
+
+
+def to_bayesian_torch(model: nn.Module, preset: str = "dreambooth-bnn") -> int:
+    """Replaces the preset's Linear layers by bayesian-torch's (weights copied); returns their weight count."""
+    import re
+
+    pattern = re.compile(bayeslayers.get_preset(preset)["target_modules"])
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(name)]
+    for name, plain in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, KLRecorder(_bayesian_torch_layer(plain)))
+    return sum(plain.weight.numel() for _, plain in targets)
+
+
 def build_unet(provider: str, shape: tuple, device: torch.device) -> Case:
     from diffusers import UNet2DConditionModel
 
@@ -62,6 +100,9 @@ def build_unet(provider: str, shape: tuple, device: torch.device) -> Case:
     compiled = variant == "compiled"
     if base == "deterministic":
         return Case(PlainStep(_compiled(model) if compiled else model).to(device), latents, 0, compiled=compiled)
+    if provider == "bayesian-torch":
+        weights = to_bayesian_torch(unet)
+        return Case(BayesianTorchModelStep(model).to(device), latents, weights)
     bayeslayers.convert(unet, preset="dreambooth-bnn")
     weights = bayesian_weights(unet)
     if compiled:

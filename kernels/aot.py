@@ -393,10 +393,19 @@ def compile_launch(launch: Launch, config, capability: int) -> Result:
     return result
 
 
+def candidate_configs(launch: Launch) -> list:
+    """The configs the autotuner may pick for this launch (after its ``early_config_prune``, if any)."""
+    autotuner = launch.autotuner
+    if not getattr(autotuner, "early_config_prune", None):
+        return list(autotuner.configs)
+    named = dict(zip(autotuner.fn.arg_names, launch.args))
+    return list(autotuner.early_config_prune(autotuner.configs, named, **launch.kwargs))
+
+
 def compile_all(launches: list[Launch], targets: list[str], progress: Callable[[Result], None] | None = None):
     results = []
     for launch in launches:
-        for config in launch.autotuner.configs:
+        for config in candidate_configs(launch):
             for name in targets:
                 result = compile_launch(launch, config, TARGETS[name])
                 results.append(result)
@@ -468,7 +477,7 @@ def main(argv=None) -> int:
     if args.kernels:
         names = set(args.kernels.split(","))
         launches = [launch for launch in launches if launch.kernel in names]
-    total = sum(len(launch.autotuner.configs) for launch in launches) * len(targets)
+    total = sum(len(candidate_configs(launch)) for launch in launches) * len(targets)
     done = []
 
     def progress(result: Result):

@@ -88,16 +88,35 @@ WEIGHT_GRAD_GEMM_SHAPES = [
     (128, 64, 64, 8, 3),
     (64, 64, 32, 4, 3),
 ]
-# Plain GEMM tiles (lora_matmul.py): no generated operand; all fit without spills.
+# Plain GEMM tiles (lora_matmul.py): no generated operand. With 4 warps, 64x64 and larger tiles spilled 8-376 B
+# at unaligned sizes (masked scalar loads; 128x64x32, 64x128x32, 64x64x64, 32x128x64, 16x128x64, 16x64x128),
+# and 4 stages of 128-wide fp32 tiles needed 121-134 KB of shared memory (over sm_86/sm_89's 99 KB): 8 warps
+# for the large tiles, 3 stages.
 GEMM_SHAPES = [
     (128, 128, 32, 8, 3),
-    (128, 64, 32, 4, 4),
-    (64, 128, 32, 4, 4),
-    (64, 64, 64, 4, 3),
-    (32, 128, 64, 4, 4),
-    (16, 128, 64, 4, 4),
-    (16, 64, 128, 4, 3),
+    (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
+    (64, 64, 64, 8, 3),
+    (32, 64, 32, 4, 3),
+    (16, 64, 64, 4, 3),
 ]
+# float32 operands: an IEEE dot runs on FMA units with every operand in registers, and every tile of 64x64 and
+# more spilled 16-784 B (128x128x32 / 8 warps: 392-488 B): only these two fit.
+FP32_GEMM_SHAPES = [(32, 64, 32, 4, 3), (16, 64, 64, 4, 3)]
+
+
+def prune_gemm_configs_for_dtype(configs, named_args, **kwargs):
+    """``early_config_prune`` of the LoRA GEMM: float32 operands keep only ``FP32_GEMM_SHAPES``."""
+    x = named_args.get("x_ptr")
+    if getattr(x, "dtype", None) != torch.float32:
+        return configs
+    small = {(m, n, k, w, s) for m, n, k, w, s in FP32_GEMM_SHAPES}
+    kept = [
+        c
+        for c in configs
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in small
+    ]
+    return kept or configs
 
 
 def gemm_configs() -> list[triton.Config]:

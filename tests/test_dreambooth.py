@@ -30,9 +30,29 @@ def workspace(tmp_path_factory):
 
 def _args(workspace, out, *extra):
     root, pipe, images = workspace
-    return parse_args(["--pretrained_model_name_or_path", pipe, "--instance_data_dir", images, "--instance_prompt",
-                       PROMPT, "--output_dir", str(root / out), "--train_batch_size", "2", "--seed", "0",
-                       "--num_inference_steps", "3", "--report_to", "none", "--learning_rate", "1e-3", *extra])
+    return parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            pipe,
+            "--instance_data_dir",
+            images,
+            "--instance_prompt",
+            PROMPT,
+            "--output_dir",
+            str(root / out),
+            "--train_batch_size",
+            "2",
+            "--seed",
+            "0",
+            "--num_inference_steps",
+            "3",
+            "--report_to",
+            "none",
+            "--learning_rate",
+            "1e-3",
+            *extra,
+        ]
+    )
 
 
 def _image(pipe, seed=0):
@@ -46,19 +66,42 @@ def test_exported_model_loads_in_stock_diffusers_and_matches_the_mean_model(work
 
     root, pipe_path, _ = workspace
     out = root / f"out-{mode}"
-    result = main(_args(workspace, f"out-{mode}", "--train_mode", mode, "--max_train_steps", "4",
-                        "--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--kl_weight", "1e-3",
-                        "--validation_prompt", PROMPT, "--validation_steps", "2"))
+    result = main(
+        _args(
+            workspace,
+            f"out-{mode}",
+            "--train_mode",
+            mode,
+            "--max_train_steps",
+            "4",
+            "--checkpointing_steps",
+            "2",
+            "--checkpoints_total_limit",
+            "1",
+            "--kl_weight",
+            "1e-3",
+            "--validation_prompt",
+            PROMPT,
+            "--validation_steps",
+            "2",
+        )
+    )
     assert os.path.exists(result["validation_grid"]) and os.path.exists(result["curves"])
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
-    assert (out / "README.md").exists()
+    card = (out / "README.md").read_text()
+    assert "![final validation grid](validation/step-000004.png)" in card
+    assert f"bayeslayers-dreambooth --pretrained_model_name_or_path {pipe_path}" in card
+    grid = Image.open(result["validation_grid"])
+    assert grid.width >= 4 * 256 and grid.height > 256  # 4 images of 16 px, upscaled, under a caption row
 
     if mode == "full":
         # The exported UNet holds the trained non-Bayesian layers too; the Bayesian state goes on top of it.
         stock = StableDiffusionPipeline.from_pretrained(
-            pipe_path, unet=UNet2DConditionModel.from_pretrained(result["unet"]), safety_checker=None)
+            pipe_path, unet=UNet2DConditionModel.from_pretrained(result["unet"]), safety_checker=None
+        )
         in_library = StableDiffusionPipeline.from_pretrained(
-            pipe_path, unet=UNet2DConditionModel.from_pretrained(result["unet"]), safety_checker=None)
+            pipe_path, unet=UNet2DConditionModel.from_pretrained(result["unet"]), safety_checker=None
+        )
     else:
         stock = StableDiffusionPipeline.from_pretrained(pipe_path, safety_checker=None)
         stock.load_lora_weights(str(out))
@@ -80,11 +123,16 @@ def test_interrupted_run_resumes_to_the_same_weights(workspace):
             os.kill(os.getpid(), signal.SIGTERM)
 
     full = main(_args(workspace, "straight", "--max_train_steps", "5", "--kl_weight", "1e-2"))
-    stopped = main(_args(workspace, "resumed", "--max_train_steps", "5", "--kl_weight", "1e-2",
-                         "--checkpointing_steps", "100"), step_callback=on_step)
+    stopped = main(
+        _args(workspace, "resumed", "--max_train_steps", "5", "--kl_weight", "1e-2", "--checkpointing_steps", "100"),
+        step_callback=on_step,
+    )
     assert stopped == {"interrupted": True, "step": 3}
-    resumed = main(_args(workspace, "resumed", "--max_train_steps", "5", "--kl_weight", "1e-2",
-                         "--resume_from_checkpoint", "latest"))
+    resumed = main(
+        _args(
+            workspace, "resumed", "--max_train_steps", "5", "--kl_weight", "1e-2", "--resume_from_checkpoint", "latest"
+        )
+    )
     assert resumed["steps"] == 5
     a, b = load_file(full["bayesian_state"]), load_file(resumed["bayesian_state"])
     assert a.keys() == b.keys()
@@ -111,8 +159,21 @@ def test_bad_input_fails_before_training(workspace, tmp_path):
     with pytest.raises(ValueError, match="--kl_weight must be >= 0"):
         parse_args(base + ["--instance_data_dir", images, "--kl_weight", "-1"])
     with pytest.raises(ValueError, match="--resolution must be divisible by the VAE factor 2"):
-        main(parse_args(base + ["--instance_data_dir", images, "--resolution", "15", "--output_dir",
-                                str(tmp_path / "o"), "--report_to", "none"]))
+        main(
+            parse_args(
+                base
+                + [
+                    "--instance_data_dir",
+                    images,
+                    "--resolution",
+                    "15",
+                    "--output_dir",
+                    str(tmp_path / "o"),
+                    "--report_to",
+                    "none",
+                ]
+            )
+        )
 
 
 def test_posterior_sampling_writes_grid_and_std_map(workspace):
@@ -120,10 +181,22 @@ def test_posterior_sampling_writes_grid_and_std_map(workspace):
 
     root, pipe, _ = workspace
     main(_args(workspace, "for-sampling", "--max_train_steps", "2", "--init_sigma", "0.05"))
-    args = sample.parse_args(["--model_dir", str(root / "for-sampling"), "--pretrained_model_name_or_path", pipe,
-                              "--prompt", PROMPT, "--num_posterior_samples", "3", "--num_inference_steps", "3"])
+    args = sample.parse_args(
+        [
+            "--model_dir",
+            str(root / "for-sampling"),
+            "--pretrained_model_name_or_path",
+            pipe,
+            "--prompt",
+            PROMPT,
+            "--num_posterior_samples",
+            "3",
+            "--num_inference_steps",
+            "3",
+        ]
+    )
     (row,) = sample.main(args)
-    assert os.path.exists(row["grid"]) and os.path.exists(row["std_map"])
+    assert Image.open(row["grid"]).size[0] >= 3 * 256 and Image.open(row["std_map"]).size[0] >= 2 * 256
     assert row["mean_pixel_std"] > 0  # posterior samples differ
     with pytest.raises(ValueError, match="holds no bayesian_state.safetensors"):
         sample.parse_args(["--model_dir", str(root), "--prompt", PROMPT])

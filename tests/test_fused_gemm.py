@@ -1,5 +1,5 @@
 """The fused GEMM kernels (sample-in-GEMM, dW epilogue, LoRA in the base GEMM) against float64 references that
-use the same eps, and the layers on the fused paths against part 1's path.
+use the same eps, and the layers on the fused paths against the sample-then-GEMM path.
 
 On CPU they run under TRITON_INTERPRET=1 with 32-wide blocks: the odd shapes below span several blocks in
 every dimension, none a multiple of the block.
@@ -217,15 +217,18 @@ def test_bayes_linear_fused_paths_agree_with_sample_then_gemm(fused_calls, dtype
 
 
 def test_heuristic_takes_sample_in_gemm_only_up_to_the_row_limit():
-    from bayeslayers.backends import BACKENDS
     from bayeslayers.kernels import SampleInGemm, SampleThenMap
+    from bayeslayers.kernels.fusion import SAMPLE_IN_GEMM, SAMPLE_THEN_GEMM, choose_linear_path, weight_path
     from bayeslayers.layer_maps import Conv2dMap, LinearMap
 
-    triton = BACKENDS["triton"]
+    layer = BayesLinear(8, 8).to(DEVICE)
+    posterior, seed = layer.posterior(), 1
     with fusion(sample_in_gemm_max_rows=77):
-        assert isinstance(triton.path(LinearMap(), randn(2, 77, 8)[:1]), SampleInGemm)
-        assert isinstance(triton.path(LinearMap(), randn(2, 78, 8)[:1]), SampleThenMap)
-        assert isinstance(triton.path(Conv2dMap(), randn(1, 8, 2, 2)), SampleThenMap)
+        assert choose_linear_path(LinearMap(), randn(2, 77, 8)[:1], posterior, None, seed, True) == SAMPLE_IN_GEMM
+        assert choose_linear_path(LinearMap(), randn(2, 78, 8)[:1], posterior, None, seed, True) == SAMPLE_THEN_GEMM
+        assert choose_linear_path(Conv2dMap(), randn(1, 8, 2, 2), posterior, None, seed, False) == SAMPLE_THEN_GEMM
+    assert isinstance(weight_path(SAMPLE_IN_GEMM), SampleInGemm)
+    assert isinstance(weight_path(SAMPLE_THEN_GEMM), SampleThenMap)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -140,6 +140,10 @@ def test_recipe_bf16_on_cpu_for_50_steps_is_finite_and_close_to_fp32(workspace):
         assert len(h16[key]) == 50 and all(math.isfinite(v) for v in h16[key]), key
     # Same seed, data and noise: the bf16 run follows the fp32 one.
     mean32, mean16 = np.mean(h32["loss"]), np.mean(h16["loss"])
+    print(
+        f"\nmean loss over 50 steps: fp32 {mean32:.4f}, bf16 {mean16:.4f}; final KL {h32['kl'][-1]:.4g} vs "
+        f"{h16['kl'][-1]:.4g}; final mean sigma {h32['mean_sigma'][-1]:.5g} vs {h16['mean_sigma'][-1]:.5g}"
+    )
     assert abs(mean16 - mean32) < 0.05 * mean32, (mean32, mean16)
     assert abs(h16["kl"][-1] - h32["kl"][-1]) < 0.1 * h32["kl"][-1]
     assert abs(h16["mean_sigma"][-1] - h32["mean_sigma"][-1]) < 0.05 * h32["mean_sigma"][-1]

@@ -183,3 +183,55 @@ def test_interrupted_run_resumes_to_the_same_text_encoder_posterior(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_plain_train_text_encoder_trains_every_text_encoder_weight(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    args = parse_args(
+        [
+            "--output_dir",
+            str(tmp_path / "plain"),
+            "--train_batch_size",
+            "1",
+            "--seed",
+            "0",
+            "--report_to",
+            "none",
+            "--learning_rate",
+            "1e-3",
+            "--max_train_steps",
+            "2",
+            "--train_text_encoder",
+            "--no-bayesian",
+        ]
+    )
+    result = main(args)
+    assert "text_encoder_bayesian_state" not in result and "bayesian_state" not in result
+    base = CLIPTextModel.from_pretrained(tiny_sd.pipeline_path(), subfolder="text_encoder").state_dict()
+    trained = load_file(os.path.join(result["text_encoder"], "model.safetensors"))
+    changed = [k for k in base if k in trained and not torch.equal(base[k], trained[k])]
+    assert any("self_attn.q_proj.weight" in k for k in changed) and any("token_embedding" in k for k in changed)
+
+
+def test_posterior_sampling_draws_the_text_encoder_posterior_too(full_run):
+    from bayeslayers.integrations import sample
+
+    tmp, _ = full_run
+    args = sample.parse_args(
+        [
+            "--model_dir",
+            str(tmp / "full"),
+            "--prompt",
+            PROMPT,
+            "--num_posterior_samples",
+            "3",
+            "--num_inference_steps",
+            "3",
+        ]
+    )
+    pipe = sample.load_bayesian_pipeline(args)
+    assert len(bayeslayers.bayesian_modules(pipe.text_encoder)) == 12
+    (row,) = sample.main(args)
+    assert row["mean_pixel_std"] > 0

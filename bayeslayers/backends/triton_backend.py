@@ -33,19 +33,18 @@ class TritonBackend(KernelBackend):
     def noise(self, seed, shape, device):
         return kernels_module().philox_normal(seed, shape, device)
 
-    def path(self, layer_map, x):
-        kernels = kernels_module()
-        if not isinstance(layer_map, LinearMap):
-            return self.sample_then_map()
-        policy = kernels.fusion_policy()
-        if policy.samples_in_gemm(x.numel() // max(1, x.shape[-1])):
-            from bayeslayers.kernels.fused_paths import SAMPLE_IN_GEMM
+    def apply(self, layer_map, x, posterior, bias, seed):
+        # kernels/fusion.py picks the path (fixed policy, BAYESLAYERS_FUSION, or measured on CUDA) and runs it.
+        from bayeslayers.kernels.fusion import apply_bayesian
 
-            return SAMPLE_IN_GEMM
-        return self.sample_then_map(weight_grad_epilogue=policy.weight_grad_epilogue)
+        return apply_bayesian(layer_map, x, posterior, bias, seed, linear=isinstance(layer_map, LinearMap))
 
     def fuses_lora(self, device):
-        return kernels_module().fusion_policy().fused_lora
+        from bayeslayers.kernels.fusion import fuses_lora
+
+        return fuses_lora(device)
 
     def lora_linear(self, x, w, bias, a, b, scaling):
-        return kernels_module().lora_linear(x, w, bias, a, b, scaling)
+        from bayeslayers.kernels.fusion import apply_lora
+
+        return apply_lora(x, w, bias, a, b, scaling)

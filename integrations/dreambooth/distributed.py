@@ -7,12 +7,17 @@ with per-process batch B train exactly the estimator of one process with batch N
 every process, is counted once per step by DDP's averaging). Per-process samples would lower the gradient
 variance but make the result depend on the number of processes.
 
+Launching on CPU: ``accelerate launch --cpu --num_processes N`` starts ONE process (accelerate's simple launcher);
+``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N`` starts N that train together over gloo
+(without that variable each of them would train alone; :func:`check_launch` refuses that).
+
 Layers draw their seeds from torch's default generator; :func:`shared_weight_sample` seeds a forked copy of it
 from (seed, forward index) for the forward and restores the per-process stream afterwards.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -50,3 +55,15 @@ def process_rng_states(accelerator) -> list[torch.Tensor]:
     from accelerate.utils import gather_object
 
     return [torch.as_tensor(s) for s in gather_object([state])]
+
+
+def check_launch(accelerator) -> None:
+    """RuntimeError when the launcher started several processes but accelerate set up fewer: each would train
+    alone and all would write the same output folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched (WORLD_SIZE) but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}): each would train alone into the same --output_dir. Without CUDA, "
+            "launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N (gloo on CPU)"
+        )

@@ -15,7 +15,7 @@ import bayeslayers
 from .checkpoints import (check_finite_metrics, check_finite_parameters, load_checkpoint, resolve_checkpoint,
                           save_checkpoint)
 from .data import DreamBoothData, check_image_dir, generate_class_images
-from .distributed import process_rng_states, run_seed, shared_weight_sample
+from .distributed import check_launch, process_rng_states, run_seed, shared_weight_sample
 from .export import export_model, plot_history, write_model_card
 from .images import captioned_grid
 from .recipe import (allow_tf32, build_lr_scheduler, build_optimizer, class_image_pipeline, create_hub_repo,
@@ -165,6 +165,7 @@ def main(args, step_callback=None) -> dict:
                               mixed_precision=args.mixed_precision, log_with=report_to,
                               project_config=ProjectConfiguration(project_dir=str(out),
                                                                   logging_dir=str(out / args.logging_dir)))
+    check_launch(accelerator)
     if args.seed is not None:
         torch.manual_seed(args.seed + accelerator.process_index)
     if args.allow_tf32:
