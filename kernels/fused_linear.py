@@ -3,7 +3,7 @@
 Forward: ``sampled_matmul`` builds w = mu + softplus(rho) * eps tile by tile inside the GEMM and sums the KL in
 the same pass. Backward: dx = dy @ w by the same kernel reading the weight transposed; d_mu and d_rho from the
 dW GEMM's epilogue (``weight_grad_gemm.py``). Saved for backward: x and the seed (plus references to mu, rho
-and the prior mean), as on part 1's path.
+and the prior mean), as on the sample-then-GEMM path.
 """
 
 from __future__ import annotations
