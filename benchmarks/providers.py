@@ -4,8 +4,9 @@ Providers: ``deterministic`` (nn.Linear / nn.Conv2d / peft LoRA / plain UNet: th
 (bayeslayers' naive eager backend: what a hand-written Bayesian layer does), ``bayesian-torch`` (the public
 package's LinearReparameterization / Conv2dReparameterization), then every other bayeslayers backend
 (``torch``: seed-regenerating autograd Function; ``triton``: GPU kernels; any backend registered later), then
-the Triton backend under each fused-GEMM policy (``triton:sample_in_gemm`` and ``triton:dw_epilogue`` for
-linear, ``triton:fused_lora`` for lora), so the fused paths are timed next to part 1's ``triton`` path.
+the Triton backend with one path forced (``triton:sample_then_gemm``, ``triton:sample_in_gemm`` and
+``triton:dw_epilogue`` for linear and the UNet, ``triton:fused_lora`` for lora) next to ``triton``, whose
+paths are chosen by measurement on CUDA (kernels/fusion.py).
 
 Every Bayesian provider gets the same posterior and prior: mean = the plain layer's weight, sigma = 0.01
 (softplus(rho)), prior N(plain weight, 0.01^2) (LoRA factors: bayeslayers' defaults). A step module returns

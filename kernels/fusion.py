@@ -159,16 +159,27 @@ def _backward_step(forward, inputs, out_shape, like):
     wanted = [t for t in inputs if t is not None and t.requires_grad]
 
     def step():
-        out = forward(*inputs)
-        y, kl = out if isinstance(out, tuple) else (out, None)
-        outs, grads = [y], [dy]
-        if kl is not None and kl.requires_grad:
-            outs.append(kl)
-            grads.append(torch.ones_like(kl))
-        if wanted and y.requires_grad:
-            torch.autograd.grad(outs, wanted, grads, allow_unused=True)
+        # Plain saved tensors: activation checkpointing's hooks (if the call sits in a checkpointed region) must
+        # not see this independent graph.
+        with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+            _forward_backward(forward, inputs, wanted, dy)
 
     return step
+
+
+def _identity(tensor):
+    return tensor
+
+
+def _forward_backward(forward, inputs, wanted, dy):
+    out = forward(*inputs)
+    y, kl = out if isinstance(out, tuple) else (out, None)
+    outs, grads = [y], [dy]
+    if kl is not None and kl.requires_grad:
+        outs.append(kl)
+        grads.append(torch.ones_like(kl))
+    if wanted and y.requires_grad:
+        torch.autograd.grad(outs, wanted, grads, allow_unused=True)
 
 
 def linear_candidates(rows: int, weight_grad: bool) -> list[str]:

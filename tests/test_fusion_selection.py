@@ -262,3 +262,18 @@ def test_timing_does_not_touch_parameter_gradients(auto):
         layer(x)  # forward only: the timing ran fwd+bwd on detached views
     assert layer.weight_mu.grad is None and layer.weight_rho.grad is None
     assert len(selector.choices) == 1
+
+
+def test_first_call_inside_activation_checkpointing_is_timed_and_correct(auto):
+    layer = BayesLinear(36, 40, init_sigma=0.05)
+    selector, timer = _selector({SAMPLE_THEN_GEMM: 3.0, DW_EPILOGUE: 2.0, SAMPLE_IN_GEMM: 1.0})
+    x = torch.randn(8, 36, requires_grad=True)
+    with using_path_selector(selector), bayeslayers.sampling(layer, seed=4):
+        y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+        y.square().sum().backward()
+    assert len(timer.calls) == 3 and auto[0] == SAMPLE_IN_GEMM
+    got = layer.weight_mu.grad.clone()
+    layer.zero_grad()
+    with fusion(sample_in_gemm_max_rows=8), bayeslayers.sampling(layer, seed=4):
+        layer(x).square().sum().backward()
+    torch.testing.assert_close(got, layer.weight_mu.grad, rtol=1e-5, atol=1e-5)

@@ -294,13 +294,15 @@ def main(args, step_callback=None) -> dict:
             if scheduled or stop["signal"] is not None:
                 check_finite_parameters(named_params, out, step)  # on every process, so all stop together
                 rng_states = process_rng_states(accelerator) if scheduled else None
+            validate = bool(args.validation_prompt) and step % args.validation_steps == 0
+            if validate:  # recorded before the checkpoint, so a resumed run's curves mark it too
+                history.setdefault("validation_step", []).append(step)
             if accelerator.is_main_process:
                 if scheduled or stop["signal"] is not None:
                     save_checkpoint(out, step, named_params, optimizer, lr_scheduler, history,
                                     args.checkpoints_total_limit, rng_states)
-                if args.validation_prompt and step % args.validation_steps == 0:
+                if validate:
                     run_validation(args, pipe, step, resolution, accelerator, prompt_encoder)
-                    history.setdefault("validation_step", []).append(step)
             if stop["signal"] is not None:
                 interrupted = stop["signal"]
                 break
