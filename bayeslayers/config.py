@@ -140,7 +140,8 @@ def _optional_float(text: str):
 
 
 def _optional_dtype(text: str):
-    return None if text.lower() in ("none", "float32") else dtype_from_name(text, "--prior_dtype")
+    """A dtype name (JSON-friendly in saved arguments), checked; None for 'none' / 'float32'."""
+    return None if text.lower() in ("none", "float32") else dtype_name(dtype_from_name(text, "--prior_dtype"))
 
 
 _ARGUMENT_TYPES = {"init_sigma": float, "prior_sigma": float, "rank": int, "lora_alpha": _optional_float,

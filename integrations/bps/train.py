@@ -28,9 +28,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import bayeslayers
+from bayeslayers.config import POSTERIOR_FIELDS, BayesConfig
 
 from ..dreambooth.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
-from ..dreambooth.train import encode_prompts, image_grid, stop_requests
+from ..dreambooth.images import captioned_grid
+from ..dreambooth.text import encode, tokenize
+from ..dreambooth.train import stop_requests
 from ..tiny_sd.world import make_dataset, to_tensor
 from .conditions import CONDITIONS, make_condition
 from .metrics import condition_adherence, judge_report
@@ -60,9 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--bayesian", action="store_true", help="Bayesian convs in the steering network (KL to its init)")
-    p.add_argument("--init_sigma", type=float, default=1e-4)
-    p.add_argument("--prior_sigma", type=float, default=0.05)
-    p.add_argument("--kl_direction", choices=["qp", "pq"], default="qp")
+    # Steering starts at zero-initialised output convs: a narrow initial posterior and a wider prior (measured).
+    BayesConfig.add_arguments(p, POSTERIOR_FIELDS, defaults={"init_sigma": 1e-4, "prior_sigma": 0.05})
     p.add_argument("--kl_weight", type=float, default=1e-3, help="weight of the KL per training image")
     p.add_argument("--checkpointing_steps", type=int, default=100)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
@@ -121,8 +123,8 @@ def synthetic_data(args, pipe, resolution: int, count: int, seed: int, device):
         for i in range(0, count, 64):
             batch = images[i:i + 64].to(device, pipe.vae.dtype)
             latents.append(pipe.vae.encode(batch).latent_dist.sample() * pipe.vae.config.scaling_factor)
-            texts.append(encode_prompts(pipe.tokenizer, pipe.text_encoder, [s.caption for s in scenes[i:i + 64]],
-                                        device))
+            tokens = tokenize(pipe.tokenizer, [s.caption for s in scenes[i:i + 64]])
+            texts.append(encode(pipe.text_encoder, tokens, use_attention_mask=False))
     return torch.cat(latents), torch.cat(texts), conditions, images, scenes
 
 
@@ -160,7 +162,7 @@ def validation_grid(pipe, steerer, steering, data, args, step: int) -> Path:
         tiles += [pil(condition.expand(3, -1, -1) * 2 - 1), pil(a), pil(b)]
     path = Path(args.output_dir, "validation", f"step-{step:06d}.png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(tiles, 3).save(path)
+    captioned_grid(tiles, f"step {step}: condition | steered | frozen", columns=3).save(path)
     return path
 
 
@@ -189,7 +191,8 @@ def posterior_grid(pipe, steerer, steering, data, args) -> tuple[Path, float]:
                   pil((std[n] / scale).expand(3, -1, -1))]
     path = Path(args.output_dir, "validation", "posterior_samples.png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(tiles, args.num_posterior_samples + 2).save(path)
+    caption = f"condition | {args.num_posterior_samples} steering weight samples | per-pixel std (max {scale:.3g})"
+    captioned_grid(tiles, caption, columns=args.num_posterior_samples + 2).save(path)
     return path, float(std.mean())
 
 
@@ -269,8 +272,7 @@ def main(args, step_callback=None) -> dict:
 
     steering = initial_steering(args, pipe.unet, factor)
     if args.bayesian:
-        bayeslayers.convert(steering, target_modules=steering.conv_names(), init_sigma=args.init_sigma,
-                            prior_sigma=args.prior_sigma, kl_direction=args.kl_direction)
+        bayeslayers.convert(steering, config=BayesConfig.from_arguments(args, target_modules=steering.conv_names()))
     steering.train()
     trainable = [(n, p) for n, p in steering.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]

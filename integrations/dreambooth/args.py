@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from bayeslayers.config import POSTERIOR_FIELDS, BayesConfig
+
 from .data import INTERPOLATION_MODES, check_image_dir
 
 # The seed paper's recipe: constant LR, 5e-6 full / 1e-4 LoRA, sigma init and prior 0.01; its shipped
@@ -164,10 +166,8 @@ def _bayesian_flags(add) -> None:
         default=DEFAULT_TEXT_ENCODER_PRESET,
         help="full mode: which text-encoder layers become Bayesian (lora mode: its LoRA up factors)",
     )
-    add("--init_sigma", type=float, default=0.01)
-    add("--prior_sigma", type=float, default=0.01)
+    BayesConfig.add_arguments(add, POSTERIOR_FIELDS)  # --init_sigma, --prior_sigma, --kl_direction, --prior_dtype
     add("--kl_weight", type=float, default=0.0)
-    add("--kl_direction", type=str, default="qp", choices=["qp", "pq"])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 import bayeslayers
+from bayeslayers.config import POSTERIOR_FIELDS
 
 # diffusers' train_dreambooth_lora.py puts text-encoder LoRA on these CLIP attention projections.
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -70,7 +71,7 @@ def prepare_text_encoder(text_encoder, args) -> None:
     """Makes the text encoder trainable as ``--train_text_encoder`` does in diffusers: full mode trains all its
     weights, LoRA mode adds rank-``--rank`` LoRA to its attention projections. With ``--bayes_text_encoder``
     the ``--bayes_text_encoder_preset`` layers (full) or the LoRA factors (lora) become Bayesian."""
-    options = dict(init_sigma=args.init_sigma, prior_sigma=args.prior_sigma, kl_direction=args.kl_direction)
+    options = {name: getattr(args, name) for name in POSTERIOR_FIELDS}  # the UNet's posterior options
     text_encoder.to(dtype=torch.float32)
     if args.train_mode == "lora":
         unet_factors = bayeslayers.get_preset(args.bayes_preset).bayesian_factors

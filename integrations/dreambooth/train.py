@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import bayeslayers
+from bayeslayers.config import POSTERIOR_FIELDS
 
 from .checkpoints import (check_finite_metrics, check_finite_parameters, load_checkpoint, resolve_checkpoint,
                           save_checkpoint)
@@ -65,13 +66,18 @@ def load_components(args, device, weight_dtype):
     return tokenizer, text_encoder, vae, unet.to(device), noise_scheduler
 
 
+def posterior_options(args) -> dict:
+    """The posterior's ``BayesConfig`` options as the flags set them (``--init_sigma`` ... ``--prior_dtype``)."""
+    return {name: getattr(args, name) for name in POSTERIOR_FIELDS}
+
+
 def make_bayesian(unet, args) -> None:
     """Converts the UNet as the flags say (or, for the plain LoRA baseline, adds deterministic LoRA)."""
     targets = args.bayes_target_modules
     if targets is not None and "," in targets:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     options = dict(target_modules=targets, preset=args.bayes_preset, mode=args.train_mode, rank=args.rank,
-                   init_sigma=args.init_sigma, prior_sigma=args.prior_sigma, kl_direction=args.kl_direction)
+                   **posterior_options(args))
     if args.train_mode == "lora":
         options["bayesian_factors"] = bayeslayers.get_preset(args.bayes_preset).bayesian_factors \
             if args.bayesian else ""
