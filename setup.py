@@ -44,7 +44,7 @@ setup(
         "diffusers": ["diffusers>=0.30", "transformers>=4.40", "accelerate>=0.30", "peft>=0.12", "safetensors",
                       "pillow", "tqdm"],
         "bench": ["matplotlib"],
-        "test": ["pytest", "build", "wheel", "ruff==0.17.6"],
+        "test": ["pytest", "build", "wheel", "ruff==0.17.6", "hypothesis>=6.100"],
     },
     entry_points={
         "bayeslayers.presets": [
