@@ -77,7 +77,7 @@ def to_bayesian_torch(model: nn.Module, preset: str = "dreambooth-bnn") -> int:
     """Replaces the preset's Linear layers by bayesian-torch's (weights copied); returns their weight count."""
     import re
 
-    pattern = re.compile(bayeslayers.get_preset(preset)["target_modules"])
+    pattern = re.compile(bayeslayers.get_preset(preset).target_modules)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(name)]
     for name, plain in targets:
         parent, _, child = name.rpartition(".")

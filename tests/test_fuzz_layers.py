@@ -9,6 +9,7 @@ The example budget is fixed and derandomized (``FUZZ_EXAMPLES`` per test, same e
 file's run time is stable; raise ``BAYESLAYERS_FUZZ_EXAMPLES`` locally to search longer.
 """
 
+import copy
 import os
 
 import pytest
@@ -17,6 +18,7 @@ import torch.nn as nn
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from layer_reference import check_layer
+from reference import TOLERANCE, relative_error
 
 import bayeslayers
 
@@ -203,12 +205,6 @@ def test_fuzz_bayes_lora_conv2d(case, seed, data):
     _check(case, seed, data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="lora.py applies a plain (deterministic) factor with its fp32 weight to the half-precision "
-    "activation: 'expected m1 and m2 to have the same dtype'",
-)
 @pytest.mark.parametrize("factors", ["A", "B", ""])
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_lora_plain_factor_on_a_half_precision_base(kind, factors):
@@ -222,9 +218,12 @@ def test_lora_plain_factor_on_a_half_precision_base(kind, factors):
     _randomize(module, 0)
     module.base_layer.to(torch.bfloat16)
     module.train()
-    module(x.to(torch.bfloat16))  # raises today; after the fix, replace this line with the check below
     if factors:
         check_layer(module, x.to(torch.bfloat16), "torch", compute_dtype=torch.bfloat16)
+    else:  # a plain LoRA (no posterior) against the same module in float64
+        y = module(x.to(torch.bfloat16))
+        y64 = copy.deepcopy(module).double()(x.to(torch.bfloat16).double())
+        assert y.dtype == torch.bfloat16 and relative_error(y, y64) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)

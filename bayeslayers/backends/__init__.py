@@ -68,7 +68,6 @@ def resolve_backend(device: torch.device, name: str | None = None) -> Backend:
     return BACKENDS[_resolved_name(name, device.type, _selection_count)]
 
 
-@torch.compiler.assume_constant_result
 def _resolved_name(name: str | None, device_type: str, selection_count: int) -> str:
     """Runs eagerly even while torch.compile traces (availability checks may build the C++ extension); the
     traced graph keeps the answer as a constant and guards on ``selection_count``."""
@@ -76,6 +75,10 @@ def _resolved_name(name: str | None, device_type: str, selection_count: int) -> 
     if key not in _resolved:
         _resolved[key] = _resolve(*key)
     return _resolved[key].name
+
+
+# What ``torch.compiler.assume_constant_result`` sets, without importing torch._dynamo (and Triton) at import.
+_resolved_name._dynamo_marked_constant = True
 
 
 def _resolve(name: str, device_type: str) -> Backend:

@@ -100,7 +100,7 @@ class _BayesLoRA(nn.Module):
         if fused is not None:
             return fused
         out = self.base_layer(x)
-        delta = self.lora_B(self.lora_A(x))
+        delta = _apply_factor(self.lora_B, _apply_factor(self.lora_A, x))
         return out + (delta * self.scaling).to(out.dtype)
 
     def to_deterministic(self) -> nn.Module:
@@ -112,6 +112,18 @@ class _BayesLoRA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, lora_alpha={self.lora_alpha}, bayesian_factors={self.bayesian_factors!r}"
+
+
+def _apply_factor(factor: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One LoRA factor on ``h``. A plain factor keeps fp32 weights like the Bayesian ones, so it computes in
+    ``h``'s compute dtype (a bf16/fp16 base without autocast feeds it half-precision activations)."""
+    if isinstance(factor, (BayesLinear, BayesConv2d)):
+        return factor(h)
+    dtype = compute_dtype(h)
+    h, weight = h.to(dtype), factor.weight.to(dtype)
+    if isinstance(factor, nn.Conv2d):
+        return factor._conv_forward(h, weight, None)
+    return nn.functional.linear(h, weight)
 
 
 def _factor_weight(factor: nn.Module) -> torch.Tensor:
