@@ -505,6 +505,14 @@ def main(argv=None) -> int:
         parser.error("TRITON_INTERPRET=1 replaces @triton.jit by the interpreter: unset it to compile")
     if args.merge is not None:
         results = [r for path in args.merge for r in read_csv(path)]
+        # Configs a launch's autotuner can no longer pick (pruned since those CSVs were written) are dropped.
+        candidates = {
+            (launch.kernel, launch.specialization): {config_label(c) for c in candidate_configs(launch)}
+            for launch in library_launches("full")
+        }
+        kept = [r for r in results if r.config in candidates.get((r.kernel, r.specialization), {r.config})]
+        print(f"merged {len(results)} rows; dropped {len(results) - len(kept)} of configs no longer candidates")
+        results = kept
         write_csv(results, args.csv)
         print(summary(results))
         print(summary_markdown(results))
