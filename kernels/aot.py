@@ -459,6 +459,33 @@ def summary(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def summary_markdown(results: list[Result]) -> str:
+    """Per kernel: launches, configs, compiles, failures, spills, worst registers and shared memory per target."""
+    targets = sorted({r.target for r in results}, key=lambda t: int(t[3:]))
+    lines = [
+        "| kernel | launches | configs | compiles | failed | spilled | over smem | max registers ("
+        + " / ".join(targets)
+        + ") | max shared KiB ("
+        + " / ".join(targets)
+        + ") | compile s |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
+    for kernel in sorted({r.kernel for r in results}):
+        rs = [r for r in results if r.kernel == kernel]
+        ok = [r for r in rs if not r.error]
+        regs = " / ".join(str(max((r.registers for r in ok if r.target == t), default=0)) for t in targets)
+        smem = " / ".join(
+            f"{max((r.shared_memory for r in ok if r.target == t), default=0) / 1024:.0f}" for t in targets
+        )
+        lines.append(
+            f"| `{kernel}` | {len({r.specialization for r in rs})} | {len({r.config for r in rs})} | "
+            f"{len(rs)} | {len(rs) - len(ok)} | {sum(r.spill_bytes > 0 for r in ok)} | "
+            f"{sum(r.shared_memory > r.shared_memory_limit for r in ok)} | {regs} | {smem} | "
+            f"{sum(r.compile_seconds for r in rs):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--subset", default="full", choices=("default", "full"))
@@ -466,9 +493,30 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default="", help="comma-separated kernel names (default: all)")
     parser.add_argument("--csv", type=Path, default=Path("benchmarks/results/aot_compile.csv"))
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="*",
+        default=None,
+        help="combine these CSVs into --csv and print the summary (no compiling)",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 replaces @triton.jit by the interpreter: unset it to compile")
+    if args.merge is not None:
+        results = [r for path in args.merge for r in read_csv(path)]
+        # Configs a launch's autotuner can no longer pick (pruned since those CSVs were written) are dropped.
+        candidates = {
+            (launch.kernel, launch.specialization): {config_label(c) for c in candidate_configs(launch)}
+            for launch in library_launches("full")
+        }
+        kept = [r for r in results if r.config in candidates.get((r.kernel, r.specialization), {r.config})]
+        print(f"merged {len(results)} rows; dropped {len(results) - len(kept)} of configs no longer candidates")
+        results = kept
+        write_csv(results, args.csv)
+        print(summary(results))
+        print(summary_markdown(results))
+        return 0 if all(r.fits for r in results) else 1
     targets = [t for t in args.targets.split(",") if t]
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:

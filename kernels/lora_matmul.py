@@ -18,14 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import dot_options, gemm_configs, prune_gemm_configs_for_dtype
+from .config import PRUNE_LORA_GEMM, dot_options, gemm_configs
 from .gemm_tiles import mma
 
 
 @triton.autotune(
     configs=gemm_configs(),
     key=["M", "N", "K", "RANK"],
-    prune_configs_by={"early_config_prune": prune_gemm_configs_for_dtype},
+    prune_configs_by={"early_config_prune": PRUNE_LORA_GEMM},
 )
 @triton.jit
 def _lora_matmul_kernel(

@@ -17,12 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import EXACT, check_numel, dot_options, sampled_gemm_configs
+from .config import EXACT, PRUNE_SAMPLED_GEMM, check_numel, dot_options, sampled_gemm_configs
 from .gemm_tiles import mma, sampled_tile, tile_layout
 from .posterior_math import KL_DIRECTION_CODES, kl_element, load_gap
 
 
-@triton.autotune(configs=sampled_gemm_configs(), key=["M", "N", "K"], reset_to_zero=["kl_partials_ptr"])
+@triton.autotune(
+    configs=sampled_gemm_configs(),
+    key=["M", "N", "K"],
+    reset_to_zero=["kl_partials_ptr"],
+    prune_configs_by={"early_config_prune": PRUNE_SAMPLED_GEMM},
+)
 @triton.jit
 def _sampled_matmul_kernel(
     a_ptr,
@@ -128,10 +133,9 @@ def sampled_matmul(
     partials = torch.zeros(n_partials, dtype=torch.float32, device=a.device)
     if out_features and reduction:
         # At least one row block even when a has no rows: its programs sum the KL.
-        grid = lambda meta: (
-            triton.cdiv(out_features, meta["BLOCK_N"]),  # noqa: E731
-            max(1, triton.cdiv(rows, meta["BLOCK_M"])),
-        )
+        def grid(meta):
+            return (triton.cdiv(out_features, meta["BLOCK_N"]), max(1, triton.cdiv(rows, meta["BLOCK_M"])))
+
         _sampled_matmul_kernel[grid](
             a,
             mu,

@@ -17,13 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import EXACT, check_numel, dot_options, weight_grad_gemm_configs
+from .config import EXACT, PRUNE_WEIGHT_GRAD_GEMM, check_numel, dot_options, weight_grad_gemm_configs
 from .gemm_tiles import mma, sampled_tile, tile_layout
 from .posterior_math import KL_DIRECTION_CODES
 from .reparam_grad import store_posterior_grads
 
 
-@triton.autotune(configs=weight_grad_gemm_configs(), key=["M", "N", "K"])
+@triton.autotune(
+    configs=weight_grad_gemm_configs(),
+    key=["M", "N", "K"],
+    prune_configs_by={"early_config_prune": PRUNE_WEIGHT_GRAD_GEMM},
+)
 @triton.jit
 def _weight_grad_kernel(
     dy_ptr,

@@ -1,0 +1,201 @@
+"""The DreamBooth recipe at SD1.5 size: a StableDiffusionPipeline with the SD1.5 architecture (tests/data/sd15,
+random weights, 859.5M-parameter UNet) saved with save_pretrained and loaded by path, as a user's SD1.5 folder.
+
+LoRA mode (Bayesian and plain) runs everywhere with ~6 GB of RAM; full mode (all 860M UNet parameters trained
+with AdamW: ~19 GB) runs where at least 40 GB are available. Each run is a subprocess whose wall time and peak
+RSS are printed (pytest -s) for the record.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+CONFIGS = Path(__file__).parent / "data" / "sd15"
+PROMPT = "a sks star"
+FULL_MODE_BYTES = 40 * 2**30
+
+pytestmark = pytest.mark.slow
+
+
+def available_memory() -> int:
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def save_sd15_pipeline(path) -> str:
+    """Random-weight SD1.5-architecture pipeline (fp32) with a character-level offline CLIP tokenizer."""
+    import string
+
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    chars = list(string.ascii_lowercase + string.digits + ".,'!?-")
+    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(chars)})
+    source = path / "tokenizer_src"
+    source.mkdir(parents=True, exist_ok=True)
+    (source / "vocab.json").write_text(json.dumps(vocab))
+    (source / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(source, model_max_length=77)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / "unet.json").read_text()))
+    vae = AutoencoderKL.from_config(json.loads((CONFIGS / "vae.json").read_text()))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**json.loads((CONFIGS / "text_encoder.json").read_text())))
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        clip_sample=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path / "pipe")
+    return str(path / "pipe")
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd15")
+    started = time.perf_counter()
+    pipe = save_sd15_pipeline(root)
+    print(f"\nSD1.5 pipeline built and saved in {time.perf_counter() - started:.0f} s")
+    images = root / "instance"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((72, 80, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
+    return root, pipe, str(images)
+
+
+def run_recipe(sd15, out, *extra):
+    """Runs the recipe in a subprocess; returns (wall seconds, peak RSS bytes)."""
+    root, pipe, images = sd15
+    argv = [
+        sys.executable,
+        "-m",
+        "bayeslayers.integrations.dreambooth",
+        "--pretrained_model_name_or_path",
+        pipe,
+        "--instance_data_dir",
+        images,
+        "--instance_prompt",
+        PROMPT,
+        "--output_dir",
+        str(root / out),
+        "--resolution",
+        "64",
+        "--train_batch_size",
+        "1",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        "--kl_weight",
+        "1e-3",
+        *extra,
+    ]
+    started = time.perf_counter()
+    log = root / f"{out}.log"
+    with open(log, "a") as handle:
+        process = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)  # the child's own peak RSS
+    process.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    assert process.returncode == 0, log.read_text()[-4000:]
+    peak = usage.ru_maxrss * 1024
+    print(f"{out} {' '.join(extra)}: {seconds:.0f} s, peak RSS {peak / 2**30:.2f} GiB")
+    return seconds, peak
+
+
+def _same_files(a, b):
+    from safetensors.torch import load_file
+
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+
+
+def _stock_image(pipe_path, **load):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    kwargs = {"unet": UNet2DConditionModel.from_pretrained(load["unet"])} if "unet" in load else {}
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_path, safety_checker=None, **kwargs)
+    if "lora" in load:
+        pipe.load_lora_weights(load["lora"])
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        PROMPT, height=64, width=64, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
+    assert np.isfinite(image).all()
+    return image
+
+
+@pytest.mark.parametrize("bayesian", [True, False])
+def test_sd15_lora_recipe_checkpoints_resumes_and_exports_for_stock_diffusers(sd15, bayesian):
+    root, pipe, _ = sd15
+    flags = ["--train_mode", "lora"] + ([] if bayesian else ["--no-bayesian"])
+    name = f"lora-{'bayes' if bayesian else 'plain'}"
+    run_recipe(sd15, name, *flags)
+    out = root / name
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "bayesian_state.safetensors").exists() == bayesian
+
+    # resume from checkpoint-1 in a copy of the run: the same final adapter as the uninterrupted run
+    import shutil
+
+    resumed = root / f"{name}-resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    run_recipe(sd15, f"{name}-resumed", *flags, "--resume_from_checkpoint", "latest")
+    _same_files(out / "pytorch_lora_weights.safetensors", resumed / "pytorch_lora_weights.safetensors")
+
+    trained = _stock_image(pipe, lora=str(out))
+    base = _stock_image(pipe)
+    assert np.abs(trained - base).max() > 0  # the adapter changed the model
+
+
+@pytest.mark.skipif(
+    available_memory() < FULL_MODE_BYTES,
+    reason=f"full-mode SD1.5 training needs ~19 GB; less than {FULL_MODE_BYTES >> 30} GB available",
+)
+@pytest.mark.parametrize("bayesian", [True, False])
+def test_sd15_full_recipe_checkpoints_resumes_and_exports_for_stock_diffusers(sd15, bayesian):
+    root, pipe, _ = sd15
+    flags = ["--train_mode", "full", "--checkpoints_total_limit", "1"] + ([] if bayesian else ["--no-bayesian"])
+    name = f"full-{'bayes' if bayesian else 'plain'}"
+    run_recipe(sd15, name, "--max_train_steps", "1", *flags)  # checkpoint-1, then export
+    run_recipe(sd15, name, *flags, "--resume_from_checkpoint", "latest")
+    out = root / name
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (out / "bayesian_state.safetensors").exists() == bayesian
+    _stock_image(pipe, unet=str(out / "unet"))
