@@ -31,8 +31,10 @@ setup(
     python_requires=">=3.10",
     packages=_packages(),
     package_dir=PACKAGE_DIRS,
-    package_data={"bayeslayers.integrations": ["tiny_sd/assets/**/*", "tiny_sd/assets/*"],
-                  "bayeslayers.kernels": ["csrc/*.cpp"]},
+    package_data={
+        "bayeslayers.integrations": ["tiny_sd/assets/**/*", "tiny_sd/assets/*"],
+        "bayeslayers.kernels": ["csrc/*.cpp"],
+    },
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
@@ -41,8 +43,15 @@ setup(
         "ninja",  # builds the C++ CPU kernels on first use
     ],
     extras_require={
-        "diffusers": ["diffusers>=0.30", "transformers>=4.40", "accelerate>=0.30", "peft>=0.12", "safetensors",
-                      "pillow", "tqdm"],
+        "diffusers": [
+            "diffusers>=0.30",
+            "transformers>=4.40",
+            "accelerate>=0.30",
+            "peft>=0.12",
+            "safetensors",
+            "pillow",
+            "tqdm",
+        ],
         "bench": ["matplotlib"],
         "test": ["pytest", "build", "wheel", "ruff==0.17.6", "hypothesis>=6.100"],
     },
@@ -56,6 +65,6 @@ setup(
             "bayeslayers-dreambooth=bayeslayers.integrations.dreambooth:cli",
             "bayeslayers-sample=bayeslayers.integrations.sample:cli",
             "bayeslayers-bps=bayeslayers.integrations.bps.train:cli",
-        ]
+        ],
     },
 )

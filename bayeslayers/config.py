@@ -35,20 +35,25 @@ class BayesConfig:
     """Which modules become Bayesian, and how (peft's ``LoraConfig`` pattern: one dataclass, every option)."""
 
     target_modules: str | tuple[str, ...] | None = _option(
-        None, "module names (exact, or a '.name' suffix) or one full-match regex")
+        None, "module names (exact, or a '.name' suffix) or one full-match regex"
+    )
     exclude_modules: str | tuple[str, ...] | None = _option(None, "same forms; checked before target_modules")
-    mode: str = _option("full", "'full': the weight becomes Bayesian; 'lora': a Bayesian LoRA adapter is added",
-                        choices=MODES)
+    mode: str = _option(
+        "full", "'full': the weight becomes Bayesian; 'lora': a Bayesian LoRA adapter is added", choices=MODES
+    )
     init_sigma: float = _option(0.01, "initial posterior std of every Bayesian weight (> 0)")
     prior_sigma: float = _option(0.01, "prior std (> 0); the prior mean is the pretrained weight")
-    kl_direction: str = _option("qp", "'qp': KL(q||p), the variational term; 'pq': KL(p||q), the seed paper's code",
-                                choices=KL_DIRECTIONS)
+    kl_direction: str = _option(
+        "qp", "'qp': KL(q||p), the variational term; 'pq': KL(p||q), the seed paper's code", choices=KL_DIRECTIONS
+    )
     prior_dtype: torch.dtype | None = _option(
-        None, "dtype of the stored prior mean (bfloat16 halves its memory); None: float32")
+        None, "dtype of the stored prior mean (bfloat16 halves its memory); None: float32"
+    )
     rank: int = _option(4, "LoRA rank (mode 'lora')")
     lora_alpha: float | None = _option(None, "LoRA alpha (mode 'lora'); None: = rank (scaling 1)")
-    bayesian_factors: str = _option("AB", "LoRA factors that are Bayesian: 'AB', 'A', 'B' or '' (plain LoRA)",
-                                    choices=FACTOR_CHOICES)
+    bayesian_factors: str = _option(
+        "AB", "LoRA factors that are Bayesian: 'AB', 'A', 'B' or '' (plain LoRA)", choices=FACTOR_CHOICES
+    )
 
     def __post_init__(self):
         for name in ("target_modules", "exclude_modules"):
@@ -68,8 +73,9 @@ class BayesConfig:
             raise ValueError(f"prior_dtype must be one of {PRIOR_DTYPES} or None, got {self.prior_dtype!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool)
-                                            or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
+        if self.lora_alpha is not None and (
+            isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0
+        ):
             raise ValueError(f"lora_alpha must be a positive number or None, got {self.lora_alpha!r}")
         check_choice(self.bayesian_factors, FACTOR_CHOICES, "bayesian_factors")
 
@@ -144,7 +150,12 @@ def _optional_dtype(text: str):
     return None if text.lower() in ("none", "float32") else dtype_name(dtype_from_name(text, "--prior_dtype"))
 
 
-_ARGUMENT_TYPES = {"init_sigma": float, "prior_sigma": float, "rank": int, "lora_alpha": _optional_float,
-                   "prior_dtype": _optional_dtype}
+_ARGUMENT_TYPES = {
+    "init_sigma": float,
+    "prior_sigma": float,
+    "rank": int,
+    "lora_alpha": _optional_float,
+    "prior_dtype": _optional_dtype,
+}
 
 DEFAULTS = BayesConfig()  # the one place every default is read from

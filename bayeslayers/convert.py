@@ -51,23 +51,30 @@ def _select(model, targets, excludes, mode):
         if name_matches(name, excludes) or not name_matches(name, targets):
             continue
         if inside is not None:
-            raise ValueError(f"module {name!r} is already part of the Bayesian layer {inside!r}; "
-                             "converting it again is not supported")
+            raise ValueError(
+                f"module {name!r} is already part of the Bayesian layer {inside!r}; "
+                "converting it again is not supported"
+            )
         selected.append(name)
     for name, module in model.named_modules():
         if name in converted and name_matches(name, targets) and not name_matches(name, excludes):
-            raise ValueError(f"module {name!r} is already a Bayesian layer ({type(module).__name__}); "
-                             "converting it again is not supported")
+            raise ValueError(
+                f"module {name!r} is already a Bayesian layer ({type(module).__name__}); "
+                "converting it again is not supported"
+            )
     if not selected:
         shown = ", ".join(repr(c) for c in candidates[:8]) or "none"
-        raise ValueError(f"target_modules {targets!r} matched no convertible module "
-                         f"({'/'.join(t.__name__ for t in sources)}) in mode {mode!r}; "
-                         f"candidates include: {shown}")
+        raise ValueError(
+            f"target_modules {targets!r} matched no convertible module "
+            f"({'/'.join(t.__name__ for t in sources)}) in mode {mode!r}; "
+            f"candidates include: {shown}"
+        )
     return selected
 
 
-def resolve_config(target_modules=None, exclude_modules=None, preset: str | None = None,
-                   config: BayesConfig | None = None, **options) -> BayesConfig:
+def resolve_config(
+    target_modules=None, exclude_modules=None, preset: str | None = None, config: BayesConfig | None = None, **options
+) -> BayesConfig:
     """The :class:`BayesConfig` a ``convert`` call means: the defaults, or ``preset``'s, or ``config``, with the
     arguments given here on top (unknown option names raise a TypeError listing the options)."""
     if preset is not None and config is not None:
@@ -82,8 +89,15 @@ def resolve_config(target_modules=None, exclude_modules=None, preset: str | None
     return base.replace(**options) if options else base
 
 
-def convert(model: nn.Module, target_modules=None, exclude_modules=None, *, preset: str | None = None,
-            config: BayesConfig | None = None, **options) -> nn.Module:
+def convert(
+    model: nn.Module,
+    target_modules=None,
+    exclude_modules=None,
+    *,
+    preset: str | None = None,
+    config: BayesConfig | None = None,
+    **options,
+) -> nn.Module:
     """Replaces matching nn.Linear / nn.Conv2d modules of ``model`` in place by Bayesian layers.
 
     Args:

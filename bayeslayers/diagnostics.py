@@ -28,8 +28,9 @@ class Summary(list):
         header = f"{'layer':<60} {'shape':>18} {'params':>10} {'mean sigma':>11} {'KL':>12} {'|mu|/sigma':>11}"
         lines = [header, "-" * len(header)]
         for s in self:
-            lines.append(f"{s.name:<60} {str(s.shape):>18} {s.numel:>10} {s.mean_sigma:>11.3e} {s.kl:>12.4e} "
-                         f"{s.snr:>11.3f}")
+            lines.append(
+                f"{s.name:<60} {str(s.shape):>18} {s.numel:>10} {s.mean_sigma:>11.3e} {s.kl:>12.4e} {s.snr:>11.3f}"
+            )
         total_params = sum(s.numel for s in self)
         total_kl = sum(s.kl for s in self)
         lines.append(f"{len(self)} Bayesian layers, {total_params} Bayesian weights, total KL {total_kl:.4e}")
@@ -46,8 +47,11 @@ def summary(model: nn.Module) -> Summary:
     for name, layer in posterior_layers(model):
         mu, sigma = layer.weight_mu, layer.weight_sigma
         kl = kl_elementwise(mu, sigma, layer.prior_mu, layer.prior_sigma, layer.kl_direction).sum()
-        rows.append(LayerStats(name, tuple(mu.shape), mu.numel(), float(sigma.mean()), float(kl),
-                               float((mu.abs() / sigma).mean())))
+        rows.append(
+            LayerStats(
+                name, tuple(mu.shape), mu.numel(), float(sigma.mean()), float(kl), float((mu.abs() / sigma).mean())
+            )
+        )
     return rows
 
 

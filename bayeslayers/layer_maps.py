@@ -44,7 +44,16 @@ class Conv2dMap:
     def backward(self, dy, x, w, needs):
         bias_sizes = [w.shape[0]] if needs[2] else None
         dx, dw, db = torch.ops.aten.convolution_backward(
-            dy, x, w, bias_sizes, list(self.stride), list(self.padding), list(self.dilation),
-            False, [0, 0], self.groups, list(needs),
+            dy,
+            x,
+            w,
+            bias_sizes,
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            False,
+            [0, 0],
+            self.groups,
+            list(needs),
         )
         return dx, dw, db

@@ -61,11 +61,14 @@ def read_metadata(path: str | os.PathLike) -> dict:
         with safe_open(os.fspath(path), framework="pt") as handle:
             header = handle.metadata() or {}
     except SafetensorError as error:
-        raise ValueError(f"{os.fspath(path)!r} is not a readable safetensors file, truncated or corrupted "
-                         f"({error})") from None
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a readable safetensors file, truncated or corrupted ({error})"
+        ) from None
     if header.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a bayeslayers checkpoint (format {header.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a bayeslayers checkpoint (format {header.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
     return {**header, "layers": json.loads(header["layers"])}
 
 
@@ -106,18 +109,23 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 raise ValueError(f"load: checkpoint layer {name!r} is not a Bayesian layer of the model")
             found = layer_type_of(module).name
             if found != entry["type"]:
-                raise ValueError(f"load: layer {name!r} is {found!r} in the model but {entry['type']!r} in the "
-                                 "checkpoint")
+                raise ValueError(
+                    f"load: layer {name!r} is {found!r} in the model but {entry['type']!r} in the checkpoint"
+                )
             expected = _layer_state(module)
-            stored = {k[len(name) + 1:] for k in keys if k.startswith(name + ".")}
+            stored = {k[len(name) + 1 :] for k in keys if k.startswith(name + ".")}
             if stored != set(expected):
-                raise ValueError(f"load: layer {name!r} holds tensors {sorted(expected)} in the model but "
-                                 f"{sorted(stored)} in the checkpoint")
+                raise ValueError(
+                    f"load: layer {name!r} holds tensors {sorted(expected)} in the model but "
+                    f"{sorted(stored)} in the checkpoint"
+                )
             for key, target in expected.items():
                 tensor = handle.get_tensor(f"{name}.{key}")
                 if tuple(tensor.shape) != tuple(target.shape):
-                    raise ValueError(f"load: {name}.{key} has shape {tuple(target.shape)} in the model but "
-                                     f"{tuple(tensor.shape)} in the checkpoint")
+                    raise ValueError(
+                        f"load: {name}.{key} has shape {tuple(target.shape)} in the model but "
+                        f"{tuple(tensor.shape)} in the checkpoint"
+                    )
                 with torch.no_grad():
                     target.copy_(tensor)
             module.apply_options(entry["options"])

@@ -20,8 +20,20 @@ import bayeslayers
 from .environment import environment
 from .unet_step import build_unet
 
-FIELDS = ["config", "model", "backend", "first_step_s", "steady_step_s", "compile_s", "ratio_to_plain", "device",
-          "torch", "bayeslayers", "commit", "date"]
+FIELDS = [
+    "config",
+    "model",
+    "backend",
+    "first_step_s",
+    "steady_step_s",
+    "compile_s",
+    "ratio_to_plain",
+    "device",
+    "torch",
+    "bayeslayers",
+    "commit",
+    "date",
+]
 
 
 def _train_step(case):
@@ -52,14 +64,23 @@ def main(args) -> list[dict]:
     rows = []
     for provider, model in (("deterministic:compiled", "plain"), ("auto:compiled", "converted (dreambooth-bnn)")):
         first, steady = compile_seconds(provider, args.config, device)
-        rows.append({"config": args.config, "model": model, "backend": bayeslayers.get_backend(),
-                     "first_step_s": round(first, 2), "steady_step_s": round(steady, 4),
-                     "compile_s": round(first - steady, 2),
-                     **{k: env[k] for k in ("device", "torch", "bayeslayers", "commit", "date") if k in env}})
+        rows.append(
+            {
+                "config": args.config,
+                "model": model,
+                "backend": bayeslayers.get_backend(),
+                "first_step_s": round(first, 2),
+                "steady_step_s": round(steady, 4),
+                "compile_s": round(first - steady, 2),
+                **{k: env[k] for k in ("device", "torch", "bayeslayers", "commit", "date") if k in env},
+            }
+        )
     for row in rows:
         row["ratio_to_plain"] = round(row["compile_s"] / rows[0]["compile_s"], 3)
-        print(f"{row['model']:>28s}: compile {row['compile_s']:7.1f} s  (x{row['ratio_to_plain']:.2f} plain), "
-              f"steady step {row['steady_step_s'] * 1e3:8.1f} ms")
+        print(
+            f"{row['model']:>28s}: compile {row['compile_s']:7.1f} s  (x{row['ratio_to_plain']:.2f} plain), "
+            f"steady step {row['steady_step_s'] * 1e3:8.1f} ms"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "compile_time.csv"

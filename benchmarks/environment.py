@@ -61,6 +61,12 @@ def environment(device: torch.device, notes: str = "") -> dict:
     import bayeslayers
 
     note = "; ".join(n for n in (load_note(), notes) if n)
-    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "bayeslayers": bayeslayers.__version__, "commit": commit(),
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "notes": note}
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "bayeslayers": bayeslayers.__version__,
+        "commit": commit(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "notes": note,
+    }

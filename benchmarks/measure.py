@@ -88,8 +88,10 @@ def saved_bytes(module, x, dtype: torch.dtype = torch.float32) -> int:
 
 def state_bytes(module) -> int:
     """Bytes of the module's parameters and buffers (persistent memory, gradients excluded)."""
-    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-               for t in list(module.parameters()) + list(module.buffers())}
+    tensors = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in list(module.parameters()) + list(module.buffers())
+    }
     return sum(tensors.values())
 
 

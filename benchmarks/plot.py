@@ -11,8 +11,11 @@ import csv
 import math
 from pathlib import Path
 
-PANELS = (("median_ms", "fwd+bwd+KL time"), ("saved_bytes", "bytes saved for backward"),
-          ("peak_bytes", "peak memory of the step"))
+PANELS = (
+    ("median_ms", "fwd+bwd+KL time"),
+    ("saved_bytes", "bytes saved for backward"),
+    ("peak_bytes", "peak memory of the step"),
+)
 
 
 def load_rows(path) -> list[dict]:
@@ -25,8 +28,7 @@ def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
     newest = {}
     for row in rows:
         newest[row["device"]] = max(newest.get(row["device"], ""), row["date"])
-    return {device: [r for r in rows if r["device"] == device and r["date"] == date]
-            for device, date in newest.items()}
+    return {device: [r for r in rows if r["device"] == device and r["date"] == date] for device, date in newest.items()}
 
 
 def _ratio(row: dict | None, base: dict | None, column: str) -> float:
@@ -53,13 +55,15 @@ def plot_op(rows: list[dict], op: str, path: Path) -> Path:
             values = [_ratio(cell.get((provider, s)), cell.get(("deterministic", s)), column) for s in shapes]
             ax.bar([j + i * width for j in range(len(shapes))], values, width, label=provider)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(shapes))], shapes, rotation=20,
-                      fontsize=7)
+        ax.set_xticks(
+            [j + width * (len(providers) - 1) / 2 for j in range(len(shapes))], shapes, rotation=20, fontsize=7
+        )
         ax.set_title(f"{op}: {title} / deterministic", fontsize=9)
     axes[0].legend(fontsize=7)
     head = full[0]
-    fig.suptitle(f"{head['device']} | {head['dtype']} | torch {head['torch']} | {head['commit']} | {head['date']}",
-                 fontsize=8)
+    fig.suptitle(
+        f"{head['device']} | {head['dtype']} | torch {head['torch']} | {head['commit']} | {head['date']}", fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -51,8 +51,14 @@ INTERPRETED_TRITON = False
 def providers() -> list[str]:
     """Provider names in display order: the three baselines, bayeslayers' other backends, the fused paths,
     the compiled UNet steps."""
-    return ["deterministic", "reference", "bayesian-torch", *[name for name in BACKENDS if name != "reference"],
-            *FUSED_PROVIDERS, *COMPILED_PROVIDERS]
+    return [
+        "deterministic",
+        "reference",
+        "bayesian-torch",
+        *[name for name in BACKENDS if name != "reference"],
+        *FUSED_PROVIDERS,
+        *COMPILED_PROVIDERS,
+    ]
 
 
 def unavailable_reason(provider: str, op: str, device: torch.device) -> str:
@@ -138,8 +144,14 @@ def _bayesian_torch_layer(plain: nn.Module) -> nn.Module:
         layer = LinearReparameterization(plain.in_features, plain.out_features, **common)
         mu, rho, prior = layer.mu_weight, layer.rho_weight, layer.prior_weight_mu
     else:
-        layer = Conv2dReparameterization(plain.in_channels, plain.out_channels, plain.kernel_size[0],
-                                         stride=plain.stride[0], padding=plain.padding[0], **common)
+        layer = Conv2dReparameterization(
+            plain.in_channels,
+            plain.out_channels,
+            plain.kernel_size[0],
+            stride=plain.stride[0],
+            padding=plain.padding[0],
+            **common,
+        )
         mu, rho, prior = layer.mu_kernel, layer.rho_kernel, layer.prior_weight_mu
     with torch.no_grad():
         mu.copy_(plain.weight)

@@ -24,12 +24,36 @@ from .shapes import shape_sets
 from .unet_step import build_unet
 
 OPS = ("linear", "conv2d", "lora", "unet")
-RATIO_BASES = {"deterministic": "ratio_to_deterministic", "reference": "ratio_to_reference",
-               "bayesian-torch": "ratio_to_bayesian_torch"}
-FIELDS = ["op", "shape", "provider", "mode", "median_ms", "p20_ms", "p80_ms", "samples",
-          *RATIO_BASES.values(), "saved_bytes", "saved_bytes_per_weight", "extra_saved_bytes_per_weight",
-          "peak_bytes", "state_bytes", "bayesian_weights", "dtype", "device", "torch", "triton", "bayeslayers",
-          "commit", "date", "notes"]
+RATIO_BASES = {
+    "deterministic": "ratio_to_deterministic",
+    "reference": "ratio_to_reference",
+    "bayesian-torch": "ratio_to_bayesian_torch",
+}
+FIELDS = [
+    "op",
+    "shape",
+    "provider",
+    "mode",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "samples",
+    *RATIO_BASES.values(),
+    "saved_bytes",
+    "saved_bytes_per_weight",
+    "extra_saved_bytes_per_weight",
+    "peak_bytes",
+    "state_bytes",
+    "bayesian_weights",
+    "dtype",
+    "device",
+    "torch",
+    "triton",
+    "bayeslayers",
+    "commit",
+    "date",
+    "notes",
+]
 
 
 def build_case(provider, op, shape, device):
@@ -39,22 +63,38 @@ def build_case(provider, op, shape, device):
 def measure_group(names, op, shape, device, dtype, budget_s, rounds) -> list[dict]:
     """Rows of the providers ``names`` for one shape; their timings interleave over ``rounds`` rounds."""
     cases = {name: build_case(name, op, shape, device) for name in names}
-    memory = {name: {"saved_bytes": "" if case.compiled else saved_bytes(case.module, case.x, dtype),
-                     "state_bytes": state_bytes(case.module), "bayesian_weights": case.bayesian_weights}
-              for name, case in cases.items()}
+    memory = {
+        name: {
+            "saved_bytes": "" if case.compiled else saved_bytes(case.module, case.x, dtype),
+            "state_bytes": state_bytes(case.module),
+            "bayesian_weights": case.bayesian_weights,
+        }
+        for name, case in cases.items()
+    }
     rows = []
     for mode in MODES:
         fns = {name: step_function(case.module, case.x, mode, dtype) for name, case in cases.items()}
         times = {name: [] for name in names}
         for r in range(rounds):
-            for name in (names if r % 2 == 0 else names[::-1]):
+            for name in names if r % 2 == 0 else names[::-1]:
                 times[name] += sample_times(fns[name], device, budget_s / rounds)
         for name in names:
             median, p20, p80 = summarize(times[name])
-            rows.append({"op": op, "shape": "x".join(map(str, shape)), "provider": name, "mode": mode,
-                         "median_ms": median, "p20_ms": p20, "p80_ms": p80, "samples": len(times[name]),
-                         "peak_bytes": peak_bytes(fns[name], device) if mode == "full" else "",
-                         "dtype": str(dtype).replace("torch.", ""), **memory[name]})
+            rows.append(
+                {
+                    "op": op,
+                    "shape": "x".join(map(str, shape)),
+                    "provider": name,
+                    "mode": mode,
+                    "median_ms": median,
+                    "p20_ms": p20,
+                    "p80_ms": p80,
+                    "samples": len(times[name]),
+                    "peak_bytes": peak_bytes(fns[name], device) if mode == "full" else "",
+                    "dtype": str(dtype).replace("torch.", ""),
+                    **memory[name],
+                }
+            )
         del fns
     del cases
     gc.collect()
@@ -99,8 +139,12 @@ def parse_args(input_args=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (autocast; parameters stay fp32). Default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (autocast; parameters stay fp32). Default: bfloat16 on cuda, float32 on cpu",
+    )
     p.add_argument("--out", default="benchmarks/results/")
     p.add_argument("--quick", action="store_true", help="tiny shapes and short timings (keeps the harness alive)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per provider, mode and shape")
@@ -136,9 +180,11 @@ def main(args) -> Path:
                     only = [p for p in providers() if p not in COMPILED_PROVIDERS] if args.quick else None
                     for row in measure_shape(op, shape, device, dtype, budget_s, rounds, only):
                         writer.writerow({**row, **env})
-                        print(f"{op:6s} {row['shape']:>15s} {row['provider']:>14s} {row['mode']:>8s} "
-                              f"{row['median_ms']:9.3f} ms  x{row['ratio_to_deterministic']:.2f} det  "
-                              f"saved {row['saved_bytes'] or '-':>10} B  peak {row['peak_bytes'] or '-':>10} B")
+                        print(
+                            f"{op:6s} {row['shape']:>15s} {row['provider']:>14s} {row['mode']:>8s} "
+                            f"{row['median_ms']:9.3f} ms  x{row['ratio_to_deterministic']:.2f} det  "
+                            f"saved {row['saved_bytes'] or '-':>10} B  peak {row['peak_bytes'] or '-':>10} B"
+                        )
                     handle.flush()
         finally:
             bayeslayers.set_backend(None)

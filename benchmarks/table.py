@@ -14,8 +14,10 @@ from pathlib import Path
 
 from .plot import latest_runs, load_rows
 
-HEADER = ("| op | shape | provider | fwd+bwd+KL ms (p20–p80) | / deterministic | / reference | / bayesian-torch "
-          "| forward / det | backward / det | extra saved B per weight | peak MiB |")
+HEADER = (
+    "| op | shape | provider | fwd+bwd+KL ms (p20–p80) | / deterministic | / reference | / bayesian-torch "
+    "| forward / det | backward / det | extra saved B per weight | peak MiB |"
+)
 
 
 def _ratio(value: str) -> str:
@@ -29,14 +31,21 @@ def _number(value: str, scale: float = 1.0, digits: int = 2) -> str:
 def run_table(rows: list[dict]) -> str:
     head = rows[0]
     by_mode = {(r["op"], r["shape"], r["provider"], r["mode"]): r for r in rows}
-    lines = [f"### {head['device']}", "",
-             f"{head['date']} · {head['dtype']} · torch {head['torch']} · triton {head['triton'] or '–'} · "
-             f"bayeslayers {head['bayeslayers']} · commit {head['commit']}" +
-             (f" · machine: {head['notes']}" if head["notes"] else ""), "",
-             "Shapes: linear / lora = tokens x in x out (x rank); conv2d = batch x channels x size (3x3); "
-             "unet = batch x latent size x config. Time ratios compare medians of the same run. "
-             "Extra saved bytes = bytes autograd keeps for backward beyond the deterministic layer's, per "
-             "Bayesian weight element.", "", HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
+    lines = [
+        f"### {head['device']}",
+        "",
+        f"{head['date']} · {head['dtype']} · torch {head['torch']} · triton {head['triton'] or '–'} · "
+        f"bayeslayers {head['bayeslayers']} · commit {head['commit']}"
+        + (f" · machine: {head['notes']}" if head["notes"] else ""),
+        "",
+        "Shapes: linear / lora = tokens x in x out (x rank); conv2d = batch x channels x size (3x3); "
+        "unet = batch x latent size x config. Time ratios compare medians of the same run. "
+        "Extra saved bytes = bytes autograd keeps for backward beyond the deterministic layer's, per "
+        "Bayesian weight element.",
+        "",
+        HEADER,
+        "|" + "---|" * HEADER.count(" | ") + "---|",
+    ]
     for r in (r for r in rows if r["mode"] == "full"):
         key = (r["op"], r["shape"], r["provider"])
         fwd, bwd = by_mode.get((*key, "forward")), by_mode.get((*key, "backward"))
@@ -45,7 +54,8 @@ def run_table(rows: list[dict]) -> str:
             f"({_number(r['p20_ms'])}–{_number(r['p80_ms'])}) | {_ratio(r['ratio_to_deterministic'])} | "
             f"{_ratio(r['ratio_to_reference'])} | {_ratio(r['ratio_to_bayesian_torch'])} | "
             f"{_ratio(fwd and fwd['ratio_to_deterministic'])} | {_ratio(bwd and bwd['ratio_to_deterministic'])} | "
-            f"{_number(r['extra_saved_bytes_per_weight'])} | {_number(r['peak_bytes'], 2**20, 1)} |")
+            f"{_number(r['extra_saved_bytes_per_weight'])} | {_number(r['peak_bytes'], 2**20, 1)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -68,17 +78,27 @@ def summary(rows: list[dict]) -> str:
         ours = DEFAULT_BACKEND["cuda" if "cuda" in device.lower() or "nvidia" in device.lower() else "cpu"]
         full = {(r["op"], r["shape"], r["provider"]): r for r in run if r["mode"] == "full"}
         shown = [p for p in SAVED_PROVIDERS if any(k[2] == p for k in full)]
-        parts += [f"**{device}** · {head['date'][:10]} · {head['dtype']} · torch {head['torch']} · "
-                  f"commit {head['commit']} · backend `{ours}`", "",
-                  f"| op | shape | time / deterministic | / reference | / bayesian-torch | extra bytes saved per "
-                  f"weight: {' · '.join(shown)} |", "|---|---|---|---|---|---|"]
+        parts += [
+            f"**{device}** · {head['date'][:10]} · {head['dtype']} · torch {head['torch']} · "
+            f"commit {head['commit']} · backend `{ours}`",
+            "",
+            f"| op | shape | time / deterministic | / reference | / bayesian-torch | extra bytes saved per "
+            f"weight: {' · '.join(shown)} |",
+            "|---|---|---|---|---|---|",
+        ]
         for (op, shape, provider), r in full.items():
             if provider != ours:
                 continue
-            saved = " · ".join(_number(full[(op, shape, p)]["extra_saved_bytes_per_weight"], digits=1)
-                               if (op, shape, p) in full else "–" for p in shown)
-            parts.append(f"| {op} | {shape} | {_ratio(r['ratio_to_deterministic'])} | "
-                         f"{_ratio(r['ratio_to_reference'])} | {_ratio(r['ratio_to_bayesian_torch'])} | {saved} |")
+            saved = " · ".join(
+                _number(full[(op, shape, p)]["extra_saved_bytes_per_weight"], digits=1)
+                if (op, shape, p) in full
+                else "–"
+                for p in shown
+            )
+            parts.append(
+                f"| {op} | {shape} | {_ratio(r['ratio_to_deterministic'])} | "
+                f"{_ratio(r['ratio_to_reference'])} | {_ratio(r['ratio_to_bayesian_torch'])} | {saved} |"
+            )
         parts.append("")
     return "\n".join(parts)
 

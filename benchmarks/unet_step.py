@@ -16,14 +16,28 @@ import bayeslayers
 
 from .providers import BayesStep, Case, PlainStep, _bayesian_torch_layer, bayesian_weights
 
-TINY = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=16, norm_num_groups=16)
-MICRO = dict(TINY, sample_size=8, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
-             norm_num_groups=8)  # --quick only
-NANO = dict(MICRO, sample_size=4, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
-            up_block_types=("CrossAttnUpBlock2D",))  # gpu_check --dry-run: Triton kernels under the interpreter
+TINY = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(64, 128),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=16,
+    norm_num_groups=16,
+)
+MICRO = dict(
+    TINY, sample_size=8, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8
+)  # --quick only
+NANO = dict(
+    MICRO,
+    sample_size=4,
+    block_out_channels=(32,),
+    down_block_types=("CrossAttnDownBlock2D",),
+    up_block_types=("CrossAttnUpBlock2D",),
+)  # gpu_check --dry-run: Triton kernels under the interpreter
 CONFIGS = {"tiny": TINY, "micro": MICRO, "nano": NANO}
 SD15_CONFIG = Path(__file__).parent / "sd15_unet.json"
 TEXT_TOKENS = 77

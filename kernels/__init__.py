@@ -31,17 +31,31 @@ import importlib
 # modules would register the ``torch.ops.bayeslayers`` operators twice and leave the first ones dangling.
 _EXPORTS = {
     "cpu": ".cpu",
-    "Posterior": ".posterior", "KL_DIRECTIONS": ".posterior", "check_kl_direction": ".posterior",
-    "ReparameterizedFunction": ".reparameterized", "SampledWeightFunction": ".reparameterized",
-    "WeightPath": ".reparameterized", "SampleThenMap": ".reparameterized", "SampleInGemm": ".reparameterized",
-    "reparameterize": ".reparameterized", "sampled_weight": ".reparameterized",
+    "Posterior": ".posterior",
+    "KL_DIRECTIONS": ".posterior",
+    "check_kl_direction": ".posterior",
+    "ReparameterizedFunction": ".reparameterized",
+    "SampledWeightFunction": ".reparameterized",
+    "WeightPath": ".reparameterized",
+    "SampleThenMap": ".reparameterized",
+    "SampleInGemm": ".reparameterized",
+    "reparameterize": ".reparameterized",
+    "sampled_weight": ".reparameterized",
     "PosteriorKernels": ".kernel_ops",
-    "device_layer_seed": ".seeds", "mix_seed_tensor": ".seeds", "seed_tensor": ".seeds",
-    "TORCH_KERNELS": ".torch_ops", "torch_normal": ".torch_ops", "torch_normal_op": ".torch_ops",
+    "device_layer_seed": ".seeds",
+    "mix_seed_tensor": ".seeds",
+    "seed_tensor": ".seeds",
+    "TORCH_KERNELS": ".torch_ops",
+    "torch_normal": ".torch_ops",
+    "torch_normal_op": ".torch_ops",
 }
 _TRITON_EXPORTS = {  # need the triton package (on CPU: TRITON_INTERPRET=1)
-    "philox_normal": ".philox", "sample_weight_and_kl": ".sample_kl", "reparameterization_grad": ".reparam_grad",
-    "TRITON_KERNELS": ".triton_ops", "sampled_linear": ".fused_paths", "lora_linear": ".fused_paths",
+    "philox_normal": ".philox",
+    "sample_weight_and_kl": ".sample_kl",
+    "reparameterization_grad": ".reparam_grad",
+    "TRITON_KERNELS": ".triton_ops",
+    "sampled_linear": ".fused_paths",
+    "lora_linear": ".fused_paths",
 }
 
 if __name__ == "bayeslayers.kernels":

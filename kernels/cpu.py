@@ -28,8 +28,9 @@ def extension():
     """The compiled extension module (built on the first call of the process if not cached on disk)."""
     from torch.utils.cpp_extension import load
 
-    return load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                verbose=False)
+    return load(
+        name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False
+    )
 
 
 @functools.cache
@@ -63,29 +64,49 @@ def philox_normal(seed, shape) -> torch.Tensor:
     return out
 
 
-def sample_weight_and_kl(mu, rho, prior_mu, seed, prior_sigma: float, kl_direction: str, out_dtype: torch.dtype,
-                         with_kl: bool = True):
+def sample_weight_and_kl(
+    mu, rho, prior_mu, seed, prior_sigma: float, kl_direction: str, out_dtype: torch.dtype, with_kl: bool = True
+):
     """As ``sample_kl.sample_weight_and_kl``, on CPU tensors: ``(w in out_dtype, kl 0-d float32 or empty)``."""
     _check_cpu(mu, rho, prior_mu)
     ext = extension()
     w = torch.empty(mu.shape, dtype=out_dtype)
     chunk_kl = torch.empty(-(-mu.numel() // ext.CHUNK) if with_kl else 0, dtype=torch.float64)
-    ext.sample_weight_kl(_float32(mu), _float32(rho), _float32(prior_mu), _seed_int(seed), float(prior_sigma),
-                         KL_DIRECTION_CODES[kl_direction], w, chunk_kl)
+    ext.sample_weight_kl(
+        _float32(mu),
+        _float32(rho),
+        _float32(prior_mu),
+        _seed_int(seed),
+        float(prior_sigma),
+        KL_DIRECTION_CODES[kl_direction],
+        w,
+        chunk_kl,
+    )
     kl = chunk_kl.sum().to(torch.float32) if with_kl else torch.empty(0, dtype=torch.float32)
     return w, kl
 
 
-def reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: float, kl_direction: str,
-                            w_dtype: torch.dtype | None = None):
+def reparameterization_grad(
+    d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: float, kl_direction: str, w_dtype: torch.dtype | None = None
+):
     """As ``reparam_grad.reparameterization_grad``, on CPU tensors: ``(d_mu, d_rho, w or None)``."""
     _check_cpu(d_w, mu, rho, prior_mu)
     d_mu = torch.empty(mu.shape, dtype=torch.float32)
     d_rho = torch.empty(mu.shape, dtype=torch.float32)
     w = None if w_dtype is None else torch.empty(mu.shape, dtype=w_dtype)
-    extension().reparameterization_grad(_float32(d_w), _float32(mu), _float32(rho), _float32(prior_mu),
-                                        _seed_int(seed), 0.0 if g_kl is None else float(g_kl.item()),
-                                        float(prior_sigma), KL_DIRECTION_CODES[kl_direction], d_mu, d_rho, w)
+    extension().reparameterization_grad(
+        _float32(d_w),
+        _float32(mu),
+        _float32(rho),
+        _float32(prior_mu),
+        _seed_int(seed),
+        0.0 if g_kl is None else float(g_kl.item()),
+        float(prior_sigma),
+        KL_DIRECTION_CODES[kl_direction],
+        d_mu,
+        d_rho,
+        w,
+    )
     return d_mu, d_rho, w
 
 

@@ -133,8 +133,11 @@ def weight_path(path: str):
         from .reparameterized import SampleInGemm, SampleThenMap
         from .triton_ops import TRITON_KERNELS
 
-        _WEIGHT_PATHS[path] = (SampleInGemm(TRITON_KERNELS) if path == SAMPLE_IN_GEMM
-                               else SampleThenMap(TRITON_KERNELS, weight_grad_epilogue=path == DW_EPILOGUE))
+        _WEIGHT_PATHS[path] = (
+            SampleInGemm(TRITON_KERNELS)
+            if path == SAMPLE_IN_GEMM
+            else SampleThenMap(TRITON_KERNELS, weight_grad_epilogue=path == DW_EPILOGUE)
+        )
     return _WEIGHT_PATHS[path]
 
 

@@ -43,8 +43,20 @@ def normal_at(seed, index):
 
 
 @triton.jit
-def sampled_tile(mu_ptr, rho_ptr, seed, n0, k0, stride_wn, stride_wk, N, K, LAYOUT: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def sampled_tile(
+    mu_ptr,
+    rho_ptr,
+    seed,
+    n0,
+    k0,
+    stride_wn,
+    stride_wk,
+    N,
+    K,
+    LAYOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """(w, eps, mu, rho, sigma, index, mask) of the ``[BLOCK_N, BLOCK_K]`` weight tile at rows ``n0 + [0, BLOCK_N)``
     (< N) and columns ``k0 + [0, BLOCK_K)`` (< K) of a weight read through ``(stride_wn, stride_wk)``;
     float32, 0 outside the weight."""
@@ -79,8 +91,9 @@ def normal_rows(seed, row_start, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def tile_normals(seed, n0, k0, stride_wn, stride_wk, LAYOUT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def tile_normals(
+    seed, n0, k0, stride_wn, stride_wk, LAYOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """eps of the ``[BLOCK_N, BLOCK_K]`` tile at flat indices ``(n0 + i) * stride_wn + (k0 + j) * stride_wk``.
 
     LAYOUT ``ROWS_ALONG_K`` (stride_wk == 1, stride_wn % 4 == 0) and ``ROWS_ALONG_N`` (stride_wn == 1,

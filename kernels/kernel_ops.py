@@ -43,19 +43,27 @@ class PosteriorKernels(NamedTuple):
         mu, rho, prior_mu, prior_sigma, kl_direction = posterior
         return self.sample_weight_op(mu, rho, prior_mu, seed, prior_sigma, kl_direction, out_dtype, with_kl)
 
-    def reparameterization_grad(self, posterior: Posterior, seed: Tensor, d_w: Tensor | None,
-                                g_kl: Tensor | None, w_dtype: torch.dtype | None = None):
+    def reparameterization_grad(
+        self,
+        posterior: Posterior,
+        seed: Tensor,
+        d_w: Tensor | None,
+        g_kl: Tensor | None,
+        w_dtype: torch.dtype | None = None,
+    ):
         """``(d_mu, d_rho, w or None)`` from the sampled weight's gradient ``d_w`` and the KL's upstream ``g_kl``
         (either may be None); ``w`` is the weight sample again, written in the same pass when ``w_dtype`` is set."""
         mu, rho, prior_mu, prior_sigma, kl_direction = posterior
         d_w = None if d_w is None else d_w.contiguous()
-        d_mu, d_rho, w = self.reparameterization_grad_op(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma,
-                                                         kl_direction, w_dtype)
+        d_mu, d_rho, w = self.reparameterization_grad_op(
+            d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype
+        )
         return d_mu, d_rho, (w if w_dtype is not None else None)
 
 
-def register_posterior_kernels(prefix: str, sample_weight_and_kl: Callable, reparameterization_grad: Callable,
-                               **fused_ops: Callable) -> PosteriorKernels:
+def register_posterior_kernels(
+    prefix: str, sample_weight_and_kl: Callable, reparameterization_grad: Callable, **fused_ops: Callable
+) -> PosteriorKernels:
     """Registers ``bayeslayers::{prefix}sample_weight`` and ``bayeslayers::{prefix}reparameterization_grad``.
 
     ``sample_weight_and_kl(mu, rho, prior_mu, seed, prior_sigma, kl_direction, out_dtype, with_kl) -> (w, kl)``
@@ -65,8 +73,16 @@ def register_posterior_kernels(prefix: str, sample_weight_and_kl: Callable, repa
     """
 
     @torch.library.custom_op(f"bayeslayers::{prefix}sample_weight", mutates_args=())
-    def sample_weight_op(mu: Tensor, rho: Tensor, prior_mu: Optional[Tensor], seed: Tensor, prior_sigma: float,
-                         kl_direction: str, out_dtype: torch.dtype, with_kl: bool) -> tuple[Tensor, Tensor]:
+    def sample_weight_op(
+        mu: Tensor,
+        rho: Tensor,
+        prior_mu: Optional[Tensor],
+        seed: Tensor,
+        prior_sigma: float,
+        kl_direction: str,
+        out_dtype: torch.dtype,
+        with_kl: bool,
+    ) -> tuple[Tensor, Tensor]:
         return sample_weight_and_kl(mu, rho, prior_mu, seed, prior_sigma, kl_direction, out_dtype, with_kl)
 
     @sample_weight_op.register_fake
@@ -76,11 +92,18 @@ def register_posterior_kernels(prefix: str, sample_weight_and_kl: Callable, repa
         return mu.new_empty(mu.shape, dtype=out_dtype), kl
 
     @torch.library.custom_op(f"bayeslayers::{prefix}reparameterization_grad", mutates_args=())
-    def reparameterization_grad_op(d_w: Optional[Tensor], mu: Tensor, rho: Tensor, prior_mu: Optional[Tensor],
-                                   seed: Tensor, g_kl: Optional[Tensor], prior_sigma: float, kl_direction: str,
-                                   w_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
-        d_mu, d_rho, w = reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction,
-                                                 w_dtype)
+    def reparameterization_grad_op(
+        d_w: Optional[Tensor],
+        mu: Tensor,
+        rho: Tensor,
+        prior_mu: Optional[Tensor],
+        seed: Tensor,
+        g_kl: Optional[Tensor],
+        prior_sigma: float,
+        kl_direction: str,
+        w_dtype: Optional[torch.dtype],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        d_mu, d_rho, w = reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype)
         return d_mu, d_rho, mu.new_empty(0) if w is None else w
 
     @reparameterization_grad_op.register_fake

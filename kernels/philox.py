@@ -120,8 +120,9 @@ def normal_tile(seed, group):
     """
     n0, n1, n2, n3 = counter_normals(seed, group)
     word = tl.arange(0, 4)[None, :]
-    return tl.where(word == 0, n0[:, None],
-                    tl.where(word == 1, n1[:, None], tl.where(word == 2, n2[:, None], n3[:, None])))
+    return tl.where(
+        word == 0, n0[:, None], tl.where(word == 1, n1[:, None], tl.where(word == 2, n2[:, None], n3[:, None]))
+    )
 
 
 @triton.jit

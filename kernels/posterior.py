@@ -45,8 +45,9 @@ class Posterior(NamedTuple):
             names = " or ".join(str(d).replace("torch.", "") for d in param_dtypes)
             raise TypeError(f"mu and rho must both be {names}, got {self.mu.dtype} and {self.rho.dtype}")
         prior_mu = None if self.prior_mu is None else self.prior_mu.contiguous()
-        return Posterior(self.mu.contiguous(), self.rho.contiguous(), prior_mu, float(self.prior_sigma),
-                         self.kl_direction)
+        return Posterior(
+            self.mu.contiguous(), self.rho.contiguous(), prior_mu, float(self.prior_sigma), self.kl_direction
+        )
 
 
 def mean_gap(mu: torch.Tensor, prior_mu: torch.Tensor | None) -> torch.Tensor:

@@ -73,8 +73,9 @@ class SampleThenMap(WeightPath):
         if self.weight_grad_epilogue and dy is not None and need_weight:
             dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
             mu, rho, prior_mu, prior_sigma, kl_direction = posterior
-            d_mu, d_rho = kernels.linear_weight_grad_op(dy2, x2, mu, rho, prior_mu, seed, dkl, prior_sigma,
-                                                        kl_direction)
+            d_mu, d_rho = kernels.linear_weight_grad_op(
+                dy2, x2, mu, rho, prior_mu, seed, dkl, prior_sigma, kl_direction
+            )
             d_bias = dy2.sum(0) if need_bias else None
             need_weight = need_bias = False  # done
         if dy is not None and (need_weight or need_bias):
@@ -102,8 +103,7 @@ class SampleInGemm(WeightPath):
     def forward(self, layer_map, x, posterior, bias, seed):
         mu, rho, prior_mu, prior_sigma, kl_direction = posterior
         x2 = x.reshape(-1, x.shape[-1])
-        y, kl = self.kernels.sampled_matmul_op(x2, mu, rho, prior_mu, seed, bias, True, prior_sigma, kl_direction,
-                                               True)
+        y, kl = self.kernels.sampled_matmul_op(x2, mu, rho, prior_mu, seed, bias, True, prior_sigma, kl_direction, True)
         return y.reshape(*x.shape[:-1], mu.shape[0]), kl
 
     def backward(self, layer_map, dy, dkl, x, posterior, seed, needs):
@@ -114,8 +114,9 @@ class SampleInGemm(WeightPath):
             dx = self.kernels.sampled_matmul_op(dy2, mu, rho, None, seed, None, False, 1.0, "qp", False)[0]
             dx = dx.reshape(x.shape)
         if needs.weight and dy is not None:
-            d_mu, d_rho = self.kernels.linear_weight_grad_op(dy2, x.reshape(-1, x.shape[-1]), mu, rho, prior_mu,
-                                                             seed, dkl, prior_sigma, kl_direction)
+            d_mu, d_rho = self.kernels.linear_weight_grad_op(
+                dy2, x.reshape(-1, x.shape[-1]), mu, rho, prior_mu, seed, dkl, prior_sigma, kl_direction
+            )
         elif needs.weight and dkl is not None:  # only the KL was used
             d_mu, d_rho, _ = self.kernels.reparameterization_grad(posterior, seed, None, dkl)
         if needs.bias and dy is not None:
@@ -140,8 +141,18 @@ class ReparameterizedFunction(torch.autograd.Function):
         needs = Needs(need_x, need_mu, need_rho, need_bias and ctx.has_bias)
         posterior = Posterior(mu, rho, prior_mu, ctx.prior_sigma, ctx.kl_direction)
         dx, d_mu, d_rho, d_bias = ctx.path.backward(ctx.layer_map, dy, dkl, x, posterior, seed, needs)
-        return (dx, d_mu if need_mu else None, d_rho if need_rho else None, d_bias if needs.bias else None,
-                None, None, None, None, None, None)
+        return (
+            dx,
+            d_mu if need_mu else None,
+            d_rho if need_rho else None,
+            d_bias if needs.bias else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class SampledWeightFunction(torch.autograd.Function):
@@ -170,13 +181,15 @@ def reparameterize(layer_map, x, posterior: Posterior, bias, seed, path: WeightP
     x: compute dtype; bias: x's dtype or None; seed: Python int or one-element int64 tensor (see ``philox.py``).
     """
     mu, rho, prior_mu, prior_sigma, kl_direction = posterior.checked(path.kernels.param_dtypes)
-    return ReparameterizedFunction.apply(x, mu, rho, bias, prior_mu, seed_tensor(seed, mu.device), prior_sigma,
-                                         kl_direction, layer_map, path)
+    return ReparameterizedFunction.apply(
+        x, mu, rho, bias, prior_mu, seed_tensor(seed, mu.device), prior_sigma, kl_direction, layer_map, path
+    )
 
 
 def sampled_weight(posterior: Posterior, seed, dtype: torch.dtype, kernels: PosteriorKernels):
     """Returns ``(w, kl)``: w = mu + softplus(rho) * eps(seed) in ``dtype`` and the summed KL (0-d float32), both
     differentiable w.r.t. mu and rho; eps is regenerated in backward, never stored."""
     mu, rho, prior_mu, prior_sigma, kl_direction = posterior.checked(kernels.param_dtypes)
-    return SampledWeightFunction.apply(mu, rho, prior_mu, seed_tensor(seed, mu.device), prior_sigma, kl_direction,
-                                       dtype, kernels)
+    return SampledWeightFunction.apply(
+        mu, rho, prior_mu, seed_tensor(seed, mu.device), prior_sigma, kl_direction, dtype, kernels
+    )

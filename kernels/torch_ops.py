@@ -40,8 +40,9 @@ def _sample(mu, rho, seed):
     return torch.addcmul(mu, sigma, torch_normal(seed, mu.shape, mu.device).to(mu.dtype)), sigma
 
 
-def sample_weight_and_kl(mu, rho, prior_mu, seed, prior_sigma: float, kl_direction: str, out_dtype: torch.dtype,
-                         with_kl: bool = True):
+def sample_weight_and_kl(
+    mu, rho, prior_mu, seed, prior_sigma: float, kl_direction: str, out_dtype: torch.dtype, with_kl: bool = True
+):
     """``(w in out_dtype, kl 0-d or empty)`` on any device; kl in mu's dtype (float32, or float64 for gradcheck)."""
     w, sigma = _sample(mu, rho, seed)
     if not with_kl:
@@ -49,8 +50,9 @@ def sample_weight_and_kl(mu, rho, prior_mu, seed, prior_sigma: float, kl_directi
     return w.to(out_dtype), kl_elementwise(mu, sigma, prior_mu, prior_sigma, kl_direction).sum()
 
 
-def reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: float, kl_direction: str,
-                            w_dtype: torch.dtype | None = None):
+def reparameterization_grad(
+    d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: float, kl_direction: str, w_dtype: torch.dtype | None = None
+):
     """``(d_mu, d_rho, w or None)``: d_mu = dW + g_kl dKL/dmu, d_rho = (dW eps + g_kl dKL/dsigma) sigmoid(rho)."""
     sigma = F.softplus(rho)
     d_mu = torch.zeros_like(mu)
@@ -71,5 +73,6 @@ def reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: flo
     return d_mu, d_sigma * torch.sigmoid(rho), w
 
 
-TORCH_KERNELS = register_posterior_kernels("torch_", sample_weight_and_kl, reparameterization_grad,
-                                           param_dtypes=(torch.float32, torch.float64))  # float64: gradcheck
+TORCH_KERNELS = register_posterior_kernels(
+    "torch_", sample_weight_and_kl, reparameterization_grad, param_dtypes=(torch.float32, torch.float64)
+)  # float64: gradcheck

@@ -30,11 +30,30 @@ Tensor = torch.Tensor
 
 
 @torch.library.custom_op("bayeslayers::sampled_matmul", mutates_args=())
-def sampled_matmul_op(a: Tensor, mu: Tensor, rho: Tensor, prior_mu: Optional[Tensor], seed: Tensor,
-                      bias: Optional[Tensor], transpose_weight: bool, prior_sigma: float, kl_direction: str,
-                      with_kl: bool) -> tuple[Tensor, Tensor]:
-    return sampled_matmul(a, mu, rho, seed, transpose_weight=transpose_weight, bias=bias, prior_mu=prior_mu,
-                          prior_sigma=prior_sigma, kl_direction=kl_direction, with_kl=with_kl)
+def sampled_matmul_op(
+    a: Tensor,
+    mu: Tensor,
+    rho: Tensor,
+    prior_mu: Optional[Tensor],
+    seed: Tensor,
+    bias: Optional[Tensor],
+    transpose_weight: bool,
+    prior_sigma: float,
+    kl_direction: str,
+    with_kl: bool,
+) -> tuple[Tensor, Tensor]:
+    return sampled_matmul(
+        a,
+        mu,
+        rho,
+        seed,
+        transpose_weight=transpose_weight,
+        bias=bias,
+        prior_mu=prior_mu,
+        prior_sigma=prior_sigma,
+        kl_direction=kl_direction,
+        with_kl=with_kl,
+    )
 
 
 @sampled_matmul_op.register_fake
@@ -44,9 +63,17 @@ def _(a, mu, rho, prior_mu, seed, bias, transpose_weight, prior_sigma, kl_direct
 
 
 @torch.library.custom_op("bayeslayers::reparameterized_weight_grad", mutates_args=())
-def reparameterized_weight_grad_op(dy: Tensor, x: Tensor, mu: Tensor, rho: Tensor, prior_mu: Optional[Tensor],
-                                   seed: Tensor, g_kl: Optional[Tensor], prior_sigma: float,
-                                   kl_direction: str) -> tuple[Tensor, Tensor]:
+def reparameterized_weight_grad_op(
+    dy: Tensor,
+    x: Tensor,
+    mu: Tensor,
+    rho: Tensor,
+    prior_mu: Optional[Tensor],
+    seed: Tensor,
+    g_kl: Optional[Tensor],
+    prior_sigma: float,
+    kl_direction: str,
+) -> tuple[Tensor, Tensor]:
     return reparameterized_weight_grad(dy, x, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction)
 
 
@@ -65,6 +92,10 @@ def _(x, w, a, b, scaling, bias):
     return x.new_empty((x.shape[0], b.shape[0]))
 
 
-TRITON_KERNELS = register_posterior_kernels("", sample_weight_and_kl, reparameterization_grad,
-                                            linear_weight_grad_op=reparameterized_weight_grad_op,
-                                            sampled_matmul_op=sampled_matmul_op)
+TRITON_KERNELS = register_posterior_kernels(
+    "",
+    sample_weight_and_kl,
+    reparameterization_grad,
+    linear_weight_grad_op=reparameterized_weight_grad_op,
+    sampled_matmul_op=sampled_matmul_op,
+)

@@ -14,8 +14,9 @@ BAYESLAYERS_CPU = ("reference", "torch", "cpp")
 
 
 def test_quick_benchmark_writes_rows_for_every_provider(tmp_path):
-    path = run.main(run.parse_args(["--ops", "linear,conv2d,lora,unet", "--device", "cpu", "--out", str(tmp_path),
-                                    "--quick"]))
+    path = run.main(
+        run.parse_args(["--ops", "linear,conv2d,lora,unet", "--device", "cpu", "--out", str(tmp_path), "--quick"])
+    )
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0].keys()) == run.FIELDS

@@ -180,10 +180,33 @@ def test_bad_input_is_named(unet):
 def test_recipe_trains_checkpoints_resumes_and_evaluates(tmp_path):
     from bayeslayers.integrations.bps import train
 
-    common = ["--output_dir", str(tmp_path), "--num_train_images", "32", "--train_batch_size", "4",
-              "--num_validation_images", "2", "--num_inference_steps", "3", "--eval_images", "4",
-              "--checkpointing_steps", "2", "--validation_steps", "3", "--bayesian", "--steering_width", "0.5",
-              "--num_posterior_samples", "2", "--init_sigma", "0.05", "--rho_learning_rate", "0.01"]
+    common = [
+        "--output_dir",
+        str(tmp_path),
+        "--num_train_images",
+        "32",
+        "--train_batch_size",
+        "4",
+        "--num_validation_images",
+        "2",
+        "--num_inference_steps",
+        "3",
+        "--eval_images",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--validation_steps",
+        "3",
+        "--bayesian",
+        "--steering_width",
+        "0.5",
+        "--num_posterior_samples",
+        "2",
+        "--init_sigma",
+        "0.05",
+        "--rho_learning_rate",
+        "0.01",
+    ]
     first = train.main(train.parse_args(common + ["--max_train_steps", "2"]))
     assert first["steps"] == 2 and (tmp_path / "checkpoint-2" / "params.safetensors").exists()
     resumed = train.main(train.parse_args(common + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]))
@@ -196,8 +219,10 @@ def test_recipe_trains_checkpoints_resumes_and_evaluates(tmp_path):
     assert evaluation["steered"]["frechet_distance"] >= 0
     posterior = resumed["posterior_samples"]
     assert Path(posterior["grid"]).exists() and posterior["mean_pixel_std"] > 0  # the samples differ
-    restored = bayeslayers.load(PowerSteering.from_config(PowerSteering.load_config(tmp_path / "steering")),
-                                tmp_path / "steering_posterior.safetensors")
+    restored = bayeslayers.load(
+        PowerSteering.from_config(PowerSteering.load_config(tmp_path / "steering")),
+        tmp_path / "steering_posterior.safetensors",
+    )
     assert bayeslayers.bayesian_modules(restored)
 
 
@@ -225,8 +250,15 @@ def test_recipe_starts_from_a_trained_steering_network(tmp_path, unet):
     trained = PowerSteering.from_unet(unet, condition_channels=1, vae_scale_factor=FACTOR, width=0.5)
     _randomize_outputs(trained)
     trained.save_pretrained(tmp_path / "trained")
-    args = train.parse_args(["--output_dir", str(tmp_path / "run"), "--steering_model_name_or_path",
-                             str(tmp_path / "trained"), "--bayesian"])
+    args = train.parse_args(
+        [
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--steering_model_name_or_path",
+            str(tmp_path / "trained"),
+            "--bayesian",
+        ]
+    )
     steering = train.initial_steering(args, unet, FACTOR)
     bayeslayers.convert(steering, target_modules=steering.conv_names())
     for name, module in trained.named_modules():
@@ -234,11 +266,18 @@ def test_recipe_starts_from_a_trained_steering_network(tmp_path, unet):
             converted = steering.get_submodule(name)
             assert torch.equal(converted.weight_mu, module.weight) and torch.equal(converted.prior_mu, module.weight)
 
-    other = PowerSteering(block_out_channels=(16, 32), layers_per_block=1, temb_channels=64, condition_channels=1,
-                          vae_scale_factor=FACTOR, norm_num_groups=8)
+    other = PowerSteering(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        temb_channels=64,
+        condition_channels=1,
+        vae_scale_factor=FACTOR,
+        norm_num_groups=8,
+    )
     other.save_pretrained(tmp_path / "other")
-    args = train.parse_args(["--output_dir", str(tmp_path / "run"), "--steering_model_name_or_path",
-                             str(tmp_path / "other")])
+    args = train.parse_args(
+        ["--output_dir", str(tmp_path / "run"), "--steering_model_name_or_path", str(tmp_path / "other")]
+    )
     with pytest.raises(ValueError, match="--steering_model_name_or_path .*block_out_channels"):
         train.initial_steering(args, unet, FACTOR)
 

@@ -46,9 +46,15 @@ def test_every_layer_type_compiles_with_fullgraph(backend, kind):
     bayeslayers.set_backend(backend)
     linear = kind.endswith("linear")
     plain = nn.Linear(12, 10) if linear else nn.Conv2d(3, 5, 3, padding=1)
-    layer = (bayeslayers.BayesLinear.from_module(plain) if kind == "linear"
-             else bayeslayers.BayesConv2d.from_module(plain) if kind == "conv2d"
-             else bayeslayers.BayesLoRALinear(plain, rank=2) if linear else bayeslayers.BayesLoRAConv2d(plain, rank=2))
+    layer = (
+        bayeslayers.BayesLinear.from_module(plain)
+        if kind == "linear"
+        else bayeslayers.BayesConv2d.from_module(plain)
+        if kind == "conv2d"
+        else bayeslayers.BayesLoRALinear(plain, rank=2)
+        if linear
+        else bayeslayers.BayesLoRAConv2d(plain, rank=2)
+    )
     x = torch.randn(4, 12) if linear else torch.randn(2, 3, 6, 6)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.manual_seed(3)

@@ -24,8 +24,17 @@ def test_layers_and_convert_take_their_defaults_from_the_config():
 
 
 def test_config_options_reach_every_converted_layer():
-    config = BayesConfig(target_modules=["0", "2"], mode="lora", rank=3, lora_alpha=6, bayesian_factors="A",
-                         init_sigma=0.02, prior_sigma=0.05, kl_direction="pq", prior_dtype=torch.bfloat16)
+    config = BayesConfig(
+        target_modules=["0", "2"],
+        mode="lora",
+        rank=3,
+        lora_alpha=6,
+        bayesian_factors="A",
+        init_sigma=0.02,
+        prior_sigma=0.05,
+        kl_direction="pq",
+        prior_dtype=torch.bfloat16,
+    )
     model = bayeslayers.convert(_mlp(), config=config)
     for index in (0, 2):
         layer = model[index]
@@ -66,13 +75,14 @@ def test_bad_options_name_the_argument():
 
 
 def test_command_line_flags_come_from_the_fields():
-    parser = BayesConfig.add_arguments(argparse.ArgumentParser(), POSTERIOR_FIELDS + LORA_FIELDS,
-                                       defaults={"rank": 8})
-    args = parser.parse_args(["--init_sigma", "0.03", "--kl_direction", "pq", "--prior_dtype", "bfloat16",
-                              "--lora_alpha", "16"])
+    parser = BayesConfig.add_arguments(argparse.ArgumentParser(), POSTERIOR_FIELDS + LORA_FIELDS, defaults={"rank": 8})
+    args = parser.parse_args(
+        ["--init_sigma", "0.03", "--kl_direction", "pq", "--prior_dtype", "bfloat16", "--lora_alpha", "16"]
+    )
     config = BayesConfig.from_arguments(args, POSTERIOR_FIELDS + LORA_FIELDS, mode="lora")
-    assert config == BayesConfig(mode="lora", init_sigma=0.03, kl_direction="pq", prior_dtype=torch.bfloat16,
-                                 rank=8, lora_alpha=16.0)
+    assert config == BayesConfig(
+        mode="lora", init_sigma=0.03, kl_direction="pq", prior_dtype=torch.bfloat16, rank=8, lora_alpha=16.0
+    )
     assert "prior std" in parser.format_help()
     with pytest.raises(SystemExit):
         parser.parse_args(["--kl_direction", "kl"])

@@ -96,7 +96,7 @@ def test_load_into_mismatched_model_names_the_first_mismatch(tmp_path):
         bayeslayers.load(lora, path)
 
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="bad.safetensors' is not a readable safetensors file"):
         bayeslayers.load(model, tmp_path / "bad.safetensors")
 
 
@@ -135,7 +135,9 @@ def test_target_and_exclude_semantics_follow_peft():
     assert names(bayeslayers.convert(Net(), target_modules="block\\..*")) == ["block.attn", "block.proj"]
     assert names(bayeslayers.convert(Net(), target_modules="proj")) == ["proj"]  # full match only
     assert names(bayeslayers.convert(Net(), target_modules=["proj", "attn"], exclude_modules=["block.proj"])) == [
-        "block.attn", "proj"]
+        "block.attn",
+        "proj",
+    ]
     assert names(bayeslayers.convert(Net(), target_modules=["conv"])) == ["conv"]
     sub = nn.Sequential(SubclassedLinear(3, 3))
     assert isinstance(bayeslayers.convert(sub, target_modules=["0"])[0], bayeslayers.BayesLinear)

@@ -21,8 +21,9 @@ def test_eps_is_the_triton_stream_bit_for_bit(seed):
 
     for shape in ODD_SHAPES:
         assert torch.equal(cpu.philox_normal(seed, shape), philox_normal(seed, shape))
-    torch.testing.assert_close(cpu.philox_normal(seed, (9001,)).double(), reference_normals(seed, 9001),
-                               rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(
+        cpu.philox_normal(seed, (9001,)).double(), reference_normals(seed, 9001), rtol=2e-6, atol=2e-6
+    )
 
 
 def test_weight_sample_and_gradient_match_the_triton_kernels():
@@ -35,8 +36,10 @@ def test_weight_sample_and_gradient_match_the_triton_kernels():
     # Same eps; softplus and log come from different libm implementations: a few ulp apart at most.
     assert relative_error(w_cpu, w_triton) < 1e-6 and relative_error(kl_cpu, kl_triton) < 1e-6
     d_w, g_kl = torch.randn(67, 131), torch.tensor(KL_WEIGHT)
-    for a, b in zip(cpu.reparameterization_grad(d_w, mu, rho, prior, seed, g_kl, 0.03, "qp", torch.float32),
-                    reparameterization_grad(d_w, mu, rho, prior, seed, g_kl, 0.03, "qp", torch.float32)):
+    for a, b in zip(
+        cpu.reparameterization_grad(d_w, mu, rho, prior, seed, g_kl, 0.03, "qp", torch.float32),
+        reparameterization_grad(d_w, mu, rho, prior, seed, g_kl, 0.03, "qp", torch.float32),
+    ):
         assert relative_error(a, b) < 1e-6
 
 
@@ -55,8 +58,9 @@ def test_sample_and_grad_kernels_match_float64(poisoned, shape, direction, prior
     assert w.dtype == out_dtype and kl.shape == () and kl.dtype == torch.float32
     assert relative_error(w, w64) < TOLERANCE.get(out_dtype, 2e-5) / 4 + 2e-7
     assert relative_error(kl, kl64) < 1e-5
-    d_mu, d_rho, w_again = cpu.reparameterization_grad(d_w, mu, rho, prior, seed, torch.tensor(KL_WEIGHT), 0.03,
-                                                       direction, out_dtype)
+    d_mu, d_rho, w_again = cpu.reparameterization_grad(
+        d_w, mu, rho, prior, seed, torch.tensor(KL_WEIGHT), 0.03, direction, out_dtype
+    )
     assert torch.equal(w_again, w)  # the gradient pass regenerates the forward's eps bit for bit
     assert relative_error(d_mu, d_mu64) < 1e-5 and relative_error(d_rho, d_rho64) < 1e-5
 
@@ -73,8 +77,12 @@ def test_results_do_not_depend_on_the_thread_count():
         runs = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            runs.append((*cpu.sample_weight_and_kl(mu, rho, prior, 5, 0.1, "qp", torch.float32),
-                         *cpu.reparameterization_grad(mu, mu, rho, prior, 5, torch.tensor(2.0), 0.1, "pq")[:2]))
+            runs.append(
+                (
+                    *cpu.sample_weight_and_kl(mu, rho, prior, 5, 0.1, "qp", torch.float32),
+                    *cpu.reparameterization_grad(mu, mu, rho, prior, 5, torch.tensor(2.0), 0.1, "pq")[:2],
+                )
+            )
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*runs):
@@ -84,8 +92,10 @@ def test_results_do_not_depend_on_the_thread_count():
 def test_the_build_is_cached_and_a_new_process_compiles_nothing():
     library = cpu.extension().__file__
     before = os.stat(library).st_mtime_ns
-    code = ("import time; from bayeslayers.kernels import cpu; t = time.perf_counter(); cpu.extension(); "
-            "print(time.perf_counter() - t)")
+    code = (
+        "import time; from bayeslayers.kernels import cpu; t = time.perf_counter(); cpu.extension(); "
+        "print(time.perf_counter() - t)"
+    )
     seconds = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
     assert os.stat(library).st_mtime_ns == before
     assert seconds < 10, seconds  # loading, not compiling (a build takes about a minute)
@@ -95,8 +105,9 @@ def test_bad_arguments_name_the_tensor():
     ext = cpu.extension()
     mu = torch.zeros(3, 4)
     with pytest.raises(RuntimeError, match="rho must be a contiguous float32 CPU tensor of 12 elements"):
-        ext.sample_weight_kl(mu, torch.zeros(3, 5), None, 1, 0.1, 0, torch.empty(3, 4),
-                             torch.empty(1, dtype=torch.float64))
+        ext.sample_weight_kl(
+            mu, torch.zeros(3, 5), None, 1, 0.1, 0, torch.empty(3, 4), torch.empty(1, dtype=torch.float64)
+        )
     with pytest.raises(RuntimeError, match="chunk_kl must be float64"):
         ext.sample_weight_kl(mu, mu, None, 1, 0.1, 0, torch.empty(3, 4), torch.empty(1))
     with pytest.raises(ValueError, match="got one on meta"):

@@ -64,15 +64,25 @@ def test_weight_tiles_in_the_gemm_follow_the_rng_contract_bit_for_bit(n_out, n_i
 # ------------------------------------------------------------------------------------------ sample-in-GEMM
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
-@pytest.mark.parametrize("prior_dtype,direction,with_bias", [(torch.float32, "qp", True), (None, "pq", False),
-                                                             (torch.bfloat16, "qp", False)])
+@pytest.mark.parametrize(
+    "prior_dtype,direction,with_bias", [(torch.float32, "qp", True), (None, "pq", False), (torch.bfloat16, "qp", False)]
+)
 def test_sampled_matmul_forward_and_kl(poisoned, dtype, shape, prior_dtype, direction, with_bias):
     rows, n_out, n_in = shape
     mu, rho, prior = posterior(n_out, n_in, prior_dtype)
     x = randn(rows, n_in, dtype=dtype)
     bias = randn(n_out, dtype=dtype, seed=2) if with_bias else None
-    y, kl = sampled_matmul(x, mu, rho, seed_tensor(SEED, DEVICE), bias=bias, prior_mu=prior, prior_sigma=0.07,
-                           kl_direction=direction, with_kl=True)
+    y, kl = sampled_matmul(
+        x,
+        mu,
+        rho,
+        seed_tensor(SEED, DEVICE),
+        bias=bias,
+        prior_mu=prior,
+        prior_sigma=0.07,
+        kl_direction=direction,
+        with_kl=True,
+    )
     w = sampled_weight(mu.cpu(), rho.cpu(), eps_of((n_out, n_in)))
     expected = x.cpu().double() @ w.t() + (0 if bias is None else bias.cpu().double())
     assert y.dtype == dtype and y.shape == (rows, n_out)
@@ -94,8 +104,9 @@ def test_sampled_matmul_input_gradient_reads_the_weight_transposed(poisoned, dty
 
 def test_sampled_matmul_sums_the_kl_even_without_rows():
     mu, rho, prior = posterior(45, 67)
-    y, kl = sampled_matmul(randn(0, 67), mu, rho, seed_tensor(SEED, DEVICE), prior_mu=prior, prior_sigma=0.1,
-                           with_kl=True)
+    y, kl = sampled_matmul(
+        randn(0, 67), mu, rho, seed_tensor(SEED, DEVICE), prior_mu=prior, prior_sigma=0.1, with_kl=True
+    )
     assert y.shape == (0, 45)
     assert relative_error(kl.cpu(), kl_reference(mu.cpu(), rho.cpu(), prior.cpu(), 0.1, "qp")) < 2e-5
 
@@ -111,8 +122,9 @@ def test_sampled_matmul_rejects_mismatched_shapes():
 # ------------------------------------------------------------------------------------------- dW epilogue
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
-@pytest.mark.parametrize("prior_dtype,direction,g_kl", [(torch.float32, "qp", 0.37), (None, "pq", 1.3),
-                                                        (torch.bfloat16, "qp", None)])
+@pytest.mark.parametrize(
+    "prior_dtype,direction,g_kl", [(torch.float32, "qp", 0.37), (None, "pq", 1.3), (torch.bfloat16, "qp", None)]
+)
 def test_weight_grad_epilogue_matches_float64_autograd(poisoned, dtype, shape, prior_dtype, direction, g_kl):
     rows, n_out, n_in = shape
     mu, rho, prior = posterior(n_out, n_in, prior_dtype)
@@ -121,8 +133,9 @@ def test_weight_grad_epilogue_matches_float64_autograd(poisoned, dtype, shape, p
     d_mu, d_rho = reparameterized_weight_grad(dy, x, mu, rho, prior, seed_tensor(SEED, DEVICE), g, 0.07, direction)
     d_w = dy.cpu().double().t() @ x.cpu().double()
     prior64 = None if prior is None else prior.cpu()
-    _, _, d_mu64, d_rho64 = kl_and_grads64(mu.cpu(), rho.cpu(), prior64, 0.07, direction, d_w, g_kl or 0.0,
-                                           eps_of((n_out, n_in)))
+    _, _, d_mu64, d_rho64 = kl_and_grads64(
+        mu.cpu(), rho.cpu(), prior64, 0.07, direction, d_w, g_kl or 0.0, eps_of((n_out, n_in))
+    )
     assert d_mu.dtype == d_rho.dtype == torch.float32
     assert relative_error(d_mu.cpu(), d_mu64) < 2e-5
     assert relative_error(d_rho.cpu(), d_rho64) < 2e-5
@@ -133,8 +146,9 @@ def test_weight_grad_epilogue_reads_strided_inputs():
     mu, rho, prior = posterior(n_out, n_in)
     dy, x = randn(n_out, rows).t(), randn(n_in, rows, seed=3).t()  # column-major views
     got = reparameterized_weight_grad(dy, x, mu, rho, prior, seed_tensor(SEED, DEVICE), None, 0.07, "qp")
-    want = reparameterized_weight_grad(dy.contiguous(), x.contiguous(), mu, rho, prior, seed_tensor(SEED, DEVICE),
-                                       None, 0.07, "qp")
+    want = reparameterized_weight_grad(
+        dy.contiguous(), x.contiguous(), mu, rho, prior, seed_tensor(SEED, DEVICE), None, 0.07, "qp"
+    )
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -172,8 +186,9 @@ def fused_calls(monkeypatch):
     calls = []
     for name in ("sampled_matmul", "reparameterized_weight_grad", "lora_matmul"):
         launch = getattr(triton_ops, name)
-        monkeypatch.setattr(triton_ops, name, lambda *a, _launch=launch, _name=name, **k: calls.append(_name)
-                            or _launch(*a, **k))
+        monkeypatch.setattr(
+            triton_ops, name, lambda *a, _launch=launch, _name=name, **k: calls.append(_name) or _launch(*a, **k)
+        )
     return calls
 
 
@@ -200,10 +215,13 @@ def _assert_same_step(got, want, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("policy,kernels", [
-    ({"sample_in_gemm_max_rows": 10**9}, ["sampled_matmul", "sampled_matmul", "reparameterized_weight_grad"]),
-    ({"weight_grad_epilogue": True}, ["reparameterized_weight_grad"]),
-])
+@pytest.mark.parametrize(
+    "policy,kernels",
+    [
+        ({"sample_in_gemm_max_rows": 10**9}, ["sampled_matmul", "sampled_matmul", "reparameterized_weight_grad"]),
+        ({"weight_grad_epilogue": True}, ["reparameterized_weight_grad"]),
+    ],
+)
 def test_bayes_linear_fused_paths_agree_with_sample_then_gemm(fused_calls, dtype, policy, kernels):
     bayeslayers.set_backend("triton")
     layer = BayesLinear(67, 45, init_sigma=0.05, prior_sigma=0.1).to(DEVICE)
@@ -235,8 +253,9 @@ def test_heuristic_takes_sample_in_gemm_only_up_to_the_row_limit():
 @pytest.mark.parametrize("factors", ["AB", "B", ""])
 def test_bayes_lora_fused_matches_unfused(fused_calls, dtype, factors):
     bayeslayers.set_backend("triton")
-    layer = BayesLoRALinear(nn.Linear(67, 45), rank=5, lora_alpha=8, bayesian_factors=factors,
-                            init_sigma=0.05).to(DEVICE)
+    layer = BayesLoRALinear(nn.Linear(67, 45), rank=5, lora_alpha=8, bayesian_factors=factors, init_sigma=0.05).to(
+        DEVICE
+    )
     with torch.no_grad():  # a trained-looking B, so every gradient is non-zero
         (layer.lora_B.weight_mu if "B" in factors else layer.lora_B.weight).normal_()
     x = randn(2, 19, 67, dtype=dtype)
@@ -336,9 +355,13 @@ def test_lora_linear_gradients_of_every_input(dtype):
     from bayeslayers.kernels import lora_linear
 
     rows, n_out, n_in = GEMM_SHAPES[0]
-    tensors = [randn(2, rows, n_in, dtype=dtype), randn(n_out, n_in, dtype=dtype, seed=2),
-               randn(n_out, dtype=dtype, seed=3), randn(5, n_in, dtype=dtype, seed=4),
-               randn(n_out, 5, dtype=dtype, seed=5)]
+    tensors = [
+        randn(2, rows, n_in, dtype=dtype),
+        randn(n_out, n_in, dtype=dtype, seed=2),
+        randn(n_out, dtype=dtype, seed=3),
+        randn(5, n_in, dtype=dtype, seed=4),
+        randn(n_out, 5, dtype=dtype, seed=5),
+    ]
     x, w, bias, a, b = (t.requires_grad_(True) for t in tensors)
     upstream = randn(2, rows, n_out, dtype=torch.float64, seed=6)
     (lora_linear(x, w, bias, a, b, 0.75).double() * upstream).sum().backward()
@@ -349,6 +372,7 @@ def test_lora_linear_gradients_of_every_input(dtype):
     for name, got, want in zip(("x", "w", "bias", "a", "b"), tensors, leaves64):
         assert relative_error(got.grad.cpu(), want.grad) < 2 * TOLERANCE[dtype], name
 
+
 def test_fused_paths_trace_without_graph_breaks(fused_calls):
     import torch._dynamo
 
@@ -358,6 +382,7 @@ def test_fused_paths_trace_without_graph_breaks(fused_calls):
         explanation = torch._dynamo.explain(model)(randn(4, 16))
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
     assert "sampled_matmul" in fused_calls and "lora_matmul" in fused_calls
+
 
 # ---------------------------------------------------------------------------------------------- GPU only
 GPU_SHAPES = [(77, 768, 320), (154, 768, 1280), (256, 1280, 1280), (1024, 640, 640)]  # (rows, in, out)

@@ -32,8 +32,9 @@ def test_kl_grads_match_autograd(direction):
 
 @pytest.mark.parametrize("direction", ["qp", "pq"])
 def test_kl_is_zero_when_posterior_equals_prior(direction):
-    layer = bayeslayers.BayesLinear.from_module(torch.nn.Linear(64, 32), init_sigma=0.02, prior_sigma=0.02,
-                                                kl_direction=direction)
+    layer = bayeslayers.BayesLinear.from_module(
+        torch.nn.Linear(64, 32), init_sigma=0.02, prior_sigma=0.02, kl_direction=direction
+    )
     assert abs(bayeslayers.kl_loss(layer).item()) < 1e-6
     layer(torch.randn(3, 64))  # the fused forward's KL too
     assert abs(layer.kl().item()) < 1e-6

@@ -21,8 +21,9 @@ from bayeslayers.backends import BACKENDS as BACKEND_OBJECTS
 def _make(kind, direction, prior_dtype):
     if kind == "linear":
         base = nn.Linear(37, 29)
-        layer = bayeslayers.BayesLinear.from_module(base, kl_direction=direction, prior_sigma=0.03,
-                                                    prior_dtype=prior_dtype)
+        layer = bayeslayers.BayesLinear.from_module(
+            base, kl_direction=direction, prior_sigma=0.03, prior_dtype=prior_dtype
+        )
         # a non-contiguous (B, T, C) input, as attention code produces
         x = torch.randn(5, 3, 37).transpose(0, 1)
         return layer, x, (lambda x, w, b: F.linear(x, w, b))
@@ -59,8 +60,12 @@ def test_layer_matches_float64_reference(poisoned, backend, dtype, tol, kind, di
 
     assert relative_error(y, y64) < tol
     assert relative_error(layer.kl(), kl64) < 1e-5
-    for actual, expected in ((x.grad, x64.grad), (layer.bias.grad, bias.grad), (layer.weight_mu.grad, mu.grad),
-                             (layer.weight_rho.grad, rho.grad)):
+    for actual, expected in (
+        (x.grad, x64.grad),
+        (layer.bias.grad, bias.grad),
+        (layer.weight_mu.grad, mu.grad),
+        (layer.weight_rho.grad, rho.grad),
+    ):
         assert relative_error(actual, expected) < tol
 
 
@@ -206,10 +211,16 @@ def test_three_dimensional_and_non_contiguous_inputs():
     torch.testing.assert_close(layer(x), layer(x.contiguous()), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("padding,padding_mode,stride,dilation", [
-    ("same", "zeros", 1, 1), ("same", "zeros", 1, (1, 2)), ((2, 1), "reflect", 1, 1), ("valid", "zeros", 2, 1),
-    (1, "circular", (2, 1), 2),
-])
+@pytest.mark.parametrize(
+    "padding,padding_mode,stride,dilation",
+    [
+        ("same", "zeros", 1, 1),
+        ("same", "zeros", 1, (1, 2)),
+        ((2, 1), "reflect", 1, 1),
+        ("valid", "zeros", 2, 1),
+        (1, "circular", (2, 1), 2),
+    ],
+)
 def test_conv_options_match_nn_conv2d_in_eval(padding, padding_mode, stride, dilation):
     kernel = (3, 2) if padding == "same" else 3
     conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode)

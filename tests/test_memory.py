@@ -7,7 +7,11 @@ import torch.nn as nn
 import bayeslayers
 from bayeslayers import saved_tensor_bytes
 
-CASES = [(nn.Linear(320, 320), (64, 320)), (nn.Linear(64, 48), (4, 4, 64)), (nn.Conv2d(32, 64, 3, padding=1), (2, 32, 16, 16))]
+CASES = [
+    (nn.Linear(320, 320), (64, 320)),
+    (nn.Linear(64, 48), (4, 4, 64)),
+    (nn.Conv2d(32, 64, 3, padding=1), (2, 32, 16, 16)),
+]
 
 
 def _bayesian(plain):

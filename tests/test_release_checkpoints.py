@@ -18,8 +18,13 @@ DATA = Path(__file__).parent / "data"
 
 
 def _model():
-    return nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 5)),
-                          "conv": nn.Conv2d(3, 4, 3, padding=1), "head": nn.Linear(5, 3, bias=False)})
+    return nn.ModuleDict(
+        {
+            "mlp": nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 5)),
+            "conv": nn.Conv2d(3, 4, 3, padding=1),
+            "head": nn.Linear(5, 3, bias=False),
+        }
+    )
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -28,15 +33,19 @@ def test_release_checkpoint_loads_with_its_options_and_outputs(mode, converted_f
     expected = load_file(str(DATA / f"release_0_1_0_{mode}_expected.safetensors"))
     header = bayeslayers.read_metadata(DATA / f"release_0_1_0_{mode}.safetensors")
     model = _model()  # fresh weights; the deterministic ones are set from the fixture, the Bayesian from the file
-    base = {k[len("base."):].replace(".base_layer", ""): v for k, v in expected.items() if k.startswith("base.")}
+    base = {k[len("base.") :].replace(".base_layer", ""): v for k, v in expected.items() if k.startswith("base.")}
     missing = model.load_state_dict(base, strict=False).missing_keys
     assert {k.rsplit(".", 1)[0] for k in missing} <= set(header["layers"])
     if converted_first:  # same structure, other options (alpha, prior, KL): the checkpoint's options win
         for name, entry in header["layers"].items():
             structure = {}
             if "lora" in entry["type"]:
-                structure = {"mode": "lora", "rank": entry["options"]["rank"], "lora_alpha": 1.0,
-                             "bayesian_factors": entry["options"]["bayesian_factors"]}
+                structure = {
+                    "mode": "lora",
+                    "rank": entry["options"]["rank"],
+                    "lora_alpha": 1.0,
+                    "bayesian_factors": entry["options"]["bayesian_factors"],
+                }
             bayeslayers.convert(model, target_modules=[name], prior_sigma=0.5, kl_direction="qp", **structure)
     bayeslayers.set_backend("cpp")
     bayeslayers.load(model, DATA / f"release_0_1_0_{mode}.safetensors")

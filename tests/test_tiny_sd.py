@@ -1,6 +1,5 @@
 """The bundled tiny Stable Diffusion: offline pipeline, tokenizer, deterministic world, judge, subject."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -19,8 +18,12 @@ def pipe():
 
 
 def test_pipeline_loads_offline_and_generates_images(pipe):
-    images = pipe(["a large red circle on a black background"] * 2, num_inference_steps=4,
-                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        ["a large red circle on a black background"] * 2,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
     names = [n for n, _ in pipe.unet.named_modules()]
     assert any(n.endswith("attn1.to_q") for n in names) and any(n.endswith("ff.net.2") for n in names)
@@ -105,8 +108,12 @@ def test_two_line_bayesian_training_loop_on_the_bundled_model():
     from bayeslayers.integrations.dreambooth.data import load_image
 
     pixels = torch.stack([load_image(p, 32, True) for p in sorted(tiny_sd.subject_path().glob("*.png"))])
-    ids = tokenizer([tiny_sd.subject_prompts()["instance_prompt"]] * len(pixels), padding="max_length",
-                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = tokenizer(
+        [tiny_sd.subject_prompts()["instance_prompt"]] * len(pixels),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
 
     bayeslayers.convert(unet, preset="dreambooth-bnn")  # line 1
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)

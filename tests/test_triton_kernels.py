@@ -55,10 +55,14 @@ def posterior(shape, prior_dtype=torch.float32, generator_seed=0):
 
 # ---------------------------------------------------------------------------------------------- the stream
 def test_reference_philox_matches_random123_known_answers():
-    counters = np.array([[0, 0, 0, 0], [0xFFFFFFFF] * 4, [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]],
-                        dtype=np.uint64)
-    expected = [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8], [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD],
-                [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]]
+    counters = np.array(
+        [[0, 0, 0, 0], [0xFFFFFFFF] * 4, [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]], dtype=np.uint64
+    )
+    expected = [
+        [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8],
+        [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD],
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1],
+    ]
     keys = [(0, 0), (0xFFFFFFFF, 0xFFFFFFFF), (0xA4093822, 0x299F31D0)]
     for row, key, want in zip(counters, keys, expected):
         assert philox4x32_10(row[None], key)[0].tolist() == want
@@ -68,13 +72,14 @@ def test_reference_philox_matches_random123_known_answers():
 def test_philox_normal_matches_independent_philox(seed):
     eps = philox_normal(seed, (37, 29), DEVICE)
     assert eps.dtype == torch.float32 and eps.shape == (37, 29)
-    torch.testing.assert_close(eps.cpu().double().reshape(-1), reference_normals(seed, eps.numel()),
-                               rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(
+        eps.cpu().double().reshape(-1), reference_normals(seed, eps.numel()), rtol=2e-6, atol=2e-6
+    )
 
 
 def test_eps_is_a_function_of_seed_and_flat_index_only():
     long = philox_normal(77, (4099,), DEVICE)
-    assert torch.equal(philox_normal(77, (17, 241), DEVICE).reshape(-1), long[:17 * 241])
+    assert torch.equal(philox_normal(77, (17, 241), DEVICE).reshape(-1), long[: 17 * 241])
     assert torch.equal(philox_normal(77, (3,), DEVICE), long[:3])
     assert torch.equal(philox_normal(torch.tensor([77]), (4099,), DEVICE), long)  # tensor and int seeds agree
     assert not torch.equal(philox_normal(78, (4099,), DEVICE), long)
@@ -93,8 +98,21 @@ def test_eps_and_weight_bit_identical_across_block_sizes(block_groups):
     w_tuned, kl_tuned = sample_weight_and_kl(mu, rho, prior, seed, 0.03, "qp", torch.float32)
     w = torch.full((numel,), float("nan"), device=DEVICE)
     partials = torch.full(grid, float("nan"), device=DEVICE)
-    _sample_weight_kl_kernel.fn[grid](mu, rho, prior, seed, w, partials, numel, 0.03,
-                                      HAS_PRIOR=True, KL_DIRECTION=0, WITH_KL=True, BLOCK_GROUPS=block_groups, **EXACT)
+    _sample_weight_kl_kernel.fn[grid](
+        mu,
+        rho,
+        prior,
+        seed,
+        w,
+        partials,
+        numel,
+        0.03,
+        HAS_PRIOR=True,
+        KL_DIRECTION=0,
+        WITH_KL=True,
+        BLOCK_GROUPS=block_groups,
+        **EXACT,
+    )
     assert torch.equal(w, w_tuned)
     assert relative_error(partials.sum(), kl_tuned) < 1e-6
 
@@ -127,7 +145,9 @@ def test_device_seed_mix_equals_python_mix_and_layer_seed_follows_the_generator(
     first = backend.layer_seed(42, DEVICE)
     torch.manual_seed(5)
     assert first.dtype == torch.int64 and torch.equal(backend.layer_seed(42, DEVICE), first)
-    assert not torch.equal(backend.layer_seed(42, DEVICE), first) and not torch.equal(backend.layer_seed(43, DEVICE), first)
+    assert not torch.equal(backend.layer_seed(42, DEVICE), first) and not torch.equal(
+        backend.layer_seed(43, DEVICE), first
+    )
     assert seed_tensor((1 << 64) - 1, DEVICE).item() == -1
     with pytest.raises(TypeError, match="seed must be an int"):
         seed_tensor(1.5, DEVICE)
@@ -151,8 +171,9 @@ def test_sample_and_grad_kernels_match_float64(poisoned, shape, direction, prior
     assert relative_error(w.cpu(), w64) < TOLERANCE[out_dtype] / 4
     assert relative_error(kl.cpu(), kl64) < 1e-5
     g_kl = torch.tensor(KL_WEIGHT, device=DEVICE)
-    d_mu, d_rho, w_again = reparameterization_grad(d_w.to(DEVICE), mu, rho, prior, seed, g_kl, 0.03, direction,
-                                                   out_dtype)
+    d_mu, d_rho, w_again = reparameterization_grad(
+        d_w.to(DEVICE), mu, rho, prior, seed, g_kl, 0.03, direction, out_dtype
+    )
     assert torch.equal(w_again, w)  # the gradient pass regenerates the forward's eps bit for bit
     assert relative_error(d_mu.cpu(), d_mu64) < 1e-5
     assert relative_error(d_rho.cpu(), d_rho64) < 1e-5
@@ -169,8 +190,9 @@ def test_grad_kernel_with_only_one_upstream_gradient(poisoned, direction):
     assert w is None
     assert relative_error(d_mu.cpu(), d_mu64) < 1e-6 and relative_error(d_rho.cpu(), d_rho64) < 1e-6
     _, _, d_mu64, d_rho64 = kl_and_grads64(mu.cpu(), rho.cpu(), prior, 0.02, direction, 0 * d_w, 1.5, eps)
-    d_mu, d_rho, _ = reparameterization_grad(None, mu, rho, prior, seed, torch.tensor([1.5], device=DEVICE), 0.02,
-                                             direction)
+    d_mu, d_rho, _ = reparameterization_grad(
+        None, mu, rho, prior, seed, torch.tensor([1.5], device=DEVICE), 0.02, direction
+    )
     assert relative_error(d_mu.cpu(), d_mu64) < 1e-5 and relative_error(d_rho.cpu(), d_rho64) < 1e-5
 
 
@@ -257,8 +279,9 @@ SD_SHAPES = [(4096, 320, 320), (256, 1280, 1280), (77, 768, 640), (1024, 640, 51
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_linear_at_sd_shapes_matches_float64(m, k, n, dtype):
     bayeslayers.set_backend("triton")
-    layer = bayeslayers.BayesLinear.from_module(nn.Linear(k, n, device="cuda"), prior_dtype=torch.bfloat16,
-                                                kl_direction="qp").cuda()
+    layer = bayeslayers.BayesLinear.from_module(
+        nn.Linear(k, n, device="cuda"), prior_dtype=torch.bfloat16, kl_direction="qp"
+    ).cuda()
     randomize_layer(layer)
     layer.fixed_seed = 4242
     x = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
@@ -266,8 +289,10 @@ def test_gpu_linear_at_sd_shapes_matches_float64(m, k, n, dtype):
     upstream = torch.randn(y.shape, device="cuda", dtype=torch.float64)
     ((y.double() * upstream).sum() + KL_WEIGHT * layer.kl()).backward()
     eps = philox_normal(4242, (n, k), "cuda")
-    assert torch.testing.assert_close(eps.cpu().double().reshape(-1), reference_normals(4242, n * k),
-                                      rtol=1e-5, atol=1e-5) is None
+    assert (
+        torch.testing.assert_close(eps.cpu().double().reshape(-1), reference_normals(4242, n * k), rtol=1e-5, atol=1e-5)
+        is None
+    )
     mu = layer.weight_mu.detach().double().requires_grad_(True)
     rho = layer.weight_rho.detach().double().requires_grad_(True)
     x64 = x.detach().double().requires_grad_(True)
@@ -288,8 +313,9 @@ def test_gpu_eps_identical_across_configs_and_between_forward_and_backward():
     tuned = philox_normal(7, (numel,), "cuda")
     for block_groups in (64, 128, 512, 1024):
         eps = torch.full((numel,), float("nan"), device="cuda")
-        _philox_normal_kernel.fn[(triton_cdiv(numel, 4 * block_groups),)](seed, eps, numel,
-                                                                         BLOCK_GROUPS=block_groups, **EXACT)
+        _philox_normal_kernel.fn[(triton_cdiv(numel, 4 * block_groups),)](
+            seed, eps, numel, BLOCK_GROUPS=block_groups, **EXACT
+        )
         assert torch.equal(eps, tuned)
     mu, rho = torch.randn(numel, device="cuda") * 0.1, torch.full((numel,), -4.0, device="cuda")
     for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -26,8 +26,7 @@ from .reference import ReferenceBackend
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), TorchBackend(), CppBackend(),
-                                                    TritonBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), TorchBackend(), CppBackend(), TritonBackend())}
 BACKEND_CHOICES = ("auto", *BACKENDS)
 ENV_VAR = "BAYESLAYERS_BACKEND"
 

@@ -37,21 +37,30 @@ class BayesianLayer(nn.Module):
     mode the posterior mean is used (a plain layer's cost). :func:`bayeslayers.sampling` fixes the seed.
     """
 
-    def __init__(self, weight_shape, *, init_sigma=DEFAULTS.init_sigma, prior_sigma=DEFAULTS.prior_sigma,
-                 kl_direction=DEFAULTS.kl_direction, prior_mean=None, prior_dtype=DEFAULTS.prior_dtype, device=None):
+    def __init__(
+        self,
+        weight_shape,
+        *,
+        init_sigma=DEFAULTS.init_sigma,
+        prior_sigma=DEFAULTS.prior_sigma,
+        kl_direction=DEFAULTS.kl_direction,
+        prior_mean=None,
+        prior_dtype=DEFAULTS.prior_dtype,
+        device=None,
+    ):
         super().__init__()
         init_sigma = check_positive(init_sigma, "init_sigma")
         self.prior_sigma = check_positive(prior_sigma, "prior_sigma")
         self.kl_direction = check_choice(kl_direction, KL_DIRECTIONS, "kl_direction")
         self.weight_mu = nn.Parameter(torch.empty(weight_shape, dtype=torch.float32, device=device))
         self.weight_rho = nn.Parameter(
-            torch.full(weight_shape, inverse_softplus(init_sigma), dtype=torch.float32, device=device))
+            torch.full(weight_shape, inverse_softplus(init_sigma), dtype=torch.float32, device=device)
+        )
         self.register_buffer("prior_mu", self._prior_tensor(prior_mean, prior_dtype, weight_shape, device))
         # Noise id and fixed seed live in int64 buffers (not state): compiled graphs take them as inputs, so
         # layers of one shape and new seeds never recompile.
         self.register_buffer("noise_id", torch.tensor([unnamed_layer_id()], device=device), persistent=False)
-        self.register_buffer("fixed_seed_tensor", torch.zeros(1, dtype=torch.int64, device=device),
-                             persistent=False)
+        self.register_buffer("fixed_seed_tensor", torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
         self.has_fixed_seed = False
         self._kl_cache = None
 
@@ -62,8 +71,9 @@ class BayesianLayer(nn.Module):
         if prior_mean is None:
             return None
         if tuple(prior_mean.shape) != tuple(weight_shape):
-            raise ValueError(f"prior_mean must have the weight's shape {tuple(weight_shape)}, "
-                             f"got {tuple(prior_mean.shape)}")
+            raise ValueError(
+                f"prior_mean must have the weight's shape {tuple(weight_shape)}, got {tuple(prior_mean.shape)}"
+            )
         dtype = prior_dtype or torch.float32
         return prior_mean.detach().to(device=device, dtype=dtype).clone()
 
@@ -161,8 +171,11 @@ class BayesianLayer(nn.Module):
         return backend, backend.layer_seed(self.noise_id, device)
 
     def _param_versions(self):
-        return (self.weight_mu._version, self.weight_rho._version,
-                None if self.prior_mu is None else self.prior_mu._version)
+        return (
+            self.weight_mu._version,
+            self.weight_rho._version,
+            None if self.prior_mu is None else self.prior_mu._version,
+        )
 
     def kl(self) -> torch.Tensor:
         """Summed closed-form KL of this layer (0-d fp32 tensor, nats).
@@ -175,8 +188,9 @@ class BayesianLayer(nn.Module):
             kl, versions = self._kl_cache
             if versions == self._param_versions() and kl.requires_grad == wants_grad:
                 return kl
-        return kl_elementwise(self.weight_mu, self.weight_sigma, self.prior_mu, self.prior_sigma,
-                              self.kl_direction).sum()
+        return kl_elementwise(
+            self.weight_mu, self.weight_sigma, self.prior_mu, self.prior_sigma, self.kl_direction
+        ).sum()
 
     def check_finite(self, name: str = "") -> None:
         """Raises ValueError naming the first non-finite posterior tensor of this layer."""

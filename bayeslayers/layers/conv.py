@@ -42,14 +42,29 @@ class BayesConv2d(BayesianLayer):
     :class:`BayesianLayer`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, device=None, **posterior):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        device=None,
+        **posterior,
+    ):
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
-                             f"groups={groups}")
+            raise ValueError(
+                f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}"
+            )
         if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise ValueError(f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', "
-                             f"got {padding_mode!r}")
+            raise ValueError(
+                f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', got {padding_mode!r}"
+            )
         kernel_size, stride, dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
         super().__init__((out_channels, in_channels // groups, *kernel_size), device=device, **posterior)
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -70,30 +85,65 @@ class BayesConv2d(BayesianLayer):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def conv_options(self) -> dict:
-        return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                    dilation=self.dilation, groups=self.groups, padding_mode=self.padding_mode)
+        return dict(
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            padding_mode=self.padding_mode,
+        )
 
     @classmethod
-    def from_module(cls, module: nn.Conv2d, *, init_sigma=DEFAULTS.init_sigma, prior_sigma=DEFAULTS.prior_sigma,
-                    kl_direction=DEFAULTS.kl_direction, prior_dtype=DEFAULTS.prior_dtype) -> BayesConv2d:
+    def from_module(
+        cls,
+        module: nn.Conv2d,
+        *,
+        init_sigma=DEFAULTS.init_sigma,
+        prior_sigma=DEFAULTS.prior_sigma,
+        kl_direction=DEFAULTS.kl_direction,
+        prior_dtype=DEFAULTS.prior_dtype,
+    ) -> BayesConv2d:
         """Posterior mean = ``module.weight``; prior mean = a frozen copy of it; bias copied."""
         weight = module.weight.detach()
-        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                    module.dilation, module.groups, module.bias is not None, module.padding_mode,
-                    device=weight.device, init_sigma=init_sigma, prior_sigma=prior_sigma,
-                    kl_direction=kl_direction, prior_mean=weight, prior_dtype=prior_dtype)
+        layer = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            device=weight.device,
+            init_sigma=init_sigma,
+            prior_sigma=prior_sigma,
+            kl_direction=kl_direction,
+            prior_mean=weight,
+            prior_dtype=prior_dtype,
+        )
         return layer._copy_from(module)
 
     def to_deterministic(self) -> nn.Conv2d:
         """A plain nn.Conv2d holding the posterior mean (in the dtype of the converted module)."""
-        return self._export_into(nn.Conv2d(self.in_channels, self.out_channels, bias=self.bias is not None,
-                                           device=self.weight_mu.device, dtype=self.export_dtype,
-                                           **self.conv_options()))
+        return self._export_into(
+            nn.Conv2d(
+                self.in_channels,
+                self.out_channels,
+                bias=self.bias is not None,
+                device=self.weight_mu.device,
+                dtype=self.export_dtype,
+                **self.conv_options(),
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
-            raise ValueError(f"BayesConv2d: input x must be (N, C, H, W) or (C, H, W) with C=in_channels="
-                             f"{self.in_channels}, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"BayesConv2d: input x must be (N, C, H, W) or (C, H, W) with C=in_channels="
+                f"{self.in_channels}, got shape {tuple(x.shape)}"
+            )
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -105,5 +155,6 @@ class BayesConv2d(BayesianLayer):
 
     def extra_repr(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.conv_options().items())
-        return (f"{self.in_channels}, {self.out_channels}, {options}, bias={self.bias is not None}, "
-                f"{self.posterior_repr()}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, {options}, bias={self.bias is not None}, {self.posterior_repr()}"
+        )

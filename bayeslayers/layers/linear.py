@@ -37,26 +37,52 @@ class BayesLinear(BayesianLayer):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_module(cls, module: nn.Linear, *, init_sigma=DEFAULTS.init_sigma, prior_sigma=DEFAULTS.prior_sigma,
-                    kl_direction=DEFAULTS.kl_direction, prior_dtype=DEFAULTS.prior_dtype) -> BayesLinear:
+    def from_module(
+        cls,
+        module: nn.Linear,
+        *,
+        init_sigma=DEFAULTS.init_sigma,
+        prior_sigma=DEFAULTS.prior_sigma,
+        kl_direction=DEFAULTS.kl_direction,
+        prior_dtype=DEFAULTS.prior_dtype,
+    ) -> BayesLinear:
         """Posterior mean = ``module.weight``; prior mean = a frozen copy of it; bias copied."""
         weight = module.weight.detach()
-        layer = cls(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device,
-                    init_sigma=init_sigma, prior_sigma=prior_sigma, kl_direction=kl_direction, prior_mean=weight,
-                    prior_dtype=prior_dtype)
+        layer = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device=weight.device,
+            init_sigma=init_sigma,
+            prior_sigma=prior_sigma,
+            kl_direction=kl_direction,
+            prior_mean=weight,
+            prior_dtype=prior_dtype,
+        )
         return layer._copy_from(module)
 
     def to_deterministic(self) -> nn.Linear:
         """A plain nn.Linear holding the posterior mean (in the dtype of the converted module)."""
-        return self._export_into(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                                           device=self.weight_mu.device, dtype=self.export_dtype))
+        return self._export_into(
+            nn.Linear(
+                self.in_features,
+                self.out_features,
+                bias=self.bias is not None,
+                device=self.weight_mu.device,
+                dtype=self.export_dtype,
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"BayesLinear: input x must have last dimension in_features={self.in_features}, "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"BayesLinear: input x must have last dimension in_features={self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
         return self._reparameterized(_LINEAR, x, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, {self.posterior_repr()}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self.posterior_repr()}"
+        )

@@ -23,22 +23,37 @@ from .linear import BayesLinear
 class _BayesLoRA(nn.Module):
     """Shared structure of the LoRA layer types; subclasses build the two factors and the merged update."""
 
-    def __init__(self, base_layer: nn.Module, rank: int = DEFAULTS.rank, lora_alpha=DEFAULTS.lora_alpha,
-                 bayesian_factors: str = DEFAULTS.bayesian_factors, init_sigma=DEFAULTS.init_sigma,
-                 prior_sigma=DEFAULTS.prior_sigma, kl_direction=DEFAULTS.kl_direction,
-                 prior_dtype=DEFAULTS.prior_dtype):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int = DEFAULTS.rank,
+        lora_alpha=DEFAULTS.lora_alpha,
+        bayesian_factors: str = DEFAULTS.bayesian_factors,
+        init_sigma=DEFAULTS.init_sigma,
+        prior_sigma=DEFAULTS.prior_sigma,
+        kl_direction=DEFAULTS.kl_direction,
+        prior_dtype=DEFAULTS.prior_dtype,
+    ):
         super().__init__()
-        BayesConfig(mode="lora", rank=rank, lora_alpha=lora_alpha, bayesian_factors=bayesian_factors,
-                    init_sigma=init_sigma, prior_sigma=prior_sigma, kl_direction=kl_direction,
-                    prior_dtype=prior_dtype)  # validates every option
+        BayesConfig(
+            mode="lora",
+            rank=rank,
+            lora_alpha=lora_alpha,
+            bayesian_factors=bayesian_factors,
+            init_sigma=init_sigma,
+            prior_sigma=prior_sigma,
+            kl_direction=kl_direction,
+            prior_dtype=prior_dtype,
+        )  # validates every option
         self.base_layer = base_layer.requires_grad_(False)
         self.rank = rank
         self.lora_alpha = float(rank if lora_alpha is None else lora_alpha)
         self.scaling = self.lora_alpha / rank
         self.bayesian_factors = bayesian_factors
         self.lora_prior_dtype = dtype_name(prior_dtype)
-        posterior = dict(init_sigma=init_sigma, prior_sigma=prior_sigma, kl_direction=kl_direction,
-                         prior_dtype=prior_dtype)
+        posterior = dict(
+            init_sigma=init_sigma, prior_sigma=prior_sigma, kl_direction=kl_direction, prior_dtype=prior_dtype
+        )
         device = base_layer.weight.device
         lora_A = self._make_A(device)
         nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
@@ -74,8 +89,9 @@ class _BayesLoRA(nn.Module):
         """LoRA structure plus the factors' prior and KL options, JSON-friendly (saved with checkpoints)."""
         options = {"rank": self.rank, "lora_alpha": self.lora_alpha, "bayesian_factors": self.bayesian_factors}
         posteriors = self._posteriors()
-        options.update(posteriors[0].options() if posteriors else DEFAULTS.layer_options(("prior_sigma",
-                                                                                           "kl_direction")))
+        options.update(
+            posteriors[0].options() if posteriors else DEFAULTS.layer_options(("prior_sigma", "kl_direction"))
+        )
         options["prior_dtype"] = self.lora_prior_dtype
         return options
 
@@ -84,7 +100,9 @@ class _BayesLoRA(nn.Module):
         structure (rank, Bayesian factors) must already match."""
         for name in ("rank", "bayesian_factors"):
             if options[name] != getattr(self, name):
-                raise ValueError(f"{name} is {getattr(self, name)!r} in this layer but {options[name]!r} in the options")
+                raise ValueError(
+                    f"{name} is {getattr(self, name)!r} in this layer but {options[name]!r} in the options"
+                )
         self.lora_alpha = float(options["lora_alpha"])
         self.scaling = self.lora_alpha / self.rank
         self.lora_prior_dtype = options.get("prior_dtype")
@@ -145,8 +163,14 @@ class BayesLoRALinear(_BayesLoRA):
         return nn.Linear(self.rank, self.base_layer.out_features, bias=False, device=device)
 
     def _bayesian(self, plain, prior_mean, **posterior):
-        layer = BayesLinear(plain.in_features, plain.out_features, bias=False, device=plain.weight.device,
-                            prior_mean=prior_mean, **posterior)
+        layer = BayesLinear(
+            plain.in_features,
+            plain.out_features,
+            bias=False,
+            device=plain.weight.device,
+            prior_mean=prior_mean,
+            **posterior,
+        )
         with torch.no_grad():
             layer.weight_mu.copy_(plain.weight)
         return layer
@@ -164,8 +188,14 @@ class BayesLoRALinear(_BayesLoRA):
         dtype = compute_dtype(x)
         a, b = _factor_draw(self.lora_A, dtype), _factor_draw(self.lora_B, dtype)
         with torch.autocast(x.device.type, enabled=False):
-            return backend.lora_linear(x.to(dtype), base.weight.to(dtype),
-                                       None if base.bias is None else base.bias.to(dtype), a, b, self.scaling)
+            return backend.lora_linear(
+                x.to(dtype),
+                base.weight.to(dtype),
+                None if base.bias is None else base.bias.to(dtype),
+                a,
+                b,
+                self.scaling,
+            )
 
 
 class BayesLoRAConv2d(_BayesLoRA):
@@ -178,16 +208,36 @@ class BayesLoRAConv2d(_BayesLoRA):
 
     def _make_A(self, device):
         base = self.base_layer
-        return nn.Conv2d(base.in_channels, self.rank, base.kernel_size, base.stride, base.padding, base.dilation,
-                         bias=False, padding_mode=base.padding_mode, device=device)
+        return nn.Conv2d(
+            base.in_channels,
+            self.rank,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
+            device=device,
+        )
 
     def _make_B(self, device):
         return nn.Conv2d(self.rank, self.base_layer.out_channels, 1, bias=False, device=device)
 
     def _bayesian(self, plain, prior_mean, **posterior):
-        layer = BayesConv2d(plain.in_channels, plain.out_channels, plain.kernel_size, plain.stride, plain.padding,
-                            plain.dilation, plain.groups, False, plain.padding_mode, device=plain.weight.device,
-                            prior_mean=prior_mean, **posterior)
+        layer = BayesConv2d(
+            plain.in_channels,
+            plain.out_channels,
+            plain.kernel_size,
+            plain.stride,
+            plain.padding,
+            plain.dilation,
+            plain.groups,
+            False,
+            plain.padding_mode,
+            device=plain.weight.device,
+            prior_mean=prior_mean,
+            **posterior,
+        )
         with torch.no_grad():
             layer.weight_mu.copy_(plain.weight)
         return layer

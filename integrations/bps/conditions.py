@@ -32,8 +32,9 @@ def edge_map(images: torch.Tensor) -> torch.Tensor:
 def layout_map(scenes, resolution: int) -> torch.Tensor:
     """Where each scene's shape lies: 1 inside, 0 outside (rendered with the world's own renderer)."""
     white = Image.new("RGB", (resolution, resolution), (255, 255, 255))
-    masks = [np.asarray(render(dataclasses.replace(s, background="black"), resolution, fill=white))[..., 0]
-             for s in scenes]
+    masks = [
+        np.asarray(render(dataclasses.replace(s, background="black"), resolution, fill=white))[..., 0] for s in scenes
+    ]
     return torch.from_numpy(np.stack(masks)).float()[:, None].div(255.0).sub(15 / 255).div(240 / 255).clamp(0, 1)
 
 

@@ -12,7 +12,6 @@ import torch
 
 from .conditions import edge_map
 
-
 FOREGROUND_DISTANCE = 0.3  # RGB distance (images in [-1, 1]) from the border colour that counts as foreground
 
 
@@ -69,6 +68,8 @@ def judge_report(judge, images: torch.Tensor, scenes, reference_features: torch.
     """Prompt accuracy per attribute read by the tiny judge, and the Frechet distance of the images' judge
     embeddings to ``reference_features`` (embeddings of real renders)."""
     predicted = judge.predict(images)
-    accuracy = {name: float(np.mean([p == getattr(s, name) for p, s in zip(values, scenes)]))
-                for name, values in predicted.items()}
+    accuracy = {
+        name: float(np.mean([p == getattr(s, name) for p, s in zip(values, scenes)]))
+        for name, values in predicted.items()
+    }
     return {"accuracy": accuracy, "frechet_distance": frechet_distance(judge.embedding(images), reference_features)}

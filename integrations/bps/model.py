@@ -59,11 +59,13 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def _steering_level(channels_in: int, channels: int, unet_channels: int, count: int, temb_channels: int,
-                    groups: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+def _steering_level(
+    channels_in: int, channels: int, unet_channels: int, count: int, temb_channels: int, groups: int
+) -> tuple[nn.ModuleList, nn.ModuleList]:
     """``count`` ResBlocks at one resolution and the zero convs that map each output to the UNet's channels."""
-    blocks = nn.ModuleList([ResBlock(channels_in if i == 0 else channels, channels, temb_channels, groups)
-                            for i in range(count)])
+    blocks = nn.ModuleList(
+        [ResBlock(channels_in if i == 0 else channels, channels, temb_channels, groups) for i in range(count)]
+    )
     return blocks, nn.ModuleList([zero_conv(channels, unet_channels) for _ in range(count)])
 
 
@@ -91,10 +93,19 @@ class PowerSteering(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280), layers_per_block: int = 2,
-                 temb_channels: int = 1280, condition_channels: int = 3, vae_scale_factor: int = 8,
-                 width: float = 1.0, norm_num_groups: int = 32, down_scales: list[float] | None = None,
-                 mid_scale: float | None = None, up_scales: list[float] | None = None):
+    def __init__(
+        self,
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        layers_per_block: int = 2,
+        temb_channels: int = 1280,
+        condition_channels: int = 3,
+        vae_scale_factor: int = 8,
+        width: float = 1.0,
+        norm_num_groups: int = 32,
+        down_scales: list[float] | None = None,
+        mid_scale: float | None = None,
+        up_scales: list[float] | None = None,
+    ):
         super().__init__()
         levels = len(block_out_channels)
         channels = [max(8, int(round(c * width))) for c in block_out_channels]
@@ -108,8 +119,9 @@ class PowerSteering(ModelMixin, ConfigMixin):
         self.downsampler_outs = nn.ModuleList()
         previous = channels[0]
         for level in range(levels):
-            blocks, outs = _steering_level(previous, channels[level], block_out_channels[level], layers_per_block,
-                                           temb_channels, norm_num_groups)
+            blocks, outs = _steering_level(
+                previous, channels[level], block_out_channels[level], layers_per_block, temb_channels, norm_num_groups
+            )
             previous = channels[level]
             self.encoder.append(blocks)
             self.encoder_outs.append(outs)
@@ -124,8 +136,14 @@ class PowerSteering(ModelMixin, ConfigMixin):
         self.decoder_outs = nn.ModuleList()
         self.upsamplers = nn.ModuleList()
         for up_level, level in enumerate(reversed(range(levels))):
-            blocks, outs = _steering_level(previous, channels[level], block_out_channels[level], layers_per_block + 1,
-                                           temb_channels, norm_num_groups)
+            blocks, outs = _steering_level(
+                previous,
+                channels[level],
+                block_out_channels[level],
+                layers_per_block + 1,
+                temb_channels,
+                norm_num_groups,
+            )
             previous = channels[level]
             self.decoder.append(blocks)
             self.decoder_outs.append(outs)
@@ -134,8 +152,9 @@ class PowerSteering(ModelMixin, ConfigMixin):
 
         n_down = 1 + levels * layers_per_block + levels - 1
         n_up = levels * (layers_per_block + 1)
-        self.down_scales = list(down_scales) if down_scales is not None else default_down_scales(layers_per_block,
-                                                                                                  levels)
+        self.down_scales = (
+            list(down_scales) if down_scales is not None else default_down_scales(layers_per_block, levels)
+        )
         self.mid_scale = float(mid_scale if mid_scale is not None else 2**levels)
         self.up_scales = list(up_scales) if up_scales is not None else [1.0] * n_up
         for name, values, expected in (("down_scales", self.down_scales, n_down), ("up_scales", self.up_scales, n_up)):
@@ -143,8 +162,9 @@ class PowerSteering(ModelMixin, ConfigMixin):
                 raise ValueError(f"{name} must hold {expected} weights for this UNet layout, got {len(values)}")
 
     @classmethod
-    def from_unet(cls, unet, condition_channels: int = 3, vae_scale_factor: int = 8, width: float = 1.0,
-                  **kwargs) -> "PowerSteering":
+    def from_unet(
+        cls, unet, condition_channels: int = 3, vae_scale_factor: int = 8, width: float = 1.0, **kwargs
+    ) -> PowerSteering:
         """A steering network shaped for ``unet`` (a ``UNet2DConditionModel``), on its device and dtype."""
         config = unet.config
         if config.mid_block_type is None:
@@ -152,10 +172,16 @@ class PowerSteering(ModelMixin, ConfigMixin):
         layers = config.layers_per_block
         if not isinstance(layers, int):
             raise ValueError(f"unet: layers_per_block must be one int for all levels, got {layers}")
-        steering = cls(block_out_channels=tuple(config.block_out_channels), layers_per_block=layers,
-                       temb_channels=unet.time_embedding.linear_2.out_features,
-                       condition_channels=condition_channels, vae_scale_factor=vae_scale_factor, width=width,
-                       norm_num_groups=config.norm_num_groups, **kwargs)
+        steering = cls(
+            block_out_channels=tuple(config.block_out_channels),
+            layers_per_block=layers,
+            temb_channels=unet.time_embedding.linear_2.out_features,
+            condition_channels=condition_channels,
+            vae_scale_factor=vae_scale_factor,
+            width=width,
+            norm_num_groups=config.norm_num_groups,
+            **kwargs,
+        )
         parameter = next(unet.parameters())
         return nn.Module.to(steering, device=parameter.device, dtype=parameter.dtype)
 
@@ -167,8 +193,10 @@ class PowerSteering(ModelMixin, ConfigMixin):
             raise ValueError(f"condition must be (batch, {expected}, height, width), got {tuple(condition.shape)}")
         want = (latent_size[0] * factor, latent_size[1] * factor)
         if tuple(condition.shape[-2:]) != want:
-            raise ValueError(f"condition must be {want[0]}x{want[1]} pixels for {latent_size[0]}x{latent_size[1]} "
-                             f"latents (vae_scale_factor {factor}), got {condition.shape[-2]}x{condition.shape[-1]}")
+            raise ValueError(
+                f"condition must be {want[0]}x{want[1]} pixels for {latent_size[0]}x{latent_size[1]} "
+                f"latents (vae_scale_factor {factor}), got {condition.shape[-2]}x{condition.shape[-1]}"
+            )
 
     def forward(self, condition: torch.Tensor, temb: torch.Tensor):
         """Returns ``(down, mid, up)``: lists of residuals (already weighted) for the UNet's skip features, its
@@ -201,9 +229,11 @@ class PowerSteering(ModelMixin, ConfigMixin):
     def check_unet(self, unet) -> None:
         """Raises ValueError naming the first config field in which this network does not fit ``unet``."""
         config = unet.config
-        wanted = {"block_out_channels": tuple(config.block_out_channels),
-                  "layers_per_block": config.layers_per_block,
-                  "temb_channels": unet.time_embedding.linear_2.out_features}
+        wanted = {
+            "block_out_channels": tuple(config.block_out_channels),
+            "layers_per_block": config.layers_per_block,
+            "temb_channels": unet.time_embedding.linear_2.out_features,
+        }
         for name, value in wanted.items():
             have = tuple(self.config[name]) if name == "block_out_channels" else self.config[name]
             if have != value:

@@ -57,8 +57,10 @@ class Steerer:
         self._pending_up: list[torch.Tensor] = []
         layers = _up_layers(unet)
         if len(layers) != len(steering.up_scales):
-            raise ValueError(f"unet has {len(layers)} up-block layers, the steering network was built for "
-                             f"{len(steering.up_scales)}: build it with PowerSteering.from_unet(unet)")
+            raise ValueError(
+                f"unet has {len(layers)} up-block layers, the steering network was built for "
+                f"{len(steering.up_scales)}: build it with PowerSteering.from_unet(unet)"
+            )
         self._handles = [unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)]
         self._handles += [layer.register_forward_hook(self._after_up_layer) for layer in layers]
 
@@ -79,8 +81,11 @@ class Steerer:
             down = [a + b for a, b in zip(given_down, down)]
         if given_mid is not None:
             mid = given_mid + mid
-        kwargs = {**kwargs, "down_block_additional_residuals": tuple(r.to(sample.dtype) for r in down),
-                  "mid_block_additional_residual": mid.to(sample.dtype)}
+        kwargs = {
+            **kwargs,
+            "down_block_additional_residuals": tuple(r.to(sample.dtype) for r in down),
+            "mid_block_additional_residual": mid.to(sample.dtype),
+        }
         self._pending_up = list(up)
         return args, kwargs
 

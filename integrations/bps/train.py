@@ -39,16 +39,23 @@ from .conditions import CONDITIONS, make_condition
 from .metrics import condition_adherence, judge_report
 from .model import PowerSteering
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="diffusers Stable Diffusion folder or hub id (default: the bundled tiny model)")
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="diffusers Stable Diffusion folder or hub id (default: the bundled tiny model)",
+    )
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None)
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--steering_model_name_or_path", default=None,
-                   help="start from a trained steering network (a save_pretrained folder, e.g. <run>/steering of a "
-                        "deterministic run); with --bayesian its weights become the posterior means and the prior mean")
+    p.add_argument(
+        "--steering_model_name_or_path",
+        default=None,
+        help="start from a trained steering network (a save_pretrained folder, e.g. <run>/steering of a "
+        "deterministic run); with --bayesian its weights become the posterior means and the prior mean",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--condition", choices=CONDITIONS, default="edges")
     p.add_argument("--num_train_images", type=int, default=512)
@@ -57,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_batch_size", type=int, default=16)
     p.add_argument("--max_train_steps", type=int, default=300)
     p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--rho_learning_rate", type=float, default=None,
-                   help="with --bayesian: learning rate of the posterior's rho (default: --learning_rate)")
+    p.add_argument(
+        "--rho_learning_rate",
+        type=float,
+        default=None,
+        help="with --bayesian: learning rate of the posterior's rho (default: --learning_rate)",
+    )
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
@@ -74,9 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=3.0)
     p.add_argument("--eval_images", type=int, default=64, help="images per model in the final evaluation (0: none)")
-    p.add_argument("--num_posterior_samples", type=int, default=4,
-                   help="with --bayesian: steering weight samples per validation scene for the final uncertainty "
-                        "grid (0: none)")
+    p.add_argument(
+        "--num_posterior_samples",
+        type=int,
+        default=4,
+        help="with --bayesian: steering weight samples per validation scene for the final uncertainty grid (0: none)",
+    )
     return p
 
 
@@ -102,9 +116,14 @@ def parse_args(input_args=None) -> argparse.Namespace:
 def load_pipeline(args, device, dtype):
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                                   variant=args.variant, safety_checker=None,
-                                                   requires_safety_checker=False, dtype=dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        safety_checker=None,
+        requires_safety_checker=False,
+        dtype=dtype,
+    )
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -121,9 +140,9 @@ def synthetic_data(args, pipe, resolution: int, count: int, seed: int, device):
     latents, texts = [], []
     with torch.no_grad():
         for i in range(0, count, 64):
-            batch = images[i:i + 64].to(device, pipe.vae.dtype)
+            batch = images[i : i + 64].to(device, pipe.vae.dtype)
             latents.append(pipe.vae.encode(batch).latent_dist.sample() * pipe.vae.config.scaling_factor)
-            tokens = tokenize(pipe.tokenizer, [s.caption for s in scenes[i:i + 64]])
+            tokens = tokenize(pipe.tokenizer, [s.caption for s in scenes[i : i + 64]])
             texts.append(encode(pipe.text_encoder, tokens, use_attention_mask=False))
     return torch.cat(latents), torch.cat(texts), conditions, images, scenes
 
@@ -134,10 +153,16 @@ def generate(pipe, steerer, scenes, conditions, args, steer: bool, seed: int) ->
     out = []
     for i in range(0, len(scenes), 16):
         generator = torch.Generator().manual_seed(seed + i)
-        with steerer.conditioned(conditions[i:i + 16].to(pipe.device) if steer else None):
-            images = pipe([s.caption for s in scenes[i:i + 16]], height=conditions.shape[-2],
-                          width=conditions.shape[-1], num_inference_steps=args.num_inference_steps,
-                          guidance_scale=args.guidance_scale, generator=generator, output_type="np").images
+        with steerer.conditioned(conditions[i : i + 16].to(pipe.device) if steer else None):
+            images = pipe(
+                [s.caption for s in scenes[i : i + 16]],
+                height=conditions.shape[-2],
+                width=conditions.shape[-1],
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                generator=generator,
+                output_type="np",
+            ).images
         out.append(to_tensor((np.clip(images, 0, 1) * 255).round().astype(np.uint8)))
     return torch.cat(out)
 
@@ -187,8 +212,11 @@ def posterior_grid(pipe, steerer, steering, data, args) -> tuple[Path, float]:
 
     tiles = []
     for n, condition in enumerate(conditions):
-        tiles += [pil(condition.expand(3, -1, -1)), *(pil(s[n]) for s in samples),
-                  pil((std[n] / scale).expand(3, -1, -1))]
+        tiles += [
+            pil(condition.expand(3, -1, -1)),
+            *(pil(s[n]) for s in samples),
+            pil((std[n] / scale).expand(3, -1, -1)),
+        ]
     path = Path(args.output_dir, "validation", "posterior_samples.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     caption = f"condition | {args.num_posterior_samples} steering weight samples | per-pixel std (max {scale:.3g})"
@@ -207,8 +235,10 @@ def evaluate(pipe, steerer, steering, args, resolution: int) -> dict:
     conditions = make_condition(args.condition, images, scenes)
     steering.eval()
     results = {}
-    generated = {name: generate(pipe, steerer, scenes, conditions, args, steer=name == "steered", seed=7)
-                 for name in ("steered", "frozen")}
+    generated = {
+        name: generate(pipe, steerer, scenes, conditions, args, steer=name == "steered", seed=7)
+        for name in ("steered", "frozen")
+    }
     judge = reference = None
     if resolution == RESOLUTION:
         judge, _ = tiny_sd.load_judge()
@@ -241,17 +271,20 @@ def plot_history(history: dict, path: Path) -> None:
 def initial_steering(args, unet, vae_scale_factor: int) -> PowerSteering:
     """A fresh (zero-output) steering network for ``unet``, or the trained one named by the flags."""
     if args.steering_model_name_or_path is None:
-        return PowerSteering.from_unet(unet, condition_channels=1, vae_scale_factor=vae_scale_factor,
-                                       width=args.steering_width)
+        return PowerSteering.from_unet(
+            unet, condition_channels=1, vae_scale_factor=vae_scale_factor, width=args.steering_width
+        )
     steering = PowerSteering.from_pretrained(args.steering_model_name_or_path)
     try:
         steering.check_unet(unet)
     except ValueError as error:
         raise ValueError(f"--steering_model_name_or_path {args.steering_model_name_or_path!r}: {error}") from None
     if steering.config.condition_channels != 1 or steering.config.vae_scale_factor != vae_scale_factor:
-        raise ValueError(f"--steering_model_name_or_path {args.steering_model_name_or_path!r}: expected "
-                         f"condition_channels 1 and vae_scale_factor {vae_scale_factor}, got "
-                         f"{steering.config.condition_channels} and {steering.config.vae_scale_factor}")
+        raise ValueError(
+            f"--steering_model_name_or_path {args.steering_model_name_or_path!r}: expected "
+            f"condition_channels 1 and vae_scale_factor {vae_scale_factor}, got "
+            f"{steering.config.condition_channels} and {steering.config.vae_scale_factor}"
+        )
     parameter = next(unet.parameters())
     return nn.Module.to(steering, device=parameter.device, dtype=parameter.dtype)
 
@@ -276,24 +309,29 @@ def main(args, step_callback=None) -> dict:
     steering.train()
     trainable = [(n, p) for n, p in steering.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
-    groups = [{"params": [p for n, p in trainable if not n.endswith("weight_rho")]},
-              {"params": [p for n, p in trainable if n.endswith("weight_rho")],
-               "lr": args.rho_learning_rate or args.learning_rate}]
+    groups = [
+        {"params": [p for n, p in trainable if not n.endswith("weight_rho")]},
+        {
+            "params": [p for n, p in trainable if n.endswith("weight_rho")],
+            "lr": args.rho_learning_rate or args.learning_rate,
+        },
+    ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate, weight_decay=0.0)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0)
+        optimizer, lambda step: min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
+    )
     steering, optimizer = accelerator.prepare(steering, optimizer)
     model = accelerator.unwrap_model(steering)
     steerer = model.attach(pipe.unet)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     train = synthetic_data(args, pipe, resolution, args.num_train_images, args.seed, accelerator.device)
-    validation = synthetic_data(args, pipe, resolution, args.num_validation_images, args.seed + 1,
-                                accelerator.device)
+    validation = synthetic_data(args, pipe, resolution, args.num_validation_images, args.seed + 1, accelerator.device)
     history, step = {"loss": [], "kl": [], "seconds_per_step": []}, 0
     if args.resume_from_checkpoint:
-        step, history = load_checkpoint(resolve_checkpoint(output_dir, args.resume_from_checkpoint), named,
-                                        optimizer, lr_scheduler)
+        step, history = load_checkpoint(
+            resolve_checkpoint(output_dir, args.resume_from_checkpoint), named, optimizer, lr_scheduler
+        )
     latents, texts, conditions = train[0], train[1], train[2]
     generator = torch.Generator().manual_seed(args.seed + step)
     progress = tqdm(total=args.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_main_process)
@@ -303,11 +341,15 @@ def main(args, step_callback=None) -> dict:
             index = torch.randint(0, len(latents), (args.train_batch_size,), generator=generator)
             x0, text, condition = latents[index], texts[index], conditions[index].to(accelerator.device)
             noise = torch.randn(x0.shape, generator=generator).to(x0)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),),
-                                      generator=generator).to(x0.device)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator
+            ).to(x0.device)
             noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-            target = noise if noise_scheduler.config.prediction_type == "epsilon" \
+            target = (
+                noise
+                if noise_scheduler.config.prediction_type == "epsilon"
                 else noise_scheduler.get_velocity(x0, noise, timesteps)
+            )
             with accelerator.autocast(), steerer.conditioned(condition):
                 prediction = pipe.unet(noisy, timesteps, text).sample
             loss = F.mse_loss(prediction.float(), target.float())
@@ -326,8 +368,7 @@ def main(args, step_callback=None) -> dict:
             if step_callback is not None:
                 step_callback(step)
             if step % args.checkpointing_steps == 0 or step == args.max_train_steps or stop["signal"]:
-                save_checkpoint(output_dir, step, named, optimizer, lr_scheduler, history,
-                                args.checkpoints_total_limit)
+                save_checkpoint(output_dir, step, named, optimizer, lr_scheduler, history, args.checkpoints_total_limit)
             if step % args.validation_steps == 0 or step == args.max_train_steps:
                 validation_grid(pipe, steerer, model, validation, args, step)
             if stop["signal"]:
@@ -342,9 +383,13 @@ def main(args, step_callback=None) -> dict:
     else:
         model.save_pretrained(output_dir / "steering")
     plot_history(history, output_dir / "training_curves.png")
-    metrics = {"steps": step, "final_loss": float(np.mean(history["loss"][-20:])),
-               "seconds_per_step": float(np.median(history["seconds_per_step"])), "bayesian": args.bayesian,
-               "condition": args.condition}
+    metrics = {
+        "steps": step,
+        "final_loss": float(np.mean(history["loss"][-20:])),
+        "seconds_per_step": float(np.median(history["seconds_per_step"])),
+        "bayesian": args.bayesian,
+        "condition": args.condition,
+    }
     if args.bayesian and args.num_posterior_samples:
         grid, mean_std = posterior_grid(pipe, steerer, model, validation, args)
         metrics["posterior_samples"] = {"grid": str(grid), "mean_pixel_std": mean_std}

@@ -1,7 +1,7 @@
 """DreamBooth-BNN: diffusers-style DreamBooth / LoRA fine-tuning with Bayesian layers.
 
-    python -m bayeslayers.integrations.dreambooth [flags]      # or: bayeslayers-dreambooth [flags]
-    accelerate launch -m bayeslayers.integrations.dreambooth [flags]
+python -m bayeslayers.integrations.dreambooth [flags]      # or: bayeslayers-dreambooth [flags]
+accelerate launch -m bayeslayers.integrations.dreambooth [flags]
 """
 
 from .args import build_parser, parse_args

@@ -13,14 +13,29 @@ import torch
 import bayeslayers
 from bayeslayers.config import POSTERIOR_FIELDS
 
-from .checkpoints import (check_finite_metrics, check_finite_parameters, load_checkpoint, resolve_checkpoint,
-                          save_checkpoint)
+from .checkpoints import (
+    check_finite_metrics,
+    check_finite_parameters,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .data import DreamBoothData, check_image_dir, generate_class_images
 from .distributed import check_launch, process_rng_states, run_seed, shared_weight_sample
 from .export import export_model, plot_history, write_model_card
 from .images import captioned_grid
-from .recipe import (allow_tf32, build_lr_scheduler, build_optimizer, class_image_pipeline, create_hub_repo,
-                     diffusion_loss, enable_xformers, resolve_training_length, sample_noise, upload_to_hub)
+from .recipe import (
+    allow_tf32,
+    build_lr_scheduler,
+    build_optimizer,
+    class_image_pipeline,
+    create_hub_repo,
+    diffusion_loss,
+    enable_xformers,
+    resolve_training_length,
+    sample_noise,
+    upload_to_hub,
+)
 from .text import PromptEncoder, load_tokenizer, prepare_text_encoder
 
 
@@ -76,11 +91,17 @@ def make_bayesian(unet, args) -> None:
     targets = args.bayes_target_modules
     if targets is not None and "," in targets:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    options = dict(target_modules=targets, preset=args.bayes_preset, mode=args.train_mode, rank=args.rank,
-                   **posterior_options(args))
+    options = dict(
+        target_modules=targets,
+        preset=args.bayes_preset,
+        mode=args.train_mode,
+        rank=args.rank,
+        **posterior_options(args),
+    )
     if args.train_mode == "lora":
-        options["bayesian_factors"] = bayeslayers.get_preset(args.bayes_preset).bayesian_factors \
-            if args.bayesian else ""
+        options["bayesian_factors"] = (
+            bayeslayers.get_preset(args.bayes_preset).bayesian_factors if args.bayesian else ""
+        )
         bayeslayers.convert(unet, **options)
     elif args.bayesian:
         bayeslayers.convert(unet, **options)
@@ -98,9 +119,16 @@ def validation_pipeline(args, unet, text_encoder, vae, tokenizer, weight_dtype):
         variance = config["variance_type"]
         extra["variance_type"] = "fixed_small" if variance in ("learned", "learned_range") else variance
     scheduler = getattr(diffusers, args.validation_scheduler).from_config(config, **extra)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -116,13 +144,20 @@ def run_validation(args, pipe, step, resolution, accelerator, prompts=None):
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
     count = args.num_validation_images
     if prompts is not None and prompts.text_encoder is None:
-        text = dict(prompt_embeds=prompts([args.validation_prompt] * count),
-                    negative_prompt_embeds=prompts([""] * count))
+        text = dict(
+            prompt_embeds=prompts([args.validation_prompt] * count), negative_prompt_embeds=prompts([""] * count)
+        )
     else:
         text = dict(prompt=[args.validation_prompt] * count)
     with torch.random.fork_rng(devices=[]):
-        images = pipe(**text, height=resolution, width=resolution, num_inference_steps=args.num_inference_steps,
-                      guidance_scale=args.guidance_scale, generator=generator).images
+        images = pipe(
+            **text,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            generator=generator,
+        ).images
     for module, training in zip(modules, was_training):
         module.train(training)
     path = Path(args.output_dir, "validation", f"step-{step:06d}.png")
@@ -132,8 +167,7 @@ def run_validation(args, pipe, step, resolution, accelerator, prompts=None):
         if tracker.name == "tensorboard":
             import numpy as np
 
-            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
-                                      dataformats="NHWC")
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
     return path
 
 
@@ -167,10 +201,12 @@ def main(args, step_callback=None) -> dict:
             import tensorboard  # noqa: F401
         except ImportError:
             report_to = None
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=report_to,
-                              project_config=ProjectConfiguration(project_dir=str(out),
-                                                                  logging_dir=str(out / args.logging_dir)))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / args.logging_dir)),
+    )
     check_launch(accelerator)
     if args.seed is not None:
         torch.manual_seed(args.seed + accelerator.process_index)
@@ -188,15 +224,32 @@ def main(args, step_callback=None) -> dict:
     if args.with_prior_preservation:
         if accelerator.is_main_process:
             base_pipeline = partial(class_image_pipeline, args, accelerator.device)  # loaded only if needed
-            generate_class_images(base_pipeline, args.class_prompt, args.class_data_dir, args.num_class_images,
-                                  args.sample_batch_size, resolution, args.num_inference_steps, args.guidance_scale,
-                                  args.seed or 0)
+            generate_class_images(
+                base_pipeline,
+                args.class_prompt,
+                args.class_data_dir,
+                args.num_class_images,
+                args.sample_batch_size,
+                resolution,
+                args.num_inference_steps,
+                args.guidance_scale,
+                args.seed or 0,
+            )
         accelerator.wait_for_everyone()
         class_images = check_image_dir(args.class_data_dir, "--class_data_dir")[: args.num_class_images]
-    data = DreamBoothData(args.instance_images, args.instance_prompt, resolution, args.center_crop, class_images,
-                          args.class_prompt, args.image_interpolation_mode, args.dataloader_num_workers)
-    resolve_training_length(args, data.steps_per_epoch(args.train_batch_size * accelerator.num_processes,
-                                                       args.gradient_accumulation_steps))
+    data = DreamBoothData(
+        args.instance_images,
+        args.instance_prompt,
+        resolution,
+        args.center_crop,
+        class_images,
+        args.class_prompt,
+        args.image_interpolation_mode,
+        args.dataloader_num_workers,
+    )
+    resolve_training_length(
+        args, data.steps_per_epoch(args.train_batch_size * accelerator.num_processes, args.gradient_accumulation_steps)
+    )
 
     make_bayesian(unet, args)
     if args.enable_xformers_memory_efficient_attention:
@@ -211,34 +264,42 @@ def main(args, step_callback=None) -> dict:
     optimizer = build_optimizer(list(named_params.values()), args, accelerator.num_processes)
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
     if args.train_text_encoder:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer,
-                                                                          lr_scheduler)
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     raw_unet, raw_text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     trained_models = [unet, text_encoder] if args.train_text_encoder else [unet]
-    precompute = [args.instance_prompt, args.class_prompt, args.validation_prompt, ""] \
-        if args.pre_compute_text_embeddings else ()
-    prompt_encoder = PromptEncoder(tokenizer, text_encoder, args.tokenizer_max_length,
-                                   args.text_encoder_use_attention_mask, [p for p in precompute if p is not None])
+    precompute = (
+        [args.instance_prompt, args.class_prompt, args.validation_prompt, ""]
+        if args.pre_compute_text_embeddings
+        else ()
+    )
+    prompt_encoder = PromptEncoder(
+        tokenizer,
+        text_encoder,
+        args.tokenizer_max_length,
+        args.text_encoder_use_attention_mask,
+        [p for p in precompute if p is not None],
+    )
     if args.pre_compute_text_embeddings:  # the text encoder is not kept during training
         text_encoder = raw_text_encoder = None
 
     step, history = 0, {"step": [], "loss": [], "kl": [], "mean_sigma": []}
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
-        step, history = load_checkpoint(checkpoint, named_params, optimizer, lr_scheduler,
-                                        accelerator.process_index)
+        step, history = load_checkpoint(checkpoint, named_params, optimizer, lr_scheduler, accelerator.process_index)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     if accelerator.is_main_process:
-        accelerator.init_trackers("dreambooth-bnn", config={k: v for k, v in vars(args).items()
-                                                            if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            "dreambooth-bnn", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        )
 
     pipe = validation_pipeline(args, raw_unet, raw_text_encoder, vae, tokenizer, weight_dtype)
     bayesian = bool(bayeslayers.posterior_layers(raw_unet))
     text_bayesian = raw_text_encoder is not None and bool(bayeslayers.posterior_layers(raw_text_encoder))
-    progress = tqdm(range(args.max_train_steps), initial=step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process
+    )
     unet.train()
     sample_seed, forwards = run_seed(accelerator, args.seed), step * args.gradient_accumulation_steps
     started = time.perf_counter()
@@ -251,11 +312,15 @@ def main(args, step_callback=None) -> dict:
                     latents = vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist.sample()
                     latents = latents * vae.config.scaling_factor
                 noise = sample_noise(latents, args.offset_noise)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          device=latents.device)
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+                )
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                target = noise if noise_scheduler.config.prediction_type == "epsilon" \
+                target = (
+                    noise
+                    if noise_scheduler.config.prediction_type == "epsilon"
                     else noise_scheduler.get_velocity(latents, noise, timesteps)
+                )
                 class_labels = timesteps if args.class_labels_conditioning == "timesteps" else None
                 with shared_weight_sample(sample_seed, forwards):  # one weight sample per global batch
                     with torch.set_grad_enabled(args.train_text_encoder):
@@ -279,11 +344,18 @@ def main(args, step_callback=None) -> dict:
                 continue
             step += 1
             progress.update(1)
-            logs = {"loss": loss.item(), "kl": kl.item(), "mean_sigma": mean_sigma(raw_unet),
-                    "lr": lr_scheduler.get_last_lr()[0]}
+            logs = {
+                "loss": loss.item(),
+                "kl": kl.item(),
+                "mean_sigma": mean_sigma(raw_unet),
+                "lr": lr_scheduler.get_last_lr()[0],
+            }
             if text_bayesian:
-                logs.update(kl_unet=kl_unet.item(), kl_text_encoder=kl_text.item(),
-                            mean_sigma_text_encoder=mean_sigma(raw_text_encoder))
+                logs.update(
+                    kl_unet=kl_unet.item(),
+                    kl_text_encoder=kl_text.item(),
+                    mean_sigma_text_encoder=mean_sigma(raw_text_encoder),
+                )
             check_finite_metrics(logs, out, step)
             for key in HISTORY_KEYS:
                 if key in logs:
@@ -305,8 +377,16 @@ def main(args, step_callback=None) -> dict:
                 history.setdefault("validation_step", []).append(step)
             if accelerator.is_main_process:
                 if scheduled or stop["signal"] is not None:
-                    save_checkpoint(out, step, named_params, optimizer, lr_scheduler, history,
-                                    args.checkpoints_total_limit, rng_states)
+                    save_checkpoint(
+                        out,
+                        step,
+                        named_params,
+                        optimizer,
+                        lr_scheduler,
+                        history,
+                        args.checkpoints_total_limit,
+                        rng_states,
+                    )
                 if validate:
                     run_validation(args, pipe, step, resolution, accelerator, prompt_encoder)
             if stop["signal"] is not None:
@@ -315,17 +395,27 @@ def main(args, step_callback=None) -> dict:
     progress.close()
     seconds = time.perf_counter() - started
     if interrupted is not None:
-        accelerator.print(f"stopped by signal {interrupted} at step {step}; checkpoint saved, resume with "
-                          "--resume_from_checkpoint latest")
+        accelerator.print(
+            f"stopped by signal {interrupted} at step {step}; checkpoint saved, resume with "
+            "--resume_from_checkpoint latest"
+        )
         accelerator.end_training()
         return {"interrupted": True, "step": step}
 
-    metrics = {"steps": step, "epochs": args.num_train_epochs, "final_loss": history["loss"][-1],
-               "final_kl": history["kl"][-1], "final_mean_sigma": history["mean_sigma"][-1],
-               "train_seconds": round(seconds, 2)}
+    metrics = {
+        "steps": step,
+        "epochs": args.num_train_epochs,
+        "final_loss": history["loss"][-1],
+        "final_kl": history["kl"][-1],
+        "final_mean_sigma": history["mean_sigma"][-1],
+        "train_seconds": round(seconds, 2),
+    }
     if text_bayesian:
-        metrics.update(final_kl_unet=history["kl_unet"][-1], final_kl_text_encoder=history["kl_text_encoder"][-1],
-                       final_mean_sigma_text_encoder=history["mean_sigma_text_encoder"][-1])
+        metrics.update(
+            final_kl_unet=history["kl_unet"][-1],
+            final_kl_text_encoder=history["kl_text_encoder"][-1],
+            final_mean_sigma_text_encoder=history["mean_sigma_text_encoder"][-1],
+        )
     result = dict(metrics)
     if accelerator.is_main_process:
         grid = None

@@ -1,6 +1,6 @@
 """Assembles the shipped assets from a finished training run: pipeline, judge, subject, samples, model card.
 
-    python -m bayeslayers.integrations.tiny_sd.build_assets --run_dir /tmp/tiny_sd_run
+python -m bayeslayers.integrations.tiny_sd.build_assets --run_dir /tmp/tiny_sd_run
 """
 
 from __future__ import annotations
@@ -44,14 +44,21 @@ def main(input_args=None):
     subject.mkdir()
     for i, image in enumerate(render_subject()):
         image.save(subject / f"sks_star_{i}.png")
-    (subject / "prompts.json").write_text(json.dumps({"instance_prompt": INSTANCE_PROMPT, "class_prompt": CLASS_PROMPT,
-                                                      "validation_prompt": VALIDATION_PROMPT}, indent=1))
+    (subject / "prompts.json").write_text(
+        json.dumps(
+            {"instance_prompt": INSTANCE_PROMPT, "class_prompt": CLASS_PROMPT, "validation_prompt": VALIDATION_PROMPT},
+            indent=1,
+        )
+    )
 
     started = time.perf_counter()
     judge, judge_accuracy, clean_energy = train_judge(args.judge_steps)
     judge_seconds = time.perf_counter() - started
-    save_file(judge.state_dict(), str(ASSETS / "judge.safetensors"),
-              metadata={"clean_high_frequency_energy": repr(clean_energy), "held_out_accuracy": repr(judge_accuracy)})
+    save_file(
+        judge.state_dict(),
+        str(ASSETS / "judge.safetensors"),
+        metadata={"clean_high_frequency_energy": repr(clean_energy), "held_out_accuracy": repr(judge_accuracy)},
+    )
     config = judge_config(clean_energy, judge_accuracy, steps=args.judge_steps, seconds=round(judge_seconds, 1))
     (ASSETS / "judge_config.json").write_text(json.dumps(config, indent=1))
 
@@ -60,18 +67,29 @@ def main(input_args=None):
     accuracy = prompt_accuracy(pipe, judge, clean_energy, n=args.eval_images, guidance=args.guidance)
     sweep = {}
     for scale in (float(v) for v in args.guidance_sweep.split(",") if v):
-        result = accuracy if scale == args.guidance else prompt_accuracy(pipe, judge, clean_energy,
-                                                                         n=args.eval_images, guidance=scale)
+        result = (
+            accuracy
+            if scale == args.guidance
+            else prompt_accuracy(pipe, judge, clean_energy, n=args.eval_images, guidance=scale)
+        )
         sweep[scale] = {k: result[k] for k in ("colour", "shape")}
     seconds = seconds_per_image(pipe)
     sample_grid(pipe, ASSETS / "samples.png", guidance=args.guidance)
     report = json.loads((run / "training_report.json").read_text())
     size_mb = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) / 2**20
-    measured = {"judge_accuracy": judge_accuracy, "judge_seconds": judge_seconds, "prompt_accuracy": accuracy,
-                "guidance": args.guidance, "eval_images": args.eval_images, "guidance_sweep": sweep,
-                "seconds_per_image": seconds, "assets_mb": size_mb,
-                "parameters": {name: sum(p.numel() for p in getattr(pipe, name).parameters())
-                               for name in ("vae", "unet", "text_encoder")}}
+    measured = {
+        "judge_accuracy": judge_accuracy,
+        "judge_seconds": judge_seconds,
+        "prompt_accuracy": accuracy,
+        "guidance": args.guidance,
+        "eval_images": args.eval_images,
+        "guidance_sweep": sweep,
+        "seconds_per_image": seconds,
+        "assets_mb": size_mb,
+        "parameters": {
+            name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("vae", "unet", "text_encoder")
+        },
+    }
     write_card(report, measured)
     (run / "evaluation.json").write_text(json.dumps(measured, indent=1))
     print(json.dumps(measured, indent=1))
@@ -85,18 +103,21 @@ def _loss_at(history, fraction):
 
 def _limits(report, accuracy) -> str:
     confusion = accuracy["shape_confusion"]
-    wrong = [(count, asked, read) for asked, reads in confusion.items() for read, count in reads.items()
-             if read != asked]
+    wrong = [
+        (count, asked, read) for asked, reads in confusion.items() for read, count in reads.items() if read != asked
+    ]
     weakest = min(accuracy["shape_by_prompt"].items(), key=lambda item: item[1])
     history = report["unet_history"]
-    text = f"Limits: the weakest held-out prompt is \"{weakest[0]}\" ({weakest[1]:.0%} right shape)"
+    text = f'Limits: the weakest held-out prompt is "{weakest[0]}" ({weakest[1]:.0%} right shape)'
     if wrong:
         count, asked, read = max(wrong)
         text += f"; the most frequent shape error is {asked} read as {read} ({count} images)"
     by_size = ", ".join(f"{size} {value:.0%}" for size, value in sorted(accuracy["shape_by_size"].items()))
-    return text + (f"; right shapes by size: {by_size}. The epsilon-MSE was still falling when training stopped "
-                   f"({_loss_at(history, 0.75):.4f} at 75 % of the steps, {history[-1][1]:.4f} at the end); the step "
-                   "count was set by the 45-minute CPU budget.")
+    return text + (
+        f"; right shapes by size: {by_size}. The epsilon-MSE was still falling when training stopped "
+        f"({_loss_at(history, 0.75):.4f} at 75 % of the steps, {history[-1][1]:.4f} at the end); the step "
+        "count was set by the 45-minute CPU budget."
+    )
 
 
 def write_card(report, measured):
@@ -104,21 +125,27 @@ def write_card(report, measured):
     unet_k = report["unet_steps"] / 1000
     vae_k = report["vae_steps"] / 1000
     parameters = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in measured["parameters"].items())
-    sweep = "; ".join(f"guidance {scale:g}: colour {v['colour']:.1%}, shape {v['shape']:.1%}"
-                      for scale, v in measured["guidance_sweep"].items())
+    sweep = "; ".join(
+        f"guidance {scale:g}: colour {v['colour']:.1%}, shape {v['shape']:.1%}"
+        for scale, v in measured["guidance_sweep"].items()
+    )
     lines = [
-        "# Tiny Stable Diffusion (bundled)", "",
+        "# Tiny Stable Diffusion (bundled)",
+        "",
         "A text-to-image latent diffusion model with Stable Diffusion 1.5's structure (AutoencoderKL, "
         "UNet2DConditionModel with CrossAttnDownBlock2D / UNetMidBlock2DCrossAttn / CrossAttnUpBlock2D, "
         "CLIPTextModel + CLIPTokenizer, DDIM scheduler), trained from scratch on this package's synthetic world: "
         "32x32 images of one shape (circle, square, triangle, star) in one of six colours, two sizes, at a random "
-        "position on a black, white or gray background, captioned \"a {size} {colour} {shape} on a {background} "
-        "background\". Four colour/shape pairs are held out of training (red triangle, blue star, yellow circle, "
-        "purple square) to test prompt generalisation.", "",
+        'position on a black, white or gray background, captioned "a {size} {colour} {shape} on a {background} '
+        'background". Four colour/shape pairs are held out of training (red triangle, blue star, yellow circle, '
+        "purple square) to test prompt generalisation.",
+        "",
         "Reproduce: `python -m bayeslayers.integrations.tiny_sd.train --output_dir RUN --seed "
         f"{report['seed']}` (resumable: rerun the same command) then "
-        "`python -m bayeslayers.integrations.tiny_sd.build_assets --run_dir RUN`.", "",
-        "## Configuration", "",
+        "`python -m bayeslayers.integrations.tiny_sd.build_assets --run_dir RUN`.",
+        "",
+        "## Configuration",
+        "",
         f"- VAE: `{models.VAE_CONFIG['block_out_channels']}` channels, 32x32x3 -> 8x8x4 latents; "
         f"{report['vae_steps']} steps, batch {report['batch_size']}; latent scaling factor "
         f"{report['latent_scaling_factor']:.4f}",
@@ -127,21 +154,29 @@ def write_card(report, measured):
         f"width {models.TEXT_CONFIG['hidden_size']}, trained jointly; {report['unet_steps']} steps, batch "
         f"{report['batch_size']}, AdamW with cosine schedule, 10 % empty captions (classifier-free guidance)",
         f"- Parameters: {parameters}",
-        f"- Tokenizer: CLIP BPE built from the project's `vocab.json` / `merges.txt` (one token per world word); "
-        f"scheduler: DDPM for training, DDIM shipped",
-        f"- Data: {report['num_images']} images, seed {report['seed']}; {report.get('threads', 2)} CPU threads", "",
-        "## Measured (2-core CPU, torch 2.13 CPU)", "",
+        "- Tokenizer: CLIP BPE built from the project's `vocab.json` / `merges.txt` (one token per world word); "
+        "scheduler: DDPM for training, DDIM shipped",
+        f"- Data: {report['num_images']} images, seed {report['seed']}; {report.get('threads', 2)} CPU threads",
+        "",
+        "## Measured (2-core CPU, torch 2.13 CPU)",
+        "",
         f"- VAE stage: {report['vae_seconds'] / 60:.1f} min wall"
         + (f", {report['vae_cpu_seconds'] / 60:.1f} min CPU" if "vae_cpu_seconds" in report else "")
         + f"; final loss {report['vae_final_loss']:.4f}, reconstruction MSE {report['vae_recon_mse']:.4f} on [-1, 1]",
         f"- UNet + text encoder stage: {report['unet_seconds'] / 60:.1f} min wall "
         f"({report['unet_seconds'] / unet_k / 60:.1f} min per 1k steps)"
-        + (f", {report['unet_cpu_seconds'] / unet_k / 60:.1f} min CPU per 1k steps (process CPU time, all threads)"
-           if "unet_cpu_seconds" in report else "")
+        + (
+            f", {report['unet_cpu_seconds'] / unet_k / 60:.1f} min CPU per 1k steps (process CPU time, all threads)"
+            if "unet_cpu_seconds" in report
+            else ""
+        )
         + f"; final epsilon-MSE (running mean) {report['unet_final_loss']:.4f}",
         f"- Training in total: {(report['vae_seconds'] + report['unet_seconds']) / 60:.1f} min wall"
-        + (f" (VAE {report['vae_cpu_seconds'] / vae_k / 60:.1f} min CPU per 1k steps)" if "vae_cpu_seconds" in report
-           else ""),
+        + (
+            f" (VAE {report['vae_cpu_seconds'] / vae_k / 60:.1f} min CPU per 1k steps)"
+            if "vae_cpu_seconds" in report
+            else ""
+        ),
         f"- Judge ({measured['judge_seconds'] / 60:.1f} min to train) accuracy on fresh clean renders: "
         + ", ".join(f"{k} {v:.1%}" for k, v in measured["judge_accuracy"].items()),
         f"- Prompt accuracy on {measured['eval_images']} images of held-out colour/shape prompts (25 DDIM steps, "
@@ -152,15 +187,19 @@ def write_card(report, measured):
         + ", ".join(f"{k} {v:.0%}" for k, v in sorted(accuracy["shape_by_prompt"].items())),
         f"- Guidance sweep ({measured['eval_images']} images each): {sweep}",
         f"- One image at 25 steps: {measured['seconds_per_image']:.2f} s",
-        f"- Assets in total: {measured['assets_mb']:.1f} MB", "",
-        _limits(report, accuracy), "",
-        "## Files", "",
+        f"- Assets in total: {measured['assets_mb']:.1f} MB",
+        "",
+        _limits(report, accuracy),
+        "",
+        "## Files",
+        "",
         "- `pipeline/`: the diffusers folder (`StableDiffusionPipeline.from_pretrained`, safetensors).",
         "- `judge.safetensors` + `judge_config.json`: the judge "
         "(`bayeslayers.integrations.tiny_sd.load_judge()`) and its clean-data high-frequency reference.",
         "- `subject/`: the held-out subject, a red/yellow checkerboard star never seen in training, 5 images; "
-        "`prompts.json` holds the instance prompt \"a sks star\" and the class prompt \"a star\".",
-        "- `samples.png`: rows = " + "; ".join(GRID_PROMPTS) + f" (4 seeds each, guidance {guidance:g}).", "",
+        '`prompts.json` holds the instance prompt "a sks star" and the class prompt "a star".',
+        "- `samples.png`: rows = " + "; ".join(GRID_PROMPTS) + f" (4 seeds each, guidance {guidance:g}).",
+        "",
     ]
     (ASSETS / "MODEL_CARD.md").write_text("\n".join(lines))
 

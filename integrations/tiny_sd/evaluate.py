@@ -11,10 +11,14 @@ import torch
 from .world import BACKGROUNDS, SIZES, Scene, held_out, to_tensor
 
 GRID_PROMPTS = (
-    "a large red circle on a black background", "a small green square on a white background",
-    "a large blue triangle on a gray background", "a large yellow star on a black background",
-    "a small purple circle on a gray background", "a large orange square on a black background",
-    "a large red triangle on a white background", "a large blue star on a gray background",
+    "a large red circle on a black background",
+    "a small green square on a white background",
+    "a large blue triangle on a gray background",
+    "a large yellow star on a black background",
+    "a small purple circle on a gray background",
+    "a large orange square on a black background",
+    "a large red triangle on a white background",
+    "a large blue star on a gray background",
 )
 
 
@@ -23,21 +27,32 @@ def held_out_prompts(rng: np.random.Generator, n: int) -> list[Scene]:
     from .world import COLOURS, SHAPES
 
     pairs = [(c, s) for c in COLOURS for s in SHAPES if held_out(Scene(s, c, "small", "black", 0.5, 0.5))]
-    return [Scene(pairs[i % len(pairs)][1], pairs[i % len(pairs)][0], str(rng.choice(tuple(SIZES))),
-                  str(rng.choice(tuple(BACKGROUNDS))), 0.5, 0.5) for i in range(n)]
+    return [
+        Scene(
+            pairs[i % len(pairs)][1],
+            pairs[i % len(pairs)][0],
+            str(rng.choice(tuple(SIZES))),
+            str(rng.choice(tuple(BACKGROUNDS))),
+            0.5,
+            0.5,
+        )
+        for i in range(n)
+    ]
 
 
 @torch.no_grad()
 def generate(pipe, prompts, steps: int, guidance: float, seed: int) -> torch.Tensor:
     """(N, 3, 32, 32) images in [-1, 1]."""
     generator = torch.Generator().manual_seed(seed)
-    images = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                  output_type="np").images
+    images = pipe(
+        list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np"
+    ).images
     return to_tensor((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
 
 
-def prompt_accuracy(pipe, judge, clean_energy, n: int = 384, steps: int = 25, guidance: float = 3.0, seed: int = 0,
-                    batch: int = 32) -> dict:
+def prompt_accuracy(
+    pipe, judge, clean_energy, n: int = 384, steps: int = 25, guidance: float = 3.0, seed: int = 0, batch: int = 32
+) -> dict:
     """Judge-read accuracy of ``n`` images generated from held-out colour/shape prompts.
 
     Returns {attribute: fraction correct}, "corruption_score" (mean, 1 = clean renders), "shape_by_prompt"
@@ -46,11 +61,17 @@ def prompt_accuracy(pipe, judge, clean_energy, n: int = 384, steps: int = 25, gu
     from .judge import corruption_score
 
     scenes = held_out_prompts(np.random.default_rng(seed), n)
-    images = torch.cat([generate(pipe, [s.caption for s in scenes[i:i + batch]], steps, guidance, seed + i)
-                        for i in range(0, n, batch)])
+    images = torch.cat(
+        [
+            generate(pipe, [s.caption for s in scenes[i : i + batch]], steps, guidance, seed + i)
+            for i in range(0, n, batch)
+        ]
+    )
     predicted = judge.predict(images)
-    result = {name: float(np.mean([p == getattr(s, name) for p, s in zip(predicted[name], scenes)]))
-              for name in ("colour", "shape", "size", "background")}
+    result = {
+        name: float(np.mean([p == getattr(s, name) for p, s in zip(predicted[name], scenes)]))
+        for name in ("colour", "shape", "size", "background")
+    }
     result["corruption_score"] = float(corruption_score(images, clean_energy).mean())
     by_prompt, by_size, confusion = {}, {}, {}
     for read, scene in zip(predicted["shape"], scenes):

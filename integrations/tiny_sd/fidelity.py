@@ -17,6 +17,8 @@ def subject_metrics(images: torch.Tensor, subject_images: torch.Tensor, shape: s
     reference = F.normalize(judge.embedding(subject_images), dim=1).mean(0)
     similarity = F.normalize(judge.embedding(images), dim=1) @ F.normalize(reference, dim=0)
     shapes = judge.predict(images)["shape"]
-    return {"subject_similarity": float(similarity.mean()),
-            "shape_accuracy": sum(s == shape for s in shapes) / len(shapes),
-            "corruption_score": float(corruption_score(images, clean_energy).mean())}
+    return {
+        "subject_similarity": float(similarity.mean()),
+        "shape_accuracy": sum(s == shape for s in shapes) / len(shapes),
+        "corruption_score": float(corruption_score(images, clean_energy).mean()),
+    }

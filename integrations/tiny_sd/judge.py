@@ -22,8 +22,14 @@ class Judge(nn.Module):
         super().__init__()
         layers = []
         for c_in, c_out in zip(CHANNELS[:-1], CHANNELS[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(),
-                       nn.Conv2d(c_out, c_out, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.GroupNorm(8, c_out),
+                nn.SiLU(),
+                nn.Conv2d(c_out, c_out, 3, padding=1),
+                nn.SiLU(),
+                nn.MaxPool2d(2),
+            ]
         self.features = nn.Sequential(*layers)
         self.embed = nn.Linear(CHANNELS[-1] * 16, EMBEDDING_DIM)
         self.heads = nn.ModuleDict({name: nn.Linear(EMBEDDING_DIM, len(values)) for name, values in ATTRIBUTES.items()})
@@ -45,10 +51,17 @@ class Judge(nn.Module):
 
 def judge_config(clean_energy: float, accuracy: dict[str, float], **training) -> dict:
     """The description shipped beside the judge's weights (``judge_config.json``)."""
-    return {"class": f"{Judge.__module__}.{Judge.__name__}", "input_shape": [3, 32, 32], "input_range": [-1, 1],
-            "channels": list(CHANNELS), "embedding_dim": EMBEDDING_DIM,
-            "attributes": {name: list(values) for name, values in ATTRIBUTES.items()},
-            "clean_high_frequency_energy": clean_energy, "held_out_accuracy": accuracy, "training": training}
+    return {
+        "class": f"{Judge.__module__}.{Judge.__name__}",
+        "input_shape": [3, 32, 32],
+        "input_range": [-1, 1],
+        "channels": list(CHANNELS),
+        "embedding_dim": EMBEDDING_DIM,
+        "attributes": {name: list(values) for name, values in ATTRIBUTES.items()},
+        "clean_high_frequency_energy": clean_energy,
+        "held_out_accuracy": accuracy,
+        "training": training,
+    }
 
 
 def targets(scenes) -> dict[str, torch.Tensor]:

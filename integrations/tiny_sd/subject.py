@@ -12,8 +12,10 @@ INSTANCE_PROMPT = "a sks star"
 CLASS_PROMPT = "a star"
 VALIDATION_PROMPT = "a sks star on a black background"
 SUBJECT_SCENES = (
-    Scene("star", "red", "large", "black", 0.50, 0.50), Scene("star", "red", "large", "gray", 0.42, 0.55),
-    Scene("star", "red", "large", "white", 0.58, 0.45), Scene("star", "red", "small", "black", 0.35, 0.35),
+    Scene("star", "red", "large", "black", 0.50, 0.50),
+    Scene("star", "red", "large", "gray", 0.42, 0.55),
+    Scene("star", "red", "large", "white", 0.58, 0.45),
+    Scene("star", "red", "small", "black", 0.35, 0.35),
     Scene("star", "red", "large", "gray", 0.55, 0.58),
 )
 

@@ -62,7 +62,7 @@ def _load_stage(path: Path, modules: dict, optimizer) -> tuple[int, list, dict]:
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata()
     for name, module in modules.items():
-        module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -81,8 +81,9 @@ def _loop(name, steps, modules, optimizer, scheduler, loss_fn, ckpt: Path, every
     clock sums over resumed sessions."""
     from tqdm.auto import tqdm
 
-    step, history, clock = (_load_stage(ckpt, modules, optimizer) if ckpt.exists()
-                            else (0, [], {"seconds": 0.0, "cpu_seconds": 0.0}))
+    step, history, clock = (
+        _load_stage(ckpt, modules, optimizer) if ckpt.exists() else (0, [], {"seconds": 0.0, "cpu_seconds": 0.0})
+    )
     for _ in range(step):
         scheduler.step()
     bar = tqdm(total=steps, initial=step, desc=name)
@@ -119,7 +120,8 @@ def _loop(name, steps, modules, optimizer, scheduler, loss_fn, ckpt: Path, every
 
 def _cosine(optimizer, steps, warmup=100):
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
 
 
 def main(args) -> dict:
@@ -133,10 +135,12 @@ def main(args) -> dict:
     pixels = to_tensor(images)
     captions = [s.caption for s in scenes]
     tokenizer = build_tokenizer(out / "tokenizer_src")
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                          return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    empty_ids = tokenizer(
+        [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
 
     vae = models.build_vae()
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
@@ -147,11 +151,19 @@ def main(args) -> dict:
         recon = vae.decode(posterior.sample()).sample
         return F.mse_loss(recon, batch) + args.vae_kl_weight * posterior.kl().mean() / 256
 
-    vae_history, vae_clock = _loop("vae", args.vae_steps, {"vae": vae}, vae_opt, _cosine(vae_opt, args.vae_steps),
-                                   vae_loss, out / "vae_stage.safetensors", args.checkpoint_every)
+    vae_history, vae_clock = _loop(
+        "vae",
+        args.vae_steps,
+        {"vae": vae},
+        vae_opt,
+        _cosine(vae_opt, args.vae_steps),
+        vae_loss,
+        out / "vae_stage.safetensors",
+        args.checkpoint_every,
+    )
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
         recon_mse = F.mse_loss(vae.decode(latents[:256]).sample, pixels[:256]).item()
     scaling = 1.0 / latents.std().item()
     vae.register_to_config(scaling_factor=scaling)
@@ -159,8 +171,9 @@ def main(args) -> dict:
 
     unet, text_encoder = models.build_unet(), models.build_text_encoder(tokenizer)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in models.SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
-    unet_opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=args.unet_lr,
-                                 weight_decay=1e-2)
+    unet_opt = torch.optim.AdamW(
+        list(unet.parameters()) + list(text_encoder.parameters()), lr=args.unet_lr, weight_decay=1e-2
+    )
 
     def unet_loss():
         index = torch.randint(0, len(latents), (args.batch_size,))
@@ -173,22 +186,45 @@ def main(args) -> dict:
         pred = unet(noise_scheduler.add_noise(z, noise, t), t, encoder_hidden_states=text_encoder(tokens)[0]).sample
         return F.mse_loss(pred, noise)
 
-    unet_history, unet_clock = _loop("unet", args.unet_steps, {"unet": unet, "text_encoder": text_encoder},
-                                     unet_opt, _cosine(unet_opt, args.unet_steps), unet_loss,
-                                     out / "unet_stage.safetensors", args.checkpoint_every)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=DDIMScheduler(**models.SCHEDULER_CONFIG), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    unet_history, unet_clock = _loop(
+        "unet",
+        args.unet_steps,
+        {"unet": unet, "text_encoder": text_encoder},
+        unet_opt,
+        _cosine(unet_opt, args.unet_steps),
+        unet_loss,
+        out / "unet_stage.safetensors",
+        args.checkpoint_every,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=DDIMScheduler(**models.SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
-    report = {"seed": args.seed, "num_images": args.num_images, "batch_size": args.batch_size,
-              "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "threads": args.threads,
-              "vae_seconds": round(vae_clock["seconds"], 1), "vae_cpu_seconds": round(vae_clock["cpu_seconds"], 1),
-              "unet_seconds": round(unet_clock["seconds"], 1),
-              "unet_cpu_seconds": round(unet_clock["cpu_seconds"], 1),
-              "vae_final_loss": vae_history[-1][1] if vae_history else None,
-              "vae_recon_mse": recon_mse, "latent_scaling_factor": scaling,
-              "unet_final_loss": unet_history[-1][1] if unet_history else None,
-              "vae_history": vae_history, "unet_history": unet_history}
+    report = {
+        "seed": args.seed,
+        "num_images": args.num_images,
+        "batch_size": args.batch_size,
+        "vae_steps": args.vae_steps,
+        "unet_steps": args.unet_steps,
+        "threads": args.threads,
+        "vae_seconds": round(vae_clock["seconds"], 1),
+        "vae_cpu_seconds": round(vae_clock["cpu_seconds"], 1),
+        "unet_seconds": round(unet_clock["seconds"], 1),
+        "unet_cpu_seconds": round(unet_clock["cpu_seconds"], 1),
+        "vae_final_loss": vae_history[-1][1] if vae_history else None,
+        "vae_recon_mse": recon_mse,
+        "latent_scaling_factor": scaling,
+        "unet_final_loss": unet_history[-1][1] if unet_history else None,
+        "vae_history": vae_history,
+        "unet_history": unet_history,
+    }
     (out / "training_report.json").write_text(json.dumps(report, indent=1))
     return report
 

@@ -27,8 +27,9 @@ def world_sample(n: int, seed: int):
 def accuracy(judge: Judge, images: torch.Tensor, scenes) -> dict[str, float]:
     judge.eval()
     predicted = judge.predict(images)
-    return {name: float(np.mean([p == getattr(s, name) for p, s in zip(predicted[name], scenes)]))
-            for name in ATTRIBUTES}
+    return {
+        name: float(np.mean([p == getattr(s, name) for p, s in zip(predicted[name], scenes)])) for name in ATTRIBUTES
+    }
 
 
 def train_judge(steps: int = 1500, batch_size: int = 128, seed: int = 100, threads: int = 2):
@@ -59,8 +60,11 @@ def main(input_args=None):
     parser.add_argument("--steps", type=int, default=1500)
     args = parser.parse_args(input_args)
     judge, acc, clean_energy = train_judge(args.steps)
-    save_file(judge.state_dict(), args.output,
-              metadata={"clean_high_frequency_energy": repr(clean_energy), "held_out_accuracy": repr(acc)})
+    save_file(
+        judge.state_dict(),
+        args.output,
+        metadata={"clean_high_frequency_energy": repr(clean_energy), "held_out_accuracy": repr(acc)},
+    )
     print({"accuracy": acc, "clean_high_frequency_energy": clean_energy})
 
 

@@ -16,8 +16,14 @@ from PIL import Image, ImageDraw
 
 RESOLUTION = 32
 SHAPES = ("circle", "square", "triangle", "star")
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40),
-           "purple": (150, 60, 190), "orange": (245, 140, 30)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+}
 SIZES = {"small": 0.22, "large": 0.38}  # radius as a fraction of the image side
 BACKGROUNDS = {"black": (15, 15, 15), "white": (240, 240, 240), "gray": (128, 128, 128)}
 
@@ -72,14 +78,24 @@ def render(scene: Scene, resolution: int = RESOLUTION, fill=None) -> Image.Image
 def random_scene(rng: np.random.Generator, shapes=SHAPES, colours=tuple(COLOURS)) -> Scene:
     size = str(rng.choice(tuple(SIZES)))
     margin = SIZES[size] + 0.06
-    return Scene(str(rng.choice(shapes)), str(rng.choice(colours)), size, str(rng.choice(tuple(BACKGROUNDS))),
-                 float(rng.uniform(margin, 1 - margin)), float(rng.uniform(margin, 1 - margin)))
+    return Scene(
+        str(rng.choice(shapes)),
+        str(rng.choice(colours)),
+        size,
+        str(rng.choice(tuple(BACKGROUNDS))),
+        float(rng.uniform(margin, 1 - margin)),
+        float(rng.uniform(margin, 1 - margin)),
+    )
 
 
 def held_out(scene: Scene) -> bool:
     """Colour/shape pairs never shown in training (they test generalisation to new prompt combinations)."""
-    return (scene.colour, scene.shape) in {("red", "triangle"), ("blue", "star"), ("yellow", "circle"),
-                                           ("purple", "square")}
+    return (scene.colour, scene.shape) in {
+        ("red", "triangle"),
+        ("blue", "star"),
+        ("yellow", "circle"),
+        ("purple", "square"),
+    }
 
 
 def make_dataset(n: int, seed: int, split: str = "train", resolution: int = RESOLUTION):
