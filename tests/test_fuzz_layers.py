@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis): every layer type on every backend against the float64 reference of
-``layer_reference.py`` on random configurations: shapes with 1-sized and odd dims, non-contiguous and
+``reference.py`` (``check_layer``) on random configurations: shapes with 1-sized and odd dims, non-contiguous and
 channels_last inputs, every Conv2d option (stride, int/pair/'same'/'valid' padding, all padding modes,
 dilation, groups), bias on/off, fp32/bf16/fp16 inputs and bf16/fp16 autocast, 1-D to 4-D inputs for Linear,
 both KL directions, zero-mean and bf16 priors. Outputs, KL and the gradients of the input and every trainable
@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from layer_reference import check_layer
-from reference import TOLERANCE, relative_error
+from reference import TOLERANCE, check_layer, relative_error
 
 import bayeslayers
 

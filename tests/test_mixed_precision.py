@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from layer_reference import check_layer
 from PIL import Image
+from reference import check_layer
 
 import bayeslayers
 
