@@ -19,8 +19,10 @@ Modules, one job each:
   lora_matmul.py      base GEMM + LoRA adapter in one kernel
   triton_ops.py       the Triton kernels as torch.library operators (``TRITON_KERNELS``)
   fused_paths.py      host functions of the fused paths: ``sampled_linear``, ``lora_linear``
-  fusion.py           which path a shape takes: ``fusion_policy``, ``fusion``
-  config.py           autotune configs and limits
+  fusion.py           which path a call takes (fixed policy, BAYESLAYERS_FUSION, or measured) and running it
+  path_timing.py      timing the eligible paths on the user's GPU; the in-process and on-disk choice cache
+  config.py           autotune configs and limits (reshaped where a real compile spilled)
+  aot.py              ahead-of-time compile of every kernel for sm_80..sm_90: registers, spills, shared memory
 """
 
 import importlib

@@ -1,5 +1,6 @@
 """Triton backend: fused sample+KL and gradient kernels from ``bayeslayers.kernels``, and the fused GEMMs
-(sample-in-GEMM Linear, dW epilogue, LoRA in the base GEMM) where ``bayeslayers.kernels.fusion_policy()`` says.
+(sample-in-GEMM Linear, dW epilogue, LoRA in the base GEMM) where ``bayeslayers.kernels.fusion`` chooses them (a fixed
+policy, ``BAYESLAYERS_FUSION``, or timed on the user's GPU).
 
 Runs on CUDA, or on CPU when ``TRITON_INTERPRET=1`` was set before the kernels were imported. Seeds are
 one-element int64 tensors drawn on the weight's device (no host sync; CUDA-graph and torch.compile friendly;
