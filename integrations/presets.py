@@ -15,23 +15,23 @@ attn2) in the blocks, only the LoRA up factor (B) Bayesian.
 layers in SD1.5's 12-layer encoder); embeddings, layer norms and the final norm stay deterministic (and trainable).
 """
 
+from bayeslayers.config import BayesConfig
+
 _BLOCKS = r".*(?:down_blocks|mid_block|up_blocks)\..*"
 
-DREAMBOOTH_BNN = {
-    "target_modules": _BLOCKS + r"(?:attn1\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2))",
-    "mode": "full",
-}
+DREAMBOOTH_BNN = BayesConfig(
+    target_modules=_BLOCKS + r"(?:attn1\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2))",
+    mode="full",
+)
 
-DREAMBOOTH_BNN_LORA = {
-    "target_modules": _BLOCKS + r"attn[12]\.(?:to_q|to_k|to_v|to_out\.0)",
-    "mode": "lora",
-    "rank": 4,
-    "bayesian_factors": "B",
-}
+DREAMBOOTH_BNN_LORA = BayesConfig(
+    target_modules=_BLOCKS + r"attn[12]\.(?:to_q|to_k|to_v|to_out\.0)",
+    mode="lora",
+    rank=4,
+    bayesian_factors="B",
+)
 
-CLIP_TEXT_BNN = {
-    "target_modules": r".*encoder\.layers\.\d+\.(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12])",
-    "mode": "full",
-}
-
-PRESETS = {"dreambooth-bnn": DREAMBOOTH_BNN, "dreambooth-bnn-lora": DREAMBOOTH_BNN_LORA, "clip-text-bnn": CLIP_TEXT_BNN}
+CLIP_TEXT_BNN = BayesConfig(
+    target_modules=r".*encoder\.layers\.\d+\.(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12])",
+    mode="full",
+)

@@ -25,10 +25,10 @@ ROWS_ALONG_N = tl.constexpr(2)
 def tile_layout(stride_wn: int, stride_wk: int) -> int:
     """The ``tile_normals`` LAYOUT for a weight read with these strides (flat-index units)."""
     if stride_wk == 1 and stride_wn % 4 == 0:
-        return 1
+        return ROWS_ALONG_K.value
     if stride_wn == 1 and stride_wk % 4 == 0:
-        return 2
-    return 0
+        return ROWS_ALONG_N.value
+    return SCATTERED.value
 
 
 @triton.jit
