@@ -519,6 +519,7 @@ def test_summary_values_per_posterior_including_lora_factors():
     text = str(rows).splitlines()
     assert text[0].split() == ["layer", "shape", "params", "mean", "sigma", "KL", "|mu|/sigma"]
     assert len(text) == 2 + len(rows) + 1 and set(text[1]) == {"-"}
+    assert len({len(line) for line in text[:-1]}) == 1  # header, rule and rows: one column layout
     assert text[2].split()[0] == "a" and text[2].split()[-4] == "36"
     assert f"{rows[0].mean_sigma:.3e}" in text[2] and f"{rows[0].kl:.4e}" in text[2] and f"{rows[0].snr:.3f}" in text[2]
     total_kl = sum(r.kl for r in rows)
@@ -641,3 +642,136 @@ def test_export_loads_in_stock_diffusers_with_the_mean_outputs(tiny_pipeline, tm
     again_unet, again_text = _unet_and_text_outputs(again.unet.eval(), again.text_encoder.eval())
     torch.testing.assert_close(again_unet, expected_unet, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again_text, expected_text, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_after_the_sampling_block_uses_the_forward_sample():
+    """The seed saved for backward is a copy: leaving (or nesting) sampling() before backward changes nothing."""
+    bayeslayers.set_backend("torch")
+
+    def grads(leave_before_backward):
+        torch.manual_seed(0)
+        model = bayeslayers.convert(Mixed(), target_modules=["a"], init_sigma=0.2)
+        with bayeslayers.sampling(model, seed=1):
+            with bayeslayers.sampling(model, seed=2):
+                y = model.a(torch.randn(3, 6))
+                if not leave_before_backward:
+                    y.square().sum().backward()
+            if leave_before_backward:  # the outer seed is back in the buffer now
+                y.square().sum().backward()
+        return model.a.weight_mu.grad, model.a.weight_rho.grad
+
+    for inside, outside in zip(grads(False), grads(True)):
+        torch.testing.assert_close(outside, inside, rtol=0, atol=0)
+
+
+def test_new_layers_start_like_the_plain_layers_they_replace():
+    torch.manual_seed(0)
+    for layer, fan_in in ((bayeslayers.BayesLinear(300, 200), 300), (bayeslayers.BayesConv2d(30, 200, 3), 270)):
+        bound = 1 / fan_in**0.5  # nn.Linear / nn.Conv2d: kaiming_uniform(a=sqrt(5)) and the same bias bound
+        for tensor in (layer.weight_mu, layer.bias):
+            assert 0.98 * bound < float(tensor.detach().abs().max()) <= bound
+    lora = bayeslayers.BayesLoRALinear(nn.Linear(300, 20), rank=64, bayesian_factors="AB", prior_sigma=0.2)
+    assert 0.98 / 300**0.5 < float(lora.lora_A.weight_mu.detach().abs().max()) <= 1 / 300**0.5
+    torch.testing.assert_close(lora.lora_A.prior_mu, lora.lora_A.weight_mu, rtol=0, atol=0)  # prior at A's start
+    assert lora.lora_B.prior_mu is None and not bool(lora.lora_B.weight_mu.any())
+    assert lora.lora_alpha == 64.0 and lora.scaling == 1.0
+    assert not any(p.requires_grad for p in lora.base_layer.parameters())
+    frozen_bias = nn.Linear(4, 3)
+    frozen_bias.bias.requires_grad_(False)
+    converted = bayeslayers.BayesLinear.from_module(frozen_bias)
+    assert not converted.bias.requires_grad and converted.weight_mu.requires_grad
+    assert not bayeslayers.BayesConv2d.from_module(nn.Conv2d(2, 2, 1, bias=False)).bias
+    one_d = bayeslayers.BayesLinear(4, 3).eval()
+    x = torch.randn(4)
+    torch.testing.assert_close(one_d(x), F.linear(x, one_d.weight_mu, one_d.bias))
+    conv = bayeslayers.BayesConv2d(2, 4, 3, stride=2, padding=1, dilation=2, groups=2, bias=False)
+    assert repr(conv).startswith(
+        "BayesConv2d(2, 4, kernel_size=(3, 3), stride=(2, 2), padding=1, dilation=(2, 2), "
+        "groups=2, padding_mode=zeros, bias=False, prior_mean=zero, prior_sigma=0.01"
+    )
+    assert "in_features=4, out_features=3, bias=True, prior_mean=zero" in repr(one_d)
+    assert "rank=64, lora_alpha=64.0, bayesian_factors='AB'" in repr(lora)
+
+
+def test_save_names_the_layer_at_fault_and_needs_a_bayesian_layer(tmp_path):
+    with pytest.raises(ValueError, match="save: the model has no Bayesian layers; call bayeslayers.convert first"):
+        bayeslayers.save(Mixed(), tmp_path / "x.safetensors")
+    model = _convert(Mixed(), SPECS["lora"])
+    with torch.no_grad():
+        model.b.lora_B.weight_mu[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight_mu of layer 'b.lora_B' holds NaN"):
+        bayeslayers.save(model, tmp_path / "x.safetensors")
+    with pytest.raises(OSError, match=r"save: could not write .*missing/x\.safetensors.*; nothing was written"):
+        bayeslayers.save(_convert(Mixed(), SPECS["full"]), tmp_path / "missing" / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_read_metadata_refuses_other_safetensors_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"is not a bayeslayers checkpoint \(format 'pt', expected 'bayeslayers/1'\)"):
+        bayeslayers.load(Mixed(), tmp_path / "plain.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ValueError, match=r"\(format None, expected"):
+        bayeslayers.read_metadata(tmp_path / "bare.safetensors")
+    _, path = _saved_model(SPECS["mixed"], tmp_path)
+    header = bayeslayers.read_metadata(path)
+    assert header["format"] == "bayeslayers/1" and list(header["layers"]) == ["a", "b", "conv1", "conv2"]
+    assert header["layers"]["b"] == {"type": "lora_linear", "options": _convert(Mixed(), SPECS["mixed"]).b.options()}
+    assert header["layers"]["conv1"]["type"] == "conv2d"
+
+
+def test_convert_checks_its_arguments():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        bayeslayers.convert({"a": 1}, target_modules=["a"])
+    with pytest.raises(ValueError, match="convert needs target_modules or a preset"):
+        bayeslayers.convert(Mixed())
+    with pytest.raises(TypeError, match="config must be a bayeslayers.BayesConfig, got dict"):
+        bayeslayers.convert(Mixed(), config={"target_modules": ["a"]})
+    many = nn.Sequential(*[nn.Linear(2, 2) for _ in range(10)])
+    with pytest.raises(ValueError, match=r"candidates include: '0', '1', '2', '3', '4', '5', '6', '7'$"):
+        bayeslayers.convert(many, target_modules=["x"])
+    with pytest.raises(ValueError, match=r"matched no convertible module \(Linear/Conv2d\) in mode 'full'"):
+        bayeslayers.convert(many, target_modules=["x"])
+    model = bayeslayers.convert(
+        Mixed(),
+        target_modules=["a"],
+        exclude_modules=["b"],
+        config=bayeslayers.BayesConfig(target_modules=["b"], prior_sigma=0.3),
+    )
+    assert [n for n, _ in bayeslayers.bayesian_modules(model)] == ["a"] and model.a.prior_sigma == 0.3
+    layer = bayeslayers.BayesLinear.from_module(nn.Linear(3, 2))
+    plain = bayeslayers.to_deterministic(layer)
+    assert type(plain) is nn.Linear and torch.equal(plain.weight, layer.weight_mu)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_export_writes_what_the_run_trained(tiny_pipeline, tmp_path, mode):
+    """A deterministic run exports no posterior; a plain text-encoder LoRA exports no text-encoder posterior."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from bayeslayers.integrations.dreambooth.export import export_model, lora_layers_state
+
+    pipe = _pipeline(tiny_pipeline)
+    if mode == "full":
+        args = SimpleNamespace(output_dir=str(tmp_path), bayesian=False, train_mode="full", skip_save_text_encoder=True)
+        assert sorted(export_model(pipe.unet, args, pipe.text_encoder)) == ["unet"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["unet"]
+        return
+    bayeslayers.convert(pipe.unet, preset="dreambooth-bnn-lora", rank=2, lora_alpha=3)
+    bayeslayers.convert(pipe.text_encoder, target_modules=["q_proj"], mode="lora", rank=2, bayesian_factors="")
+    randomize_bayesian_state(pipe.unet, seed=1), randomize_bayesian_state(pipe.text_encoder, seed=2)
+    args = SimpleNamespace(output_dir=str(tmp_path), bayesian=True, train_mode="lora", skip_save_text_encoder=False)
+    assert sorted(export_model(pipe.unet, args, pipe.text_encoder)) == ["bayesian_state", "lora_weights"]
+    weights = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    state = lora_layers_state(pipe.unet)
+    name, module = bayeslayers.bayesian_modules(pipe.unet)[0]
+    torch.testing.assert_close(state[f"{name}.lora_A.weight"], module.lora_A.weight)
+    torch.testing.assert_close(state[f"{name}.lora_B.weight"], module.lora_B.weight_mu * 1.5)
+    text_layers = len(bayeslayers.bayesian_modules(pipe.text_encoder))
+    assert sum(k.startswith("text_encoder.") for k in weights) == 2 * text_layers
+    assert len(weights) == len(state) + 2 * text_layers
+    assert lora_layers_state(bayeslayers.convert(Mixed(), target_modules=["a"])) == {}  # no LoRA layers, no keys

@@ -247,3 +247,31 @@ def test_training_curves_plot_the_logged_series(tmp_path, monkeypatch):
     figures.clear()
     plot_history({"step": [1, 2], "loss": [1.0, 0.5]}, tmp_path / "loss.png")
     assert len(figures[0].axes) == 1 and figures[0].axes[0].get_legend() is None
+
+
+def test_non_tensor_optimizer_state_and_checkpoints_without_manifest_or_per_process_rng(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, named, optimizer, scheduler = _training()
+    _step(model, optimizer, scheduler)
+    first = next(iter(named.values()))
+    optimizer.state[first]["count"] = 3  # e.g. 8-bit optimizers keep plain numbers in their state
+    optimizer.state[first]["scale"] = 0.5
+    torch.manual_seed(8)
+    path = save_checkpoint(tmp_path, 1, named, optimizer, scheduler, {}, None)
+    draw = torch.rand(2)
+    optimizer.state[first].update(count=0, scale=1.0)
+    load_checkpoint(path, named, optimizer, scheduler)
+    assert (optimizer.state[first]["count"], optimizer.state[first]["scale"]) == (3, 0.5)
+    torch.testing.assert_close(torch.rand(2), draw, rtol=0, atol=0)
+    load_checkpoint(path, named, optimizer, scheduler, process_index=3)  # more processes now: process 0's state
+    torch.testing.assert_close(torch.rand(2), draw, rtol=0, atol=0)
+
+    # a checkpoint from before manifests and per-process RNG states: one "torch" state, no file sizes
+    state = json.loads((path / STATE_FILE).read_text())
+    del state["files"]
+    (path / STATE_FILE).write_text(json.dumps(state))
+    rng = load_file(str(path / "rng.safetensors"))
+    save_file({"torch": rng["torch.0"]}, str(path / "rng.safetensors"))
+    load_checkpoint(path, named, optimizer, scheduler, process_index=1)
+    torch.testing.assert_close(torch.rand(2), draw, rtol=0, atol=0)
