@@ -520,10 +520,23 @@ def test_summary_values_per_posterior_including_lora_factors():
     assert text[0].split() == ["layer", "shape", "params", "mean", "sigma", "KL", "|mu|/sigma"]
     assert len(text) == 2 + len(rows) + 1 and set(text[1]) == {"-"}
     assert len({len(line) for line in text[:-1]}) == 1  # header, rule and rows: one column layout
+    assert " (3, 3, 3, 3) " in text[4] and " (6, 6) " in text[2]
     assert text[2].split()[0] == "a" and text[2].split()[-4] == "36"
     assert f"{rows[0].mean_sigma:.3e}" in text[2] and f"{rows[0].kl:.4e}" in text[2] and f"{rows[0].snr:.3f}" in text[2]
     total_kl = sum(r.kl for r in rows)
     assert text[-1] == f"5 Bayesian layers, {sum(r.numel for r in rows)} Bayesian weights, total KL {total_kl:.4e}"
+
+
+class _Square(nn.Module):
+    def forward(self, x):
+        return x * x  # autograd saves x twice: one storage
+
+
+def test_saved_tensor_bytes_counts_each_storage_once_and_nothing_else():
+    x = torch.randn(5, 4, requires_grad=True)
+    assert bayeslayers.saved_tensor_bytes(_Square(), x) == 5 * 4 * 4
+    assert bayeslayers.saved_tensor_bytes(nn.Linear(4, 3), x) == 5 * 4 * 4  # x; the weight is the module's own
+    assert bayeslayers.saved_tensor_bytes(nn.Linear(4, 3).requires_grad_(False), x.detach()) == 0
 
 
 def test_layers_built_directly_validate_and_keep_their_options():
