@@ -508,6 +508,10 @@ def test_summary_values_per_posterior_including_lora_factors():
         assert row.kl == pytest.approx(float(kl), rel=1e-5)
         assert row.snr == pytest.approx(float((mu.abs() / sigma).mean()), rel=1e-5)
     assert not any(layer.weight_mu.grad is not None for _, layer in layers)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        bayeslayers.summary(model)
+    assert packed == []  # statistics only: no autograd graph is built
     assert rows.as_dicts()[2] == {
         "name": "conv1",
         "shape": (3, 3, 3, 3),
@@ -544,6 +548,7 @@ def test_layers_built_directly_validate_and_keep_their_options():
         4, 3, init_sigma=0.2, prior_sigma=0.4, kl_direction="pq", prior_mean=torch.ones(3, 4), prior_dtype=FP16
     )
     torch.testing.assert_close(layer.weight_sigma, torch.full((3, 4), 0.2))
+    assert layer.weight is layer.weight_mu  # code reading .weight sees the posterior mean
     assert layer.prior_mu.dtype == FP16 and bool((layer.prior_mu == 1).all())
     assert layer.options() == {"prior_sigma": 0.4, "kl_direction": "pq", "prior_dtype": "float16"}
     assert "prior_mean=pretrained, prior_sigma=0.4, kl_direction='pq'" in repr(layer)
