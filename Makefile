@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS ?= -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench wheel clean gpu-check aot
+.PHONY: install demo test lint bench wheel clean gpu-check aot mutation
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,23 @@ gpu-check: $(STAMP)
 # Ahead-of-time compile of every Triton kernel for sm_80/86/89/90 (no GPU needed; ~30 min on 2 cores).
 aot: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m bayeslayers.kernels.aot --subset full --csv benchmarks/results/aot_compile.csv
+
+# Mutation testing of the core's model-level modules (not in CI; about an hour on 2 cores). Runs in a copy of the
+# tree under build/mutation (config: [tool.mutmut] in pyproject.toml); the per-module summary goes to
+# build/mutation/mutation-summary.md, the survivors' diffs to build/mutation/survivors.diff. MUTANTS='bayeslayers.objectives.*' limits the run to some mutants.
+MUTATION_DIR := build/mutation
+MUTANTS ?=
+
+mutation: $(STAMP)
+	$(PY) -c "import mutmut" 2>/dev/null || $(PIP) install -q $(CONSTRAINTS) mutmut==3.8.1
+	mkdir -p $(MUTATION_DIR)
+	rm -rf $(MUTATION_DIR)/bayeslayers $(MUTATION_DIR)/tests
+	cp -rp bayeslayers tests pyproject.toml $(MUTATION_DIR)/
+	rm -rf $(MUTATION_DIR)/bayeslayers/kernels $(MUTATION_DIR)/bayeslayers/integrations
+	cp -rp kernels $(MUTATION_DIR)/bayeslayers/kernels
+	cp -rp integrations $(MUTATION_DIR)/bayeslayers/integrations
+	cd $(MUTATION_DIR) && HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(abspath $(PY)) -m mutmut run $(MUTANTS)
+	cd $(MUTATION_DIR) && $(abspath $(PY)) $(CURDIR)/tools/mutation_summary.py
 
 wheel: $(STAMP)
 	$(PY) -m build --wheel --no-isolation --outdir dist .

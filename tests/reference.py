@@ -218,3 +218,41 @@ def check_layer(
     bad = {k: v for k, v in errors.items() if v > (1e-5 if k == "kl" else tol)}
     assert not bad, f"relative errors above {tol} ({compute_dtype}, backend {backend}): {bad}"
     return errors
+
+
+def randomize_bayesian_state(model, seed, rho_range=(-4.0, -1.5)):
+    """Moves every Bayesian layer of ``model`` away from its initial state, in place: each posterior (mu, rho,
+    prior mean, bias) via :func:`randomize_layer` and the plain factors of LoRA layers (so that B != 0), all
+    from ``seed``. Returns ``model``."""
+    import bayeslayers
+
+    torch.manual_seed(seed)
+    for _, module in bayeslayers.bayesian_modules(model):
+        for factor in (getattr(module, "lora_A", None), getattr(module, "lora_B", None)):
+            if factor is not None and not isinstance(factor, bayeslayers.BayesianLayer):
+                with torch.no_grad():
+                    factor.weight.normal_(0, 0.3)
+    for _, layer in bayeslayers.posterior_layers(model):
+        randomize_layer(layer, rho_range=rho_range)
+    return model
+
+
+def bayesian_state(model):
+    """{name: tensor clone} of everything :func:`bayeslayers.save` stores, plus each layer's options."""
+    import bayeslayers
+
+    tensors, options = {}, {}
+    for name, module in bayeslayers.bayesian_modules(model):
+        options[name] = module.options()
+        for key, tensor in module.state_dict().items():
+            if not key.startswith("base_layer."):
+                tensors[f"{name}.{key}"] = tensor.detach().clone()
+    return tensors, options
+
+
+def assert_same_tensors(actual: dict, expected: dict):
+    """Same keys, dtypes, shapes and values (bit for bit)."""
+    assert sorted(actual) == sorted(expected)
+    for key, tensor in expected.items():
+        assert actual[key].dtype == tensor.dtype, key
+        torch.testing.assert_close(actual[key], tensor, rtol=0, atol=0, msg=key)

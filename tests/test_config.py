@@ -1,6 +1,7 @@
 """BayesConfig: one home for every option (convert, presets, checkpoints, command lines)."""
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn as nn
 
 import bayeslayers
 from bayeslayers import BayesConfig
-from bayeslayers.config import DEFAULTS, LORA_FIELDS, POSTERIOR_FIELDS
+from bayeslayers.config import DEFAULTS, LORA_FIELDS, POSTERIOR_FIELDS, dtype_from_name, dtype_name, option_names
 
 
 def _mlp():
@@ -86,3 +87,65 @@ def test_command_line_flags_come_from_the_fields():
     assert "prior std" in parser.format_help()
     with pytest.raises(SystemExit):
         parser.parse_args(["--kl_direction", "kl"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(prior_sigma=float("nan")), "prior_sigma must be a positive finite number, got nan"),
+        (dict(init_sigma=float("inf")), "init_sigma must be a positive finite number, got inf"),
+        (dict(init_sigma=True), "init_sigma must be a positive finite number, got True"),
+        (dict(prior_sigma="0.1"), "prior_sigma must be a positive finite number, got '0.1'"),
+        (dict(prior_dtype=torch.int8), "prior_dtype must be one of"),
+        (dict(rank=2.0), "rank must be a positive integer, got 2.0"),
+        (dict(rank=-1), "rank must be a positive integer, got -1"),
+        (dict(lora_alpha=0), "lora_alpha must be a positive number or None, got 0"),
+        (dict(lora_alpha=True), "lora_alpha must be a positive number or None, got True"),
+        (dict(lora_alpha="8"), "lora_alpha must be a positive number or None, got '8'"),
+        (dict(bayesian_factors="BA"), "bayesian_factors must be one of"),
+        (dict(mode="half"), "mode must be one of"),
+    ],
+)
+def test_every_option_is_validated(options, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        BayesConfig(**options)
+
+
+def test_valid_edge_values_pass_and_names_round_trip():
+    config = BayesConfig(
+        target_modules=["a", "b"],
+        exclude_modules=["c"],
+        rank=1,
+        lora_alpha=0.5,
+        init_sigma=1e-9,
+        prior_dtype="torch.float16",
+        bayesian_factors="",
+    )
+    assert config.target_modules == ("a", "b") and config.exclude_modules == ("c",)
+    assert config.prior_dtype == torch.float16 and BayesConfig(target_modules="a|b").target_modules == "a|b"
+    assert config.replace(rank=3).rank == 3 and config.replace().rank == 1
+    assert config.layer_options(("rank", "lora_alpha")) == {"rank": 1, "lora_alpha": 0.5}
+    with pytest.raises(TypeError, match=r"unknown BayesConfig option\(s\) \['a', 'b'\]; options: \['target_modules', "):
+        config.replace(b=1, a=2)
+    assert dtype_from_name("bfloat16", "x") is torch.bfloat16 and dtype_from_name("torch.float64", "x") is torch.float64
+    with pytest.raises(ValueError, match="^my_arg must name a torch dtype such as 'bfloat16', got 'Tensor'$"):
+        dtype_from_name("Tensor", "my_arg")
+    assert dtype_name(torch.bfloat16) == "bfloat16" and dtype_name(None) is None
+    assert option_names()[:3] == ["target_modules", "exclude_modules", "mode"] and len(option_names()) == 10
+
+
+def test_command_line_none_values_and_defaults():
+    parser = BayesConfig.add_arguments(argparse.ArgumentParser(), ("prior_dtype", "lora_alpha", "init_sigma", "mode"))
+    defaults = parser.parse_args([])
+    assert (defaults.prior_dtype, defaults.lora_alpha, defaults.init_sigma, defaults.mode) == (None, None, 0.01, "full")
+    for text, expected in (("none", None), ("float32", None), ("NONE", None), ("float16", torch.float16)):
+        assert parser.parse_args(["--prior_dtype", text]).prior_dtype == expected
+    assert parser.parse_args(["--lora_alpha", "None"]).lora_alpha is None
+    assert parser.parse_args(["--lora_alpha", "2.5"]).lora_alpha == 2.5
+    assert parser.parse_args(["--mode", "lora"]).mode == "lora"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "half"])
+    group = argparse.ArgumentParser().add_argument_group("bayes")
+    assert BayesConfig.add_arguments(group, ("rank",)) is group
+    config = BayesConfig.from_arguments(parser.parse_args(["--init_sigma", "0.2"]), ("init_sigma",), rank=2)
+    assert (config.init_sigma, config.rank) == (0.2, 2)
