@@ -124,8 +124,11 @@ def convert(
         raise ValueError("convert needs target_modules or a preset naming the modules to make Bayesian")
 
     selected = _select(model, targets, excludes, config.mode)
-    if config.mode == "lora":
+    if config.mode == "lora":  # freeze the model, but not the adapters of earlier lora conversions
+        adapters = [p for _, m in bayesian_modules(model) for p in m.parameters() if p.requires_grad]
         model.requires_grad_(False)
+        for parameter in adapters:
+            parameter.requires_grad_(True)
     for name in selected:
         module = model.get_submodule(name)
         layer_type = layer_type_for_source(module, config.mode)

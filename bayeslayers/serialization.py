@@ -120,13 +120,13 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     f"{sorted(stored)} in the checkpoint"
                 )
             for key, target in expected.items():
-                tensor = handle.get_tensor(f"{name}.{key}")
-                if tuple(tensor.shape) != tuple(target.shape):
+                shape = tuple(handle.get_slice(f"{name}.{key}").get_shape())
+                if shape != tuple(target.shape):
                     raise ValueError(
-                        f"load: {name}.{key} has shape {tuple(target.shape)} in the model but "
-                        f"{tuple(tensor.shape)} in the checkpoint"
+                        f"load: {name}.{key} has shape {tuple(target.shape)} in the model but {shape} in the checkpoint"
                     )
+            module.apply_options(entry["options"])  # first: the prior buffer takes the saved dtype, no rounding
+            for key, target in _layer_state(module).items():
                 with torch.no_grad():
-                    target.copy_(tensor)
-            module.apply_options(entry["options"])
+                    target.copy_(handle.get_tensor(f"{name}.{key}"))
     return model

@@ -138,8 +138,11 @@ def test_command_line_none_values_and_defaults():
     parser = BayesConfig.add_arguments(argparse.ArgumentParser(), ("prior_dtype", "lora_alpha", "init_sigma", "mode"))
     defaults = parser.parse_args([])
     assert (defaults.prior_dtype, defaults.lora_alpha, defaults.init_sigma, defaults.mode) == (None, None, 0.01, "full")
-    for text, expected in (("none", None), ("float32", None), ("NONE", None), ("float16", torch.float16)):
+    # dtype names (JSON-friendly in saved arguments); BayesConfig turns them into torch dtypes
+    for text, expected in (("none", None), ("float32", None), ("NONE", None), ("float16", "float16")):
         assert parser.parse_args(["--prior_dtype", text]).prior_dtype == expected
+    args = parser.parse_args(["--prior_dtype", "torch.bfloat16"])
+    assert BayesConfig.from_arguments(args, ("prior_dtype",)).prior_dtype == torch.bfloat16
     assert parser.parse_args(["--lora_alpha", "None"]).lora_alpha is None
     assert parser.parse_args(["--lora_alpha", "2.5"]).lora_alpha == 2.5
     assert parser.parse_args(["--mode", "lora"]).mode == "lora"

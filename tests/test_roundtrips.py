@@ -56,7 +56,11 @@ SPECS = {
         (["conv2"], dict(mode="lora", rank=3, lora_alpha=2, bayesian_factors="AB", kl_direction="pq")),
     ],
 }
-OTHER_DTYPE = {None: None, BF16: None, FP16: None}  # narrower / wider stores: see the xfail tests below
+OTHER_DTYPE = {
+    None: None,
+    BF16: None,
+    FP16: None,
+}  # other stores: test_load_restores_the_saved_prior_whatever_dtype_the_model_stores_it_in
 
 
 def _other_options(options):
@@ -136,11 +140,6 @@ def test_load_converts_an_unconverted_model_like_the_saved_one(kind, tmp_path):
         assert grads["keep.weight"] and grads["a.weight_rho"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load converts one layer per convert call, and each convert call in mode "
-    "lora freezes every parameter of the model, so only the last layer's adapter stays trainable",
-)
 def test_load_of_a_lora_checkpoint_into_an_unconverted_model_leaves_every_adapter_trainable(tmp_path):
     saved, path = _saved_model([(["a", "b", "conv1"], dict(mode="lora", rank=2, bayesian_factors="A"))], tmp_path)
     trainable = sorted(n for n, p in saved.named_parameters() if p.requires_grad)
@@ -171,12 +170,6 @@ def test_load_into_a_converted_model_replaces_its_weights_priors_and_options(kin
     _assert_same_model(target, saved)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load copies the saved prior into the model's prior buffer (in the model's "
-    "dtype) before it applies the saved options, and a LoRA layer saved with the default float32 prior "
-    "(prior_dtype None) never changes its factors' prior dtype back",
-)
 @pytest.mark.parametrize(
     ("mode", "saved_dtype", "model_dtype"),
     [

@@ -106,8 +106,9 @@ class _BayesLoRA(nn.Module):
         self.lora_alpha = float(options["lora_alpha"])
         self.scaling = self.lora_alpha / self.rank
         self.lora_prior_dtype = options.get("prior_dtype")
+        factor_options = {**options, "prior_dtype": self.lora_prior_dtype or "float32"}  # None: float32 priors
         for factor in self._posteriors():
-            factor.apply_options(options)
+            factor.apply_options(factor_options)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Base GEMM and adapter as one kernel where the backend offers it; None otherwise."""
