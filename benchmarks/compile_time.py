@@ -61,7 +61,11 @@ def main(args) -> list[dict]:
     device = torch.device(args.device)
     bayeslayers.set_backend(args.backend)
     env = environment(device, "")
+    import torch._inductor.config
+
+    torch._inductor.config.force_disable_caches = True  # every compile from scratch, as a user's first one
     rows = []
+    compile_seconds("deterministic:compiled", "micro", device, steady_steps=1)  # Inductor's one-time start-up costs
     for provider, model in (("deterministic:compiled", "plain"), ("auto:compiled", "converted (dreambooth-bnn)")):
         first, steady = compile_seconds(provider, args.config, device)
         rows.append(
