@@ -61,9 +61,9 @@ def main(args) -> list[dict]:
     device = torch.device(args.device)
     bayeslayers.set_backend(args.backend)
     env = environment(device, "")
-    import torch._inductor.config
+    from torch._inductor import config as inductor_config
 
-    torch._inductor.config.force_disable_caches = True  # every compile from scratch, as a user's first one
+    inductor_config.force_disable_caches = True  # every compile from scratch, as a user's first one
     rows = []
     compile_seconds("deterministic:compiled", "micro", device, steady_steps=1)  # Inductor's one-time start-up costs
     for provider, model in (("deterministic:compiled", "plain"), ("auto:compiled", "converted (dreambooth-bnn)")):
