@@ -285,6 +285,10 @@ def _deterministic_cases():
             ),
             (2, 4, 7, 6),
         ),
+        "conv-same-even-kernel": (
+            lambda: bayeslayers.BayesConv2d.from_module(nn.Conv2d(3, 4, (3, 4), padding="same")),
+            (2, 3, 6, 7),
+        ),
         "lora-conv-dilated-positional": (
             lambda: bayeslayers.BayesLoRAConv2d(nn.Conv2d(3, 4, 3, padding=2, dilation=2), 2, 3, "A"),
             (1, 3, 7, 6),
