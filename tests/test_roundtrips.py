@@ -278,6 +278,14 @@ def _deterministic_cases():
             ),
             (2, 4, 7, 6),
         ),
+        "conv-same-even-kernel": (
+            lambda: bayeslayers.BayesConv2d.from_module(nn.Conv2d(3, 4, (3, 4), padding="same")),
+            (2, 3, 6, 7),
+        ),
+        "lora-conv-dilated-positional": (
+            lambda: bayeslayers.BayesLoRAConv2d(nn.Conv2d(3, 4, 3, padding=2, dilation=2), 2, 3, "A"),
+            (1, 3, 7, 6),
+        ),
         "lora-conv-A-reflect": (
             lambda: bayeslayers.BayesLoRAConv2d(
                 nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"), rank=3, lora_alpha=1, bayesian_factors="A"
@@ -627,8 +635,12 @@ def test_export_loads_in_stock_diffusers_with_the_mean_outputs(tiny_pipeline, tm
     written = export_model(unet, args, text_encoder)
     assert written["bayesian_state"] == str(tmp_path / BAYESIAN_STATE)
     assert written["text_encoder_bayesian_state"] == str(tmp_path / TEXT_ENCODER_BAYESIAN_STATE)
+    for key in ("bayesian_state", "text_encoder_bayesian_state"):
+        assert bayeslayers.read_metadata(written[key])["train_mode"] == mode
     if mode == "full":
         assert sorted(written) == ["bayesian_state", "text_encoder", "text_encoder_bayesian_state", "unet"]
+        for folder in ("unet", "text_encoder"):  # checkpoints are safetensors
+            assert [p.suffix for p in (tmp_path / folder).iterdir() if p.suffix != ".json"] == [".safetensors"]
         stock = _pipeline(
             tiny_pipeline,
             unet=UNet2DConditionModel.from_pretrained(written["unet"]),
@@ -636,6 +648,7 @@ def test_export_loads_in_stock_diffusers_with_the_mean_outputs(tiny_pipeline, tm
         )
     else:
         assert sorted(written) == ["bayesian_state", "lora_weights", "text_encoder_bayesian_state"]
+        assert written["lora_weights"] == str(tmp_path / "pytorch_lora_weights.safetensors")
         stock = _pipeline(tiny_pipeline)
         stock.load_lora_weights(str(tmp_path))
     assert not bayeslayers.posterior_layers(stock.unet) and not bayeslayers.posterior_layers(stock.text_encoder)
@@ -786,3 +799,11 @@ def test_export_writes_what_the_run_trained(tiny_pipeline, tmp_path, mode):
     assert sum(k.startswith("text_encoder.") for k in weights) == 2 * text_layers
     assert len(weights) == len(state) + 2 * text_layers
     assert lora_layers_state(bayeslayers.convert(Mixed(), target_modules=["a"])) == {}  # no LoRA layers, no keys
+    mixed = lora_layers_state(_convert(Mixed(), SPECS["mixed"]))  # a full layer first, then LoRA layers
+    assert sorted(mixed) == ["b.lora_A.weight", "b.lora_B.weight", "conv2.lora_A.weight", "conv2.lora_B.weight"]
+    unet_only = tmp_path / "unet-only"
+    unet_only.mkdir()
+    args = SimpleNamespace(output_dir=str(unet_only), bayesian=True, train_mode="lora", skip_save_text_encoder=False)
+    assert sorted(export_model(pipe.unet, args)) == ["bayesian_state", "lora_weights"]
+    unet_keys = load_file(str(unet_only / "pytorch_lora_weights.safetensors"))
+    assert unet_keys and not any(k.startswith("text_encoder.") for k in unet_keys)
