@@ -10,12 +10,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
-from tiny_models import save_tiny_pipeline
 
 import bayeslayers
 from bayeslayers.integrations.dreambooth import main, parse_args
@@ -27,14 +24,9 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    pipe = save_tiny_pipeline(root / "pipe")
-    images = root / "instance"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
-    return root, pipe, str(images)
+    from tiny_models import recipe_workspace
+
+    return recipe_workspace(tmp_path_factory.mktemp("faults"))
 
 
 def _argv(workspace, out, *extra):

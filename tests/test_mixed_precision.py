@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 from reference import check_layer
 
 import bayeslayers
@@ -57,16 +56,9 @@ def test_layers_under_autocast_follow_its_dtype_and_keep_fp32_parameters_and_gra
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tiny_models import save_tiny_pipeline
+    from tiny_models import recipe_workspace
 
-    root = tmp_path_factory.mktemp("mixed")
-    pipe = save_tiny_pipeline(root / "pipe")
-    images = root / "instance"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
-    return root, pipe, str(images)
+    return recipe_workspace(tmp_path_factory.mktemp("mixed"))
 
 
 def _reset_accelerate():

@@ -12,10 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 TESTS = Path(__file__).parent
 PROMPT = "a sks star"
@@ -75,16 +73,9 @@ def test_two_processes_with_one_shared_weight_sample_average_to_the_one_process_
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tiny_models import save_tiny_pipeline
+    from tiny_models import recipe_workspace
 
-    root = tmp_path_factory.mktemp("multiprocess")
-    pipe = save_tiny_pipeline(root / "pipe")
-    images = root / "instance"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
-    return root, pipe, str(images)
+    return recipe_workspace(tmp_path_factory.mktemp("multiprocess"))
 
 
 def _recipe(workspace, out, *extra):

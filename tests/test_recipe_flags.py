@@ -8,8 +8,6 @@ import types
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from tiny_models import save_tiny_pipeline
 
 from bayeslayers.integrations.dreambooth import args as recipe_args
 from bayeslayers.integrations.dreambooth import main, parse_args, recipe
@@ -180,14 +178,9 @@ def test_every_diffusers_flag_parses_with_its_type(name, kind):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flags")
-    pipe = save_tiny_pipeline(root / "pipe")
-    images = root / "instance"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
-    return root, pipe, str(images)
+    from tiny_models import recipe_workspace
+
+    return recipe_workspace(tmp_path_factory.mktemp("flags"))
 
 
 def _base(workspace, out="out"):

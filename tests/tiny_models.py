@@ -89,3 +89,17 @@ def save_tiny_pipeline(path, seed: int = 0) -> str:
     )
     pipe.save_pretrained(path)
     return path
+
+
+def recipe_workspace(root):
+    """(root, tiny pipeline dir, instance image dir with 3 random 20x24 images) for the recipe tests."""
+    import numpy as np
+    from PIL import Image
+
+    pipe = save_tiny_pipeline(root / "pipe")
+    images = root / "instance"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
+    return root, pipe, str(images)
