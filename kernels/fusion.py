@@ -130,11 +130,12 @@ def weight_path(path: str):
     if path not in LINEAR_PATHS:
         raise ValueError(f"path must be one of {LINEAR_PATHS}, got {path!r}")
     if path not in _WEIGHT_PATHS:
-        from .reparameterized import SampleInGemm, SampleThenMap
+        from .fused_paths import SAMPLE_IN_GEMM as sample_in_gemm  # the one instance sampled_linear uses too
+        from .reparameterized import SampleThenMap
         from .triton_ops import TRITON_KERNELS
 
         _WEIGHT_PATHS[path] = (
-            SampleInGemm(TRITON_KERNELS)
+            sample_in_gemm
             if path == SAMPLE_IN_GEMM
             else SampleThenMap(TRITON_KERNELS, weight_grad_epilogue=path == DW_EPILOGUE)
         )
