@@ -103,3 +103,83 @@ def recipe_workspace(root):
     for i in range(3):
         Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
     return root, pipe, str(images)
+
+
+def _char_tokenizer_dir(path, max_length: int = 16):
+    """A character-level CLIP tokenizer folder (vocab.json + merges.txt) that loads offline; returns the vocab."""
+    import json
+    import os
+    import string
+
+    chars = list(string.ascii_lowercase + string.digits + ".,'!?-")
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    os.makedirs(path, exist_ok=True)
+    with open(f"{path}/vocab.json", "w") as handle:
+        json.dump(vocab, handle)
+    with open(f"{path}/merges.txt", "w") as handle:
+        handle.write("#version: 0.2\n")
+    return vocab
+
+
+def save_tiny_clip(path, seed: int = 0) -> str:
+    """A random-weight CLIPModel (32 px images, 16-d projection) with tokenizer and image processor (shortest
+    edge 32, center crop 32), saved with ``save_pretrained`` to ``path``; returns the path."""
+    import transformers
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    path = str(path)
+    vocab = _char_tokenizer_dir(f"{path}/tokenizer_src")
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(path)
+    CLIPTokenizer.from_pretrained(f"{path}/tokenizer_src", model_max_length=32).save_pretrained(path)
+    transformers.CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(path)
+    return path
+
+
+def save_tiny_vit(path, seed: int = 0) -> str:
+    """A random-weight ViTModel (DINO-style, 32 px, no pooler) with an image processor (resize 36x36, center crop
+    32, ImageNet mean/std), saved to ``path``; returns the path."""
+    import transformers
+    from transformers import ViTConfig, ViTModel
+
+    path = str(path)
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    transformers.ViTImageProcessorPil(
+        size={"height": 36, "width": 36},
+        crop_size={"height": 32, "width": 32},
+        do_center_crop=True,
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(path)
+    return path
