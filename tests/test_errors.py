@@ -10,7 +10,7 @@ def test_wrong_input_shape_and_dtype():
     linear = bayeslayers.BayesLinear(8, 4)
     with pytest.raises(ValueError, match=r"last dimension in_features=8, got shape \(2, 7\)"):
         linear(torch.randn(2, 7))
-    with pytest.raises(TypeError, match="input x must be a floating-point tensor, got torch.int64"):
+    with pytest.raises(TypeError, match="^BayesLinear: input x must be a floating-point tensor, got torch.int64"):
         linear(torch.ones(2, 8, dtype=torch.long))
     conv = bayeslayers.BayesConv2d(3, 4, 3)
     with pytest.raises(ValueError, match=r"C=in_channels=3, got shape \(1, 2, 8, 8\)"):
@@ -88,3 +88,45 @@ def test_summary_reports_each_layer():
     assert rows[0].shape == (5, 3) and rows[0].numel == 15
     assert abs(rows[0].mean_sigma - 0.02) < 1e-6 and rows[0].kl > 0
     assert "Bayesian layers" in str(rows)
+
+
+def test_layers_name_the_option_at_fault():
+    """Built directly, updated by apply_options or wrapped in LoRA: each bad option is named in the error."""
+    positive = "must be a positive finite number"
+    for kind in (lambda **o: bayeslayers.BayesLinear(4, 3, **o), lambda **o: bayeslayers.BayesConv2d(2, 3, 3, **o)):
+        with pytest.raises(ValueError, match=f"^init_sigma {positive}, got 0"):
+            kind(init_sigma=0)
+        with pytest.raises(ValueError, match=f"^prior_sigma {positive}, got -1"):
+            kind(prior_sigma=-1)
+        with pytest.raises(ValueError, match=r"^kl_direction must be one of \('qp', 'pq'\), got 'kl'"):
+            kind(kl_direction="kl")
+    layer = bayeslayers.BayesLinear.from_module(torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=f"^prior_sigma {positive}, got 0"):
+        layer.apply_options({"prior_sigma": 0, "kl_direction": "qp"})
+    with pytest.raises(ValueError, match="^kl_direction must be one of"):
+        layer.apply_options({"prior_sigma": 0.1, "kl_direction": "both"})
+    with pytest.raises(ValueError, match="^prior_dtype must name a torch dtype such as 'bfloat16', got 'half8'"):
+        layer.apply_options({"prior_sigma": 0.1, "kl_direction": "qp", "prior_dtype": "half8"})
+    # a plain LoRA (no Bayesian factor to check them) still checks every posterior option
+    base = torch.nn.Linear(4, 3)
+    bad = {
+        "rank": (0, "^rank must be a positive integer, got 0"),
+        "lora_alpha": (-1, "^lora_alpha must be a positive number or None, got -1"),
+        "bayesian_factors": ("C", "^bayesian_factors must be one of"),
+        "init_sigma": (0, f"^init_sigma {positive}"),
+        "prior_sigma": (0, f"^prior_sigma {positive}"),
+        "kl_direction": ("kl", "^kl_direction must be one of"),
+        "prior_dtype": (torch.int8, "^prior_dtype must be one of"),
+    }
+    for name, (value, message) in bad.items():
+        options = {"bayesian_factors": ""} if name != "bayesian_factors" else {}
+        with pytest.raises(ValueError, match=message):
+            bayeslayers.BayesLoRALinear(base, **options, **{name: value})
+
+
+def test_non_finite_values_of_an_unnamed_layer():
+    layer = bayeslayers.BayesLinear(4, 3)
+    with torch.no_grad():
+        layer.weight_mu[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="^weight_mu holds NaN or Inf values; expected finite numbers$"):
+        layer.check_finite()

@@ -234,3 +234,77 @@ def test_conv_options_match_nn_conv2d_in_eval(padding, padding_mode, stride, dil
     assert y.shape == conv(x).shape
     y.sum().backward()
     assert layer.weight_rho.grad is not None
+
+
+@pytest.mark.parametrize(
+    "kind,args",
+    [
+        ("linear", (5, 7)),
+        ("linear", (1, 3)),
+        ("linear", (0, 4)),
+        ("conv2d", (3, 4, 3)),
+        ("conv2d", (3, 1, (2, 3))),
+        ("conv2d", (0, 2, 3)),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_layers_built_directly_start_like_the_plain_layer_with_its_defaults(kind, args):
+    """Same seed, same weight and bias as nn.Linear / nn.Conv2d (zero-size inputs too), and the same defaults."""
+    plain_type, layer_type = (
+        (nn.Linear, bayeslayers.BayesLinear) if kind == "linear" else (nn.Conv2d, bayeslayers.BayesConv2d)
+    )
+    torch.manual_seed(3)
+    plain = plain_type(*args)
+    torch.manual_seed(3)
+    layer = layer_type(*args).eval()
+    torch.testing.assert_close(layer.weight_mu, plain.weight, rtol=0, atol=0)
+    torch.testing.assert_close(layer.bias, plain.bias, rtol=0, atol=0)
+    if args[0]:
+        x = torch.randn(2, args[0]) if kind == "linear" else torch.randn(2, args[0], 7, 6)
+        torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)
+
+
+def test_parameters_and_exports_stay_float32_whatever_the_default_dtype():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        layers = [bayeslayers.BayesLinear(4, 3), bayeslayers.BayesConv2d(2, 3, 3)]
+    finally:
+        torch.set_default_dtype(default)
+    for layer in layers:
+        assert layer.weight_mu.dtype == layer.weight_rho.dtype == torch.float32
+        torch.set_default_dtype(torch.float64)
+        try:
+            plain = layer.to_deterministic()
+        finally:
+            torch.set_default_dtype(default)
+        assert plain.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_to_deterministic_returns_the_converted_modules_dtype(dtype):
+    for plain in (nn.Linear(5, 4).to(dtype), nn.Conv2d(2, 3, 3, padding=1).to(dtype)):
+        model = bayeslayers.convert(nn.Sequential(plain), target_modules=["0"])
+        assert isinstance(model[0], bayeslayers.BayesianLayer) and model[0].weight_mu.dtype == torch.float32
+        back = bayeslayers.to_deterministic(model)[0]
+        assert type(back) is type(plain) and back.weight.dtype == back.bias.dtype == dtype
+        torch.testing.assert_close(back.weight, plain.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kernel,padding_mode",
+    [(3, "reflect"), (4, "zeros"), ((2, 4), "zeros"), ((2, 3), "replicate"), (3, "circular")],
+)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+def test_conv_same_padding_matches_nn_conv2d_for_every_kernel_parity_and_padding_mode(kernel, padding_mode):
+    conv = nn.Conv2d(3, 4, kernel, padding="same", padding_mode=padding_mode)
+    layer = bayeslayers.BayesConv2d.from_module(conv).eval()
+    x = torch.randn(2, 3, 7, 8)
+    torch.testing.assert_close(layer(x), conv(x))
+    torch.testing.assert_close(layer.to_deterministic()(x), conv(x))
+
+
+def test_conv_keeps_a_batch_of_one_batched():
+    layer = bayeslayers.BayesConv2d(3, 4, 3).eval()
+    assert layer(torch.randn(1, 3, 6, 6)).shape == (1, 4, 4, 4)
+    assert layer(torch.randn(3, 6, 6)).shape == (4, 4, 4)
