@@ -139,7 +139,7 @@ def save_tiny_clip(path, seed: int = 0) -> str:
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=2,
-            max_position_embeddings=32,
+            max_position_embeddings=64,
             bos_token_id=vocab["<|startoftext|>"],
             eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=1,
@@ -155,7 +155,7 @@ def save_tiny_clip(path, seed: int = 0) -> str:
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(path)
-    CLIPTokenizer.from_pretrained(f"{path}/tokenizer_src", model_max_length=32).save_pretrained(path)
+    CLIPTokenizer.from_pretrained(f"{path}/tokenizer_src", model_max_length=64).save_pretrained(path)
     transformers.CLIPImageProcessorPil(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     ).save_pretrained(path)
