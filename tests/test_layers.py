@@ -1,5 +1,7 @@
 """Every layer type and backend against a float64 reference that uses the same eps."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -308,3 +310,20 @@ def test_conv_keeps_a_batch_of_one_batched():
     layer = bayeslayers.BayesConv2d(3, 4, 3).eval()
     assert layer(torch.randn(1, 3, 6, 6)).shape == (1, 4, 4, 4)
     assert layer(torch.randn(3, 6, 6)).shape == (4, 4, 4)
+
+
+@pytest.mark.parametrize("factors", ["AB", ""])
+def test_lora_on_a_bfloat16_base_returns_bfloat16_without_autocast(factors):
+    cases = [
+        (nn.Linear(6, 5), torch.randn(3, 6), bayeslayers.BayesLoRALinear),
+        (nn.Conv2d(3, 4, 3, padding=1), torch.randn(2, 3, 5, 5), bayeslayers.BayesLoRAConv2d),
+    ]
+    for base, x, lora_type in cases:
+        merged = copy.deepcopy(base)  # fp32: base + the merged update, the output's reference
+        layer = lora_type(base.to(torch.bfloat16), rank=2, lora_alpha=3, bayesian_factors=factors).eval()
+        with torch.no_grad():
+            layer.lora_B.weight.normal_()
+            merged.weight.add_(layer.merged_delta())
+        y = layer(x.to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16
+        assert relative_error(y.float(), merged(x)) < 3e-2

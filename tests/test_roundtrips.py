@@ -233,6 +233,22 @@ def test_options_record_every_convert_option():
     assert bayeslayers.convert(Mixed(), target_modules=["a"], prior_dtype=FP16).a.options()["prior_dtype"] == "float16"
 
 
+def test_convert_gives_every_layer_type_each_posterior_option():
+    options = dict(init_sigma=0.07, prior_sigma=0.3, kl_direction="pq", prior_dtype=BF16)
+    full = bayeslayers.convert(Mixed(), target_modules=["a", "conv1"], **options)
+    lora = bayeslayers.convert(Mixed(), target_modules=["b", "conv2"], mode="lora", rank=2, **options)
+    factors = [lora.b.lora_A, lora.b.lora_B, lora.conv2.lora_A, lora.conv2.lora_B]
+    for layer in [full.a, full.conv1, *factors]:
+        torch.testing.assert_close(layer.weight_sigma, torch.full_like(layer.weight_sigma, 0.07))
+        assert (layer.prior_sigma, layer.kl_direction) == (0.3, "pq")
+    pretrained = Mixed()
+    for layer, weight in ((full.a, pretrained.a.weight), (full.conv1, pretrained.conv1.weight)):
+        assert layer.prior_mu.dtype == BF16
+        torch.testing.assert_close(layer.prior_mu, weight.detach().to(BF16), rtol=0, atol=0)
+    assert lora.b.lora_A.prior_mu.dtype == lora.conv2.lora_A.prior_mu.dtype == BF16
+    assert lora.b.lora_B.prior_mu is None and lora.conv2.lora_B.prior_mu is None
+
+
 # to_deterministic: every layer type, non-default options, against the Bayesian layer in eval mode.
 def _deterministic_cases():
     linear64 = nn.Linear(7, 5).double()

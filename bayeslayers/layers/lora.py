@@ -126,7 +126,7 @@ class _BayesLoRA(nn.Module):
         """The base layer with the mean update merged into its weight (a plain module, no extra cost)."""
         base = self.base_layer
         with torch.no_grad():
-            base.weight.copy_((base.weight.float() + self.merged_delta()).to(base.weight.dtype))
+            base.weight.copy_(base.weight.float() + self.merged_delta())  # copy_ rounds to the base's dtype
         return base
 
     def extra_repr(self) -> str:
@@ -146,7 +146,7 @@ def _apply_factor(factor: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 def _factor_weight(factor: nn.Module) -> torch.Tensor:
-    return (factor.weight_mu if isinstance(factor, (BayesLinear, BayesConv2d)) else factor.weight).float()
+    return factor.weight.float()  # a Bayesian factor's .weight is its posterior mean
 
 
 def _factor_draw(factor: nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -25,10 +25,9 @@ def lora_layers_state(unet) -> dict[str, torch.Tensor]:
     for name, module in bayeslayers.bayesian_modules(unet):
         if not hasattr(module, "lora_A"):
             continue
-        a, b = module.lora_A, module.lora_B
-        state[f"{name}.lora_A.weight"] = (a.weight_mu if hasattr(a, "weight_mu") else a.weight).detach().float()
-        b_weight = (b.weight_mu if hasattr(b, "weight_mu") else b.weight).detach().float()
-        state[f"{name}.lora_B.weight"] = b_weight * module.scaling
+        # .weight of a factor: the plain weight, or a Bayesian factor's posterior mean
+        state[f"{name}.lora_A.weight"] = module.lora_A.weight.detach().float()
+        state[f"{name}.lora_B.weight"] = module.lora_B.weight.detach().float() * module.scaling
     return state
 
 
