@@ -65,6 +65,7 @@ setup(
             "bayeslayers-dreambooth=bayeslayers.integrations.dreambooth:cli",
             "bayeslayers-sample=bayeslayers.integrations.sample:cli",
             "bayeslayers-bps=bayeslayers.integrations.bps.train:cli",
+            "bayeslayers-eval=bayeslayers.integrations.metrics.cli:cli",
         ],
     },
 )
