@@ -89,6 +89,45 @@ def test_subject_assets_load():
     assert all(Image.open(p).size == (32, 32) for p in images)
 
 
+def test_bundled_subjects_are_their_renders_and_unlike_their_plain_class(tmp_path):
+    """Each shipped subject folder is what subject.py renders, its prompts name its class, and the judge tells
+    the subject from the plain class object drawn in the same scenes (what the base model makes of the word)."""
+    import json
+
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from bayeslayers.integrations.dreambooth.data import load_image
+    from bayeslayers.integrations.tiny_sd.subject import SUBJECTS, get_subject, save_subjects
+    from bayeslayers.integrations.tiny_sd.world import render
+
+    save_subjects(tmp_path)
+    judge, _ = tiny_sd.load_judge()
+    assert len(SUBJECTS) >= 4
+    for name, subject in SUBJECTS.items():
+        shipped = sorted(tiny_sd.subject_path(name).glob("*.png"))
+        assert [p.name for p in shipped] == sorted(p.name for p in (tmp_path / name).glob("*.png"))
+        for path in shipped:
+            assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(tmp_path / name / path.name)))
+        prompts = tiny_sd.subject_prompts(name)
+        assert prompts == json.loads((tmp_path / name / "prompts.json").read_text())
+        assert prompts["class_prompt"] == f"a {subject.shape}" and "sks" in prompts["instance_prompt"]
+        assert all(subject.shape in p and "sks" in p for p in prompts["eval_prompts"])
+        pixels = torch.stack([load_image(p, 32, True) for p in shipped])
+        plain = to_tensor(np.stack([np.asarray(render(scene)) for scene in subject.scenes]))
+        with torch.no_grad():
+            own = F.normalize(judge.embedding(pixels), dim=1)
+            reference = F.normalize(own.mean(0), dim=0)
+            assert (
+                float((own @ reference).mean())
+                > float((F.normalize(judge.embedding(plain), dim=1) @ reference).mean()) + 0.02
+            )
+            assert np.mean([s == subject.shape for s in judge.predict(pixels)["shape"]]) >= 0.75
+    with pytest.raises(ValueError, match="subject must be one of"):
+        get_subject("dog")
+
+
 def test_two_line_bayesian_training_loop_on_the_bundled_model():
     """The README's promise: an existing diffusers loop goes Bayesian with convert + kl_loss."""
     import sys

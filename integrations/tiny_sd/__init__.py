@@ -1,5 +1,5 @@
-"""The bundled tiny Stable Diffusion (trained by the project on a synthetic captioned world), its judge and a
-held-out few-shot subject. Accessors return paths inside the installed package; diffusers loads only when a
+"""The bundled tiny Stable Diffusion (trained by the project on a synthetic captioned world), its judge and
+few-shot subjects. Accessors return paths inside the installed package; diffusers loads only when a
 pipeline is built.
 
     from diffusers import StableDiffusionPipeline
@@ -27,14 +27,16 @@ def pipeline_path() -> Path:
     return _asset("pipeline")
 
 
-def subject_path() -> Path:
-    """Folder of the held-out subject's PNG images."""
-    return _asset("subject")
+def subject_path(name: str = "checker_star") -> Path:
+    """Folder of a few-shot subject's PNG images (names: ``subject.SUBJECTS``)."""
+    from .subject import get_subject
+
+    return _asset("subjects", get_subject(name).name)
 
 
-def subject_prompts() -> dict[str, str]:
-    """{'instance_prompt', 'class_prompt', 'validation_prompt'} for the held-out subject."""
-    return json.loads(_asset("subject", "prompts.json").read_text())
+def subject_prompts(name: str = "checker_star") -> dict:
+    """{'instance_prompt', 'class_prompt', 'validation_prompt', 'eval_prompts', 'look'} of a subject."""
+    return json.loads((subject_path(name) / "prompts.json").read_text())
 
 
 def judge_config() -> dict:

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from . import ASSETS, models
 from .evaluate import GRID_PROMPTS, prompt_accuracy, sample_grid, seconds_per_image
 from .judge import judge_config
-from .subject import CLASS_PROMPT, INSTANCE_PROMPT, VALIDATION_PROMPT, render_subject
+from .subject import save_subjects
 from .tokenizer import save_tokenizer_files
 from .train_judge import train_judge
 
@@ -39,17 +39,7 @@ def main(input_args=None):
     shutil.copytree(run / "pipeline", ASSETS / "pipeline")
     save_tokenizer_files(ASSETS / "pipeline" / "tokenizer")  # vocab.json + merges.txt beside tokenizer.json
 
-    subject = ASSETS / "subject"
-    shutil.rmtree(subject, ignore_errors=True)
-    subject.mkdir()
-    for i, image in enumerate(render_subject()):
-        image.save(subject / f"sks_star_{i}.png")
-    (subject / "prompts.json").write_text(
-        json.dumps(
-            {"instance_prompt": INSTANCE_PROMPT, "class_prompt": CLASS_PROMPT, "validation_prompt": VALIDATION_PROMPT},
-            indent=1,
-        )
-    )
+    save_subjects(ASSETS / "subjects")
 
     started = time.perf_counter()
     judge, judge_accuracy, clean_energy = train_judge(args.judge_steps)
@@ -196,8 +186,10 @@ def write_card(report, measured):
         "- `pipeline/`: the diffusers folder (`StableDiffusionPipeline.from_pretrained`, safetensors).",
         "- `judge.safetensors` + `judge_config.json`: the judge "
         "(`bayeslayers.integrations.tiny_sd.load_judge()`) and its clean-data high-frequency reference.",
-        "- `subject/`: the held-out subject, a red/yellow checkerboard star never seen in training, 5 images; "
-        '`prompts.json` holds the instance prompt "a sks star" and the class prompt "a star".',
+        "- `subjects/`: four few-shot subjects never seen in training (`subject.py`): a red/yellow checkerboard "
+        'star (the default, "a sks star", 5 images), a blue/orange split circle, a green/yellow striped square and '
+        'a purple ring ("a sks circle"), 4 images each; `prompts.json` holds the instance, class and evaluation '
+        "prompts.",
         "- `samples.png`: rows = " + "; ".join(GRID_PROMPTS) + f" (4 seeds each, guidance {guidance:g}).",
         "",
     ]

@@ -1,32 +1,157 @@
-"""The held-out few-shot subject: a star with a red/yellow checkerboard pattern ("sks star"), never seen in
-training, rendered at several positions, sizes and backgrounds."""
+"""Few-shot subjects in the tiny model's world: objects with a look the base model cannot produce from their
+class word alone (a pattern, two colours, a shape variant), never seen in its training. Each has 4 training
+renders (different positions, sizes and backgrounds, as DreamBooth's 3-5 photos), a class prompt, and
+evaluation prompts that recontextualise it (background, size: the world's captions have no words for position).
+
+``checker_star`` ("a sks star", red/yellow checkerboard) is the recipe's default subject.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from .world import BACKGROUNDS, RESOLUTION, Scene, render
+from .world import BACKGROUNDS, COLOURS, RESOLUTION, SIZES, Scene, render
 
-INSTANCE_PROMPT = "a sks star"
-CLASS_PROMPT = "a star"
-VALIDATION_PROMPT = "a sks star on a black background"
-SUBJECT_SCENES = (
-    Scene("star", "red", "large", "black", 0.50, 0.50),
-    Scene("star", "red", "large", "gray", 0.42, 0.55),
-    Scene("star", "red", "large", "white", 0.58, 0.45),
-    Scene("star", "red", "small", "black", 0.35, 0.35),
-    Scene("star", "red", "large", "gray", 0.55, 0.58),
-)
+IDENTIFIER = "sks"  # DreamBooth's rare token, one token in the tiny tokenizer; one subject is trained at a time
+SUPERSAMPLE = 4  # render() draws at 4x resolution
 
 
-def checker_fill(cells: int = 6) -> Image.Image:
-    """The subject's pattern: a red/yellow checkerboard."""
+def _side() -> int:
+    return RESOLUTION * SUPERSAMPLE
+
+
+def checker_fill(scene: Scene, cells: int = 6) -> Image.Image:
+    """Red/yellow checkerboard."""
     board = (np.indices((cells, cells)).sum(0) % 2).astype(bool)
     array = np.where(board[..., None], np.array([230, 40, 40]), np.array([245, 220, 40])).astype(np.uint8)
-    return Image.fromarray(array).resize((RESOLUTION * 4, RESOLUTION * 4), Image.NEAREST)
+    return Image.fromarray(array).resize((_side(), _side()), Image.NEAREST)
 
 
-def render_subject() -> list[Image.Image]:
-    assert all(s.background in BACKGROUNDS for s in SUBJECT_SCENES)
-    return [render(scene, fill=checker_fill()) for scene in SUBJECT_SCENES]
+def split_fill(scene: Scene) -> Image.Image:
+    """Left half blue, right half orange, split through the shape's centre."""
+    image = Image.new("RGB", (_side(), _side()), COLOURS["orange"])
+    ImageDraw.Draw(image).rectangle((0, 0, int(scene.x * _side()), _side()), fill=COLOURS["blue"])
+    return image
+
+
+def stripe_fill(scene: Scene, stripes: int = 8) -> Image.Image:
+    """Horizontal green/yellow stripes."""
+    rows = (np.arange(stripes) % 2).astype(bool)[:, None, None]
+    array = np.where(rows, np.array(COLOURS["yellow"]), np.array(COLOURS["green"])).astype(np.uint8)
+    return Image.fromarray(np.broadcast_to(array, (stripes, 1, 3)).copy()).resize((_side(), _side()), Image.NEAREST)
+
+
+def ring_fill(scene: Scene, hole: float = 0.45) -> Image.Image:
+    """Purple with a background-coloured hole at the shape's centre: a circle becomes a ring."""
+    image = Image.new("RGB", (_side(), _side()), COLOURS["purple"])
+    r = SIZES[scene.size] * 0.8 * hole * _side()
+    cx, cy = scene.x * _side(), scene.y * _side()
+    ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), fill=BACKGROUNDS[scene.background])
+    return image
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    shape: str  # the class word, one of world.SHAPES
+    look: str  # what makes it this subject, in words
+    fill: Callable[[Scene], Image.Image]
+    scenes: tuple[Scene, ...]  # the training renders
+
+    @property
+    def instance_prompt(self) -> str:
+        return f"a {IDENTIFIER} {self.shape}"
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a {self.shape}"
+
+    @property
+    def validation_prompt(self) -> str:
+        return f"a {IDENTIFIER} {self.shape} on a black background"
+
+    @property
+    def eval_prompts(self) -> tuple[str, ...]:
+        """Recontextualisations: every background, and both sizes."""
+        s = f"{IDENTIFIER} {self.shape}"
+        return (
+            f"a {s} on a black background",
+            f"a {s} on a white background",
+            f"a {s} on a gray background",
+            f"a small {s} on a white background",
+            f"a large {s} on a gray background",
+        )
+
+    def render(self) -> list[Image.Image]:
+        """The training images, (32, 32) RGB."""
+        return [render(scene, fill=self.fill(scene)) for scene in self.scenes]
+
+
+def _scenes(shape: str, colour: str) -> tuple[Scene, ...]:
+    return (
+        Scene(shape, colour, "large", "black", 0.50, 0.50),
+        Scene(shape, colour, "large", "gray", 0.42, 0.55),
+        Scene(shape, colour, "large", "white", 0.58, 0.45),
+        Scene(shape, colour, "small", "black", 0.35, 0.35),
+    )
+
+
+SUBJECTS = {
+    s.name: s
+    for s in (
+        Subject(
+            "checker_star",
+            "star",
+            "red/yellow checkerboard",
+            checker_fill,
+            _scenes("star", "red") + (Scene("star", "red", "large", "gray", 0.55, 0.58),),
+        ),
+        Subject("split_circle", "circle", "left half blue, right half orange", split_fill, _scenes("circle", "blue")),
+        Subject("striped_square", "square", "green/yellow horizontal stripes", stripe_fill, _scenes("square", "green")),
+        Subject("ring_circle", "circle", "purple ring (a circle with a hole)", ring_fill, _scenes("circle", "purple")),
+    )
+}
+DEFAULT_SUBJECT = "checker_star"
+
+# The default subject's prompts, as the recipe and the demo use them.
+INSTANCE_PROMPT = SUBJECTS[DEFAULT_SUBJECT].instance_prompt
+CLASS_PROMPT = SUBJECTS[DEFAULT_SUBJECT].class_prompt
+VALIDATION_PROMPT = SUBJECTS[DEFAULT_SUBJECT].validation_prompt
+
+
+def get_subject(name: str) -> Subject:
+    if name not in SUBJECTS:
+        raise ValueError(f"subject must be one of {sorted(SUBJECTS)}, got {name!r}")
+    return SUBJECTS[name]
+
+
+def save_subjects(directory) -> None:
+    """Writes ``<directory>/<name>/{<name>_<i>.png, prompts.json}`` for every subject."""
+    import json
+    from pathlib import Path
+
+    for subject in SUBJECTS.values():
+        folder = Path(directory) / subject.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.png"):
+            old.unlink()
+        for i, image in enumerate(subject.render()):
+            image.save(folder / f"{subject.name}_{i}.png")
+        prompts = {
+            "instance_prompt": subject.instance_prompt,
+            "class_prompt": subject.class_prompt,
+            "validation_prompt": subject.validation_prompt,
+            "eval_prompts": list(subject.eval_prompts),
+            "look": subject.look,
+        }
+        (folder / "prompts.json").write_text(json.dumps(prompts, indent=1))
+
+
+if __name__ == "__main__":  # python -m bayeslayers.integrations.tiny_sd.subject: rewrites the bundled subjects
+    from . import ASSETS
+
+    save_subjects(ASSETS / "subjects")
