@@ -2,6 +2,7 @@
 model, write errors (a real EFBIG from the kernel via RLIMIT_FSIZE) and divergence (NaN/Inf)."""
 
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -170,12 +171,27 @@ def _check_loads(path, named, optimizer, scheduler, expected):
     return step
 
 
-@pytest.mark.parametrize("damage", ["truncate", "header", "flip_data_byte", "delete", "state_json"])
-def test_damaged_checkpoint_names_the_file_and_the_previous_one_still_loads(two_checkpoints, damage):
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        ("truncate", r"\d+ bytes, expected \d+"),
+        ("header", "CRC32 mismatch"),
+        ("flip_data_byte", "CRC32 mismatch"),
+        ("delete", "missing"),
+        ("state_json", r"[^()]+: line 1 column \d+ \(char \d+\)"),
+        ("truncate_without_manifest", r"Error while deserializing header: .+"),
+    ],
+)
+def test_damaged_checkpoint_names_the_file_and_the_previous_one_still_loads(two_checkpoints, damage, reason):
     root, named, optimizer, scheduler, first = two_checkpoints
     target = root / "checkpoint-4" / ("trainer_state.json" if damage == "state_json" else "params.safetensors")
     data = target.read_bytes()
-    if damage == "truncate":
+    if damage == "truncate_without_manifest":  # a checkpoint written before manifests: safetensors finds it
+        state = json.loads((root / "checkpoint-4" / "trainer_state.json").read_text())
+        del state["files"]
+        (root / "checkpoint-4" / "trainer_state.json").write_text(json.dumps(state))
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "truncate":
         target.write_bytes(data[: len(data) // 2])
     elif damage == "header":
         target.write_bytes(b"\xff" * 16 + data[16:])
@@ -188,8 +204,8 @@ def test_damaged_checkpoint_names_the_file_and_the_previous_one_still_loads(two_
     before = _snapshot(named)
     with pytest.raises(
         ValueError,
-        match=rf"checkpoint file {target} is truncated or corrupted .*"
-        r"--resume_from_checkpoint checkpoint-2",
+        match=rf"^checkpoint file {target} is truncated or corrupted \({reason}\); resume from an earlier one, "
+        r"e\.g\. --resume_from_checkpoint checkpoint-2$",
     ):
         load_checkpoint(root / "checkpoint-4", named, optimizer, scheduler)
     for key, value in before.items():  # nothing was half-loaded
@@ -320,3 +336,11 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path):
     ):
         save_checkpoint(tmp_path, 2, named, optimizer, scheduler, {}, None)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
+
+
+def test_the_only_checkpoint_damaged_names_no_earlier_one(tmp_path):
+    _, named, optimizer, scheduler = _trained()
+    path = save_checkpoint(tmp_path, 2, named, optimizer, scheduler, {"step": [2]}, None)
+    (path / "rng.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"rng\.safetensors is truncated or corrupted \(missing\)$"):
+        load_checkpoint(path, named, optimizer, scheduler)

@@ -115,13 +115,13 @@ def test_pruning_keeps_the_newest_and_saving_a_step_again_replaces_it(tmp_path):
 def test_finding_checkpoints(tmp_path):
     assert list_checkpoints(tmp_path / "missing") == []
     _, named, optimizer, scheduler = _training()
-    save_checkpoint(tmp_path, 4, named, optimizer, scheduler, {}, None)
-    save_checkpoint(tmp_path, 12, named, optimizer, scheduler, {}, None)
+    for step in (4, 12, 7):
+        save_checkpoint(tmp_path, step, named, optimizer, scheduler, {}, None)
     (tmp_path / "checkpoint-20").mkdir()  # no trainer_state.json: not complete
     (tmp_path / "checkpoint-x").mkdir()
     (tmp_path / "checkpoint-x" / STATE_FILE).write_text("{}")
     (tmp_path / "checkpoint-30").write_text("a file")
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-12"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-7", "checkpoint-12"]
     assert resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-12"
     assert resolve_checkpoint(tmp_path, "checkpoint-4") == tmp_path / "checkpoint-4"
     assert resolve_checkpoint(tmp_path / "elsewhere", str(tmp_path / "checkpoint-4")) == tmp_path / "checkpoint-4"
@@ -154,7 +154,8 @@ def test_divergence_checks_name_the_value_and_the_last_good_checkpoint(tmp_path)
     with pytest.raises(
         FloatingPointError,
         match=r"^training diverged: parameter '2\.bias' holds NaN or Inf after "
-        r"step 3; checkpoint-3 was not written and the previous checkpoint .*checkpoint-2 is intact",
+        r"step 3; checkpoint-3 was not written and the previous checkpoint .*checkpoint-2 is intact\. "
+        r"Lower --learning_rate \(or raise --max_grad_norm's strictness\) and resume from it$",
     ):
         check_finite_parameters(named, tmp_path, 3)
 
@@ -256,13 +257,13 @@ def test_non_tensor_optimizer_state_and_checkpoints_without_manifest_or_per_proc
     _step(model, optimizer, scheduler)
     first = next(iter(named.values()))
     optimizer.state[first]["count"] = 3  # e.g. 8-bit optimizers keep plain numbers in their state
-    optimizer.state[first]["scale"] = 0.5
+    optimizer.state[first]["loss.scale"] = 0.5  # names with a dot
     torch.manual_seed(8)
     path = save_checkpoint(tmp_path, 1, named, optimizer, scheduler, {}, None)
     draw = torch.rand(2)
-    optimizer.state[first].update(count=0, scale=1.0)
+    optimizer.state[first].update({"count": 0, "loss.scale": 1.0})
     load_checkpoint(path, named, optimizer, scheduler)
-    assert (optimizer.state[first]["count"], optimizer.state[first]["scale"]) == (3, 0.5)
+    assert (optimizer.state[first]["count"], optimizer.state[first]["loss.scale"]) == (3, 0.5)
     torch.testing.assert_close(torch.rand(2), draw, rtol=0, atol=0)
     load_checkpoint(path, named, optimizer, scheduler, process_index=3)  # more processes now: process 0's state
     torch.testing.assert_close(torch.rand(2), draw, rtol=0, atol=0)
@@ -275,3 +276,80 @@ def test_non_tensor_optimizer_state_and_checkpoints_without_manifest_or_per_proc
     save_file({"torch": rng["torch.0"]}, str(path / "rng.safetensors"))
     load_checkpoint(path, named, optimizer, scheduler, process_index=1)
     torch.testing.assert_close(torch.rand(2), draw, rtol=0, atol=0)
+
+
+def test_saving_creates_the_output_folder_and_clears_what_an_interrupted_save_left(tmp_path):
+    """A crash can leave .tmp-checkpoint-N (mid-write) or .old-checkpoint-N (mid-swap); saving N again works."""
+    _, named, optimizer, scheduler = _training()
+    root = tmp_path / "new" / "run"
+    save_checkpoint(root, 5, named, optimizer, scheduler, {"step": [5]}, None)
+    for leftover in (".tmp-checkpoint-5", ".old-checkpoint-5"):
+        (root / leftover).mkdir()
+        (root / leftover / "params.safetensors").write_bytes(b"partial")
+    path = save_checkpoint(root, 5, named, optimizer, scheduler, {"step": [5, 5]}, None)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-5"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "optimizer.safetensors",
+        "params.safetensors",
+        "rng.safetensors",
+        STATE_FILE,
+    ]
+    assert load_checkpoint(path, named, optimizer, scheduler) == (5, {"step": [5, 5]})
+
+
+def test_manifest_holds_each_files_standard_crc32_whatever_the_read_chunk(tmp_path, monkeypatch):
+    import zlib
+
+    import bayeslayers.integrations.dreambooth.checkpoints as checkpoints
+
+    _, named, optimizer, scheduler = _training()
+    monkeypatch.setattr(checkpoints, "_CHUNK", 7)  # many chunks per file
+    path = save_checkpoint(tmp_path, 1, named, optimizer, scheduler, {}, None)
+    manifest = json.loads((path / STATE_FILE).read_text())["files"]
+    for name, entry in manifest.items():
+        assert entry["crc32"] == zlib.crc32((path / name).read_bytes()), name
+
+
+def test_a_failed_write_of_the_state_file_names_it_and_leaves_the_earlier_checkpoints(tmp_path, monkeypatch):
+    import builtins
+
+    import bayeslayers.integrations.dreambooth.checkpoints as checkpoints
+
+    _, named, optimizer, scheduler = _training()
+    save_checkpoint(tmp_path, 1, named, optimizer, scheduler, {}, None)
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith(STATE_FILE) and "w" in mode:
+            raise OSError(28, "No space left on device")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "open", failing_open, raising=False)
+    with pytest.raises(
+        OSError,
+        match=rf"^could not write checkpoint file {tmp_path}/\.tmp-checkpoint-2/{STATE_FILE} \(.*No space left on "
+        rf"device\); checkpoint-2 was not written and the previous checkpoint {tmp_path}/checkpoint-1 is intact$",
+    ):
+        save_checkpoint(tmp_path, 2, named, optimizer, scheduler, {}, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+
+
+def test_a_checkpoint_of_a_model_with_more_or_fewer_parameters_is_refused(tmp_path):
+    model, named, optimizer, scheduler = _training()
+    path = save_checkpoint(tmp_path, 1, named, optimizer, scheduler, {}, None)
+    extra = {**named, **{f"extra{i}": nn.Parameter(torch.zeros(2)) for i in range(5)}}
+    with pytest.raises(
+        ValueError,
+        match=r"is not from this model: it lacks trainable parameters \['extra0', 'extra1', 'extra2'\] "
+        r"and holds others \[\] \(of 5 missing, 0 extra\)$",
+    ):
+        load_checkpoint(path, extra, optimizer, scheduler)
+    fewer = dict(list(named.items())[1:])
+    with pytest.raises(
+        ValueError, match=r"lacks trainable parameters \[\] and holds others \['0\.weight_mu'\] \(of 0 missing, 1"
+    ):
+        load_checkpoint(path, fewer, optimizer, scheduler)
+    many = {f"p{i}": nn.Parameter(torch.zeros(1)) for i in range(5)}
+    path = save_checkpoint(tmp_path, 2, many, torch.optim.SGD(many.values(), lr=0.1), scheduler, {}, None)
+    renamed = {f"q{i}": p for i, p in enumerate(many.values())}
+    with pytest.raises(ValueError, match=r"holds others \['p0', 'p1', 'p2'\] \(of 5 missing, 5 extra\)"):
+        load_checkpoint(path, renamed, optimizer, scheduler)

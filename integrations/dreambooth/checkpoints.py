@@ -184,7 +184,7 @@ def resolve_checkpoint(output_dir, name: str) -> Path:
         if not found:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}")
         return found[-1]
-    path = Path(name) if os.path.isabs(name) else Path(output_dir) / name
+    path = Path(output_dir) / name  # an absolute name replaces output_dir
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a checkpoint folder")
     return path
