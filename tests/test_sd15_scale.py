@@ -1,8 +1,9 @@
 """The DreamBooth recipe at SD1.5 size: a StableDiffusionPipeline with the SD1.5 architecture (tests/data/sd15,
 random weights, 859.5M-parameter UNet) saved with save_pretrained and loaded by path, as a user's SD1.5 folder.
 
-LoRA mode (Bayesian and plain) runs everywhere with ~6 GB of RAM; full mode (all 860M UNet parameters trained
-with AdamW: ~19 GB) runs where at least 40 GB are available. Each run is a subprocess whose wall time and peak
+LoRA mode (Bayesian and plain) runs everywhere with ~6 GB of RAM (4.4 GiB peak RSS, ~100 s for both); full mode
+(all 860M UNet parameters trained with AdamW: 18.5 GiB peak RSS Bayesian, 14.1 GiB plain, ~7 min for both on 2
+cores) runs where at least 21 GiB are available. Each run is a subprocess whose wall time and peak
 RSS are printed (pytest -s) for the record.
 """
 
@@ -20,7 +21,7 @@ from PIL import Image
 
 CONFIGS = Path(__file__).parent / "data" / "sd15"
 PROMPT = "a sks star"
-FULL_MODE_BYTES = 40 * 2**30
+FULL_MODE_BYTES = 21 * 2**30
 
 pytestmark = pytest.mark.slow
 
@@ -136,12 +137,15 @@ def run_recipe(sd15, out, *extra):
 
 
 def _same_files(a, b):
+    """Equal up to the last bits MKL's GEMMs may change between processes (their summation order depends on
+    buffer alignment at SD1.5 sizes; seen: 4e-9 on weights of ~1e-4). A resume that lost the optimizer state, the
+    sample seed or a step moves the adapter by about the learning rate (1e-4) per element."""
     from safetensors.torch import load_file
 
     first, second = load_file(a), load_file(b)
     assert first.keys() == second.keys()
     for key in first:
-        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+        torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-7)
 
 
 def _stock_image(pipe_path, **load):
@@ -186,7 +190,7 @@ def test_sd15_lora_recipe_checkpoints_resumes_and_exports_for_stock_diffusers(sd
 
 @pytest.mark.skipif(
     available_memory() < FULL_MODE_BYTES,
-    reason=f"full-mode SD1.5 training needs ~19 GB; less than {FULL_MODE_BYTES >> 30} GB available",
+    reason=f"full-mode SD1.5 training needs 18.5 GiB; less than {FULL_MODE_BYTES >> 30} GB available",
 )
 @pytest.mark.parametrize("bayesian", [True, False])
 def test_sd15_full_recipe_checkpoints_resumes_and_exports_for_stock_diffusers(sd15, bayesian):
