@@ -200,6 +200,7 @@ def test_model_card_holds_the_settings_grid_command_metrics_and_files(tmp_path):
     assert "Final validation grid (`a sks star on grass`, mean weights):" in lines
     assert "bayeslayers-dreambooth --instance_prompt 'a sks star' --rank 4" in lines
     text = path.read_text()
+    assert "\nCommand:\n\n```bash\n" in text and "\nFinal metrics:\n\n```\n" in text and "\nFiles:\n\n- " in text
     assert '```\n{\n  "final_kl": 1.5\n}\n```' in text
     assert lines[-2:] == ["- bayesian_state: `bayesian_state.safetensors`", "- lora_weights: `weights.bin`"]
     no_grid = write_model_card(_run_args(tmp_path), {}, {}, None).read_text()
@@ -245,9 +246,48 @@ def test_training_curves_plot_the_logged_series(tmp_path, monkeypatch):
     assert list(axes[0].get_lines()[0].get_xdata()) == [1, 2, 3]
     assert axes[1].get_yscale() == "symlog" and axes[0].get_yscale() == "linear"
     assert axes[0].get_xlabel() == "step" and axes[1].get_legend() is not None and axes[0].get_legend() is not None
+    assert axes[1].yaxis.get_transform().linthresh == 1e-3  # KL values far below 1 stay apart
+    (marker,) = [line for line in axes[0].get_lines() if line.get_label() == "validation"]
+    assert list(marker.get_xdata()) == [2, 2] and marker.get_linestyle() == ":"  # dotted, at the validation step
+    assert not plt.fignum_exists(figure.number)  # closed: runs that plot often keep no figures alive
     figures.clear()
     plot_history({"step": [1, 2], "loss": [1.0, 0.5]}, tmp_path / "loss.png")
     assert len(figures[0].axes) == 1 and figures[0].axes[0].get_legend() is None
+
+
+def test_training_curves_of_a_bayesian_text_encoder_run(tmp_path, monkeypatch):
+    import matplotlib
+    from PIL import Image
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    savefig = plt.Figure.savefig
+    monkeypatch.setattr(plt.Figure, "savefig", lambda self, *a, **k: (figures.append(self), savefig(self, *a, **k)))
+    history = {
+        "step": [1, 2, 3],
+        "loss": [3.0, 2.0, 1.0],
+        "kl_unet": [4.0, 3.0, 2.0],
+        "kl_text_encoder": [1.0, 0.5, 0.25],
+        "mean_sigma": [0.01, 0.02, 0.03],
+        "mean_sigma_text_encoder": [0.02, 0.03, 0.04],
+        "validation_step": [1, 3],
+    }
+    plot_history(history, tmp_path / "curves.png")
+    labels = [
+        [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")] for ax in figures[0].axes
+    ]
+    assert labels == [
+        ["loss", "validation"],
+        ["kl_unet", "kl_text_encoder", "validation"],  # one legend entry for all validation lines
+        ["mean_sigma", "mean_sigma_text_encoder", "validation"],
+    ]
+    assert Image.open(tmp_path / "curves.png").size == (1350, 320)  # 450 x 320 px per panel
+    figures.clear()
+    del history["validation_step"]
+    plot_history({**history, "loss": []}, tmp_path / "two.png")  # a legend exactly where a panel has two series
+    assert [ax.get_legend() is not None for ax in figures[0].axes] == [True, True]
 
 
 def test_non_tensor_optimizer_state_and_checkpoints_without_manifest_or_per_process_rng(tmp_path):
