@@ -14,7 +14,7 @@ from .targets import check_targets, name_matches
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent = model.get_submodule(parent_name)  # "" is the model itself
     setattr(parent, child, module)
 
 
@@ -86,7 +86,7 @@ def resolve_config(
         options["target_modules"] = target_modules
     if exclude_modules is not None:
         options["exclude_modules"] = exclude_modules
-    return base.replace(**options) if options else base
+    return base.replace(**options)
 
 
 def convert(

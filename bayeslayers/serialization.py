@@ -11,7 +11,6 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import dtype_from_name
 from .convert import bayesian_modules, convert
 from .registry import layer_type_by_name, layer_type_of
 
@@ -72,17 +71,11 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return {**header, "layers": json.loads(header["layers"])}
 
 
-def _convert_options(options: dict) -> dict:
-    options = dict(options)
-    if options.get("prior_dtype") is not None:
-        options["prior_dtype"] = dtype_from_name(options["prior_dtype"], "prior_dtype")
-    return options
-
-
 def _convert_like_checkpoint(model: nn.Module, layers: dict) -> None:
     for name, entry in layers.items():
         layer_type = layer_type_by_name(entry["type"])
-        convert(model, target_modules=re.escape(name), mode=layer_type.mode, **_convert_options(entry["options"]))
+        # BayesConfig reads the saved dtype names ("bfloat16") itself
+        convert(model, target_modules=re.escape(name), mode=layer_type.mode, **entry["options"])
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:

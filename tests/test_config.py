@@ -150,5 +150,8 @@ def test_command_line_none_values_and_defaults():
         parser.parse_args(["--mode", "half"])
     group = argparse.ArgumentParser().add_argument_group("bayes")
     assert BayesConfig.add_arguments(group, ("rank",)) is group
+    wrapped = argparse.ArgumentParser()  # or its add_argument function
+    BayesConfig.add_arguments(wrapped.add_argument, ("rank", "kl_direction"))
+    assert vars(wrapped.parse_args(["--rank", "3", "--kl_direction", "pq"])) == {"rank": 3, "kl_direction": "pq"}
     config = BayesConfig.from_arguments(parser.parse_args(["--init_sigma", "0.2"]), ("init_sigma",), rank=2)
     assert (config.init_sigma, config.rank) == (0.2, 2)

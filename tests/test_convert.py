@@ -158,11 +158,24 @@ def test_convert_errors_are_clear():
     with pytest.raises(ValueError, match="matched no convertible module.*candidates include: 'proj'"):
         bayeslayers.convert(Net(), target_modules=["nothing"])
     net = bayeslayers.convert(Net(), target_modules=["proj"])
-    with pytest.raises(ValueError, match="'proj' is already a Bayesian layer"):
+    with pytest.raises(
+        ValueError,
+        match=r"^module 'proj' is already a Bayesian layer \(BayesLinear\); converting it again is not supported$",
+    ):
         bayeslayers.convert(net, target_modules=["proj"])
     lora = bayeslayers.convert(Net(), target_modules=["proj"], mode="lora")
-    with pytest.raises(ValueError, match="already part of the Bayesian layer 'proj'"):
+    with pytest.raises(
+        ValueError,
+        match=r"^module 'proj\.base_layer' is already part of the Bayesian layer 'proj'; converting it again is not "
+        "supported$",
+    ):
         bayeslayers.convert(lora, target_modules=["proj.base_layer"])
+    with pytest.raises(ValueError, match=r"in mode 'full'; candidates include: none$"):
+        bayeslayers.convert(nn.Sequential(nn.GELU()), target_modules=["0"])
+    with pytest.raises(
+        ValueError, match="^convert needs target_modules or a preset naming the modules to make Bayesian$"
+    ):
+        bayeslayers.convert(Net())
     with pytest.raises(ValueError, match="unknown preset 'nope'; available presets: .*dreambooth-bnn"):
         bayeslayers.convert(Net(), preset="nope")
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -177,6 +190,15 @@ def test_convert_errors_are_clear():
         bayeslayers.convert(Net(), target_modules="(")
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         bayeslayers.convert(Net(), target_modules=["proj"], mode="lora", rank=0)
+
+
+def test_a_second_convert_call_may_exclude_a_layer_converted_before():
+    net = bayeslayers.convert(Net(), target_modules=["proj"])
+    bayeslayers.convert(net, target_modules=["proj", "conv"], exclude_modules=["proj"], prior_sigma=0.2)
+    assert isinstance(net.conv, bayeslayers.BayesConv2d) and net.conv.prior_sigma == 0.2
+    assert net.proj.prior_sigma == 0.01
+    bayeslayers.convert(net, target_modules=".*(attn|proj)", exclude_modules="proj|block.proj")
+    assert isinstance(net.block.attn, bayeslayers.BayesLinear)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
