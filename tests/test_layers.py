@@ -176,7 +176,9 @@ def test_each_training_forward_draws_a_new_sample_and_eval_uses_the_mean():
     x = torch.randn(4, 16)
     first, second = layer(x), layer(x)
     assert not torch.allclose(first, second)
+    assert layer.sampling_enabled is True and layer.fixed_seed is None
     layer.eval()
+    assert layer.sampling_enabled is False
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight_mu, layer.bias), rtol=0, atol=0)
 
 

@@ -495,6 +495,17 @@ def test_kl_loss_reuses_the_fused_value_only_while_it_is_valid():
     assert model.a.prior_sigma == 0.5 and model.a.kl_direction == "qp"
     assert relative_error(bayeslayers.kl_loss(model), _kl64(model)) < 1e-5
 
+    # while valid, the fused pass's value itself comes back (no second pass over the weights), with or without
+    # grad, and also when only sigma is trained
+    model(*_inputs())
+    assert all(layer.kl() is layer._kl_cache[0] for layer in layers)
+    with torch.no_grad():
+        model(*_inputs())
+        assert all(layer.kl() is layer._kl_cache[0] for layer in layers)
+    model.a.weight_mu.requires_grad_(False)
+    model(*_inputs())
+    assert model.a.kl() is model.a._kl_cache[0] and model.a.kl().requires_grad
+
 
 def test_kl_loss_check_finite_can_be_turned_off():
     model = bayeslayers.convert(Mixed(), target_modules=["a"])

@@ -82,7 +82,7 @@ class BayesianLayer(nn.Module):
         weight = module.weight.detach()
         with torch.no_grad():
             self.weight_mu.copy_(weight)
-        if getattr(module, "bias", None) is not None:
+        if module.bias is not None:  # nn.Linear and nn.Conv2d always have the attribute
             self.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
         self.export_dtype = weight.dtype
         return self
