@@ -277,6 +277,31 @@ def test_fused_lora_in_eval_uses_the_posterior_means():
     torch.testing.assert_close(fused, layer(x), rtol=1e-5, atol=1e-5)
 
 
+class _DoubledLinear(nn.Linear):
+    """A Linear subclass with its own forward (as quantized or wrapped layers have): the fused GEMM must not
+    replace it."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_fused_lora_takes_bias_free_bases_and_leaves_subclassed_ones_to_their_forward(fused_calls):
+    bayeslayers.set_backend("triton")
+    for base, kernels in (
+        (nn.Linear(20, 30, bias=False), ["lora_matmul", "lora_matmul"]),
+        (_DoubledLinear(20, 30), []),
+    ):
+        layer = BayesLoRALinear(base, rank=3, lora_alpha=6, init_sigma=0.05).to(DEVICE)
+        with torch.no_grad():
+            layer.lora_B.weight_mu.normal_()
+        x = randn(5, 20)
+        want = _step(layer, x, {})
+        fused_calls.clear()
+        got = _step(layer, x, {"fused_lora": True})
+        assert fused_calls == kernels
+        _assert_same_step(got, want, torch.float32)
+
+
 def test_sample_in_gemm_saves_only_the_input_and_a_seed():
     bayeslayers.set_backend("triton")
     layer = BayesLinear(67, 45).to(DEVICE)
