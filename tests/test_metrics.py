@@ -264,3 +264,86 @@ def test_bad_references_prompts_metrics_and_models_are_clear_errors(models, tmp_
         metrics.clip_t(images, ["a", "b"], model=str(tmp_path / "missing"))
     with pytest.raises(OSError, match="--dino_model"):
         metrics.dino(images, images, model=str(tmp_path / "missing"))
+
+
+def _save_folder(folder, pixels):
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i, array in enumerate(pixels):
+        Image.fromarray(array).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_eval_cli_writes_per_image_csv_summary_and_table(models, tmp_path, capsys):
+    import csv
+    import json
+
+    from bayeslayers.integrations.metrics import cli
+
+    clip_path, vit_path = models
+    generated = _uint8(4, 32, 32, seed=11)
+    images = _save_folder(tmp_path / "generated", generated)
+    references = _save_folder(tmp_path / "reference", _uint8(2, 40, 40, seed=12))
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    argv = ["--images", str(images), "--prompts", str(tmp_path / "prompts.txt"), "--reference", str(references)]
+    argv += ["--clip_model", clip_path, "--dino_model", vit_path, "--output_dir", str(tmp_path / "out")]
+    cli.cli(argv)
+    printed = capsys.readouterr().out
+    for name in ("clip_t", "clip_i", "dino", "diversity", "clip_iqa"):  # the paper's metrics by default
+        assert name in printed
+    with open(tmp_path / "out" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["file"] for r in rows] == [f"img{i}.png" for i in range(4)]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    expected = metrics.clip_t(_tensor(generated), PROMPTS, model=clip_path)
+    assert [float(r["clip_t"]) for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert rows[2]["diversity"] == ""  # alone with its prompt: undefined
+    summary = json.loads((tmp_path / "out" / "metrics_summary.json").read_text())
+    assert summary["num_images"] == 4 and summary["num_references"] == 2
+    assert summary["summary"]["clip_t"]["mean"] == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert summary["per_prompt"]["a red star"]["clip_t"] == pytest.approx(float(expected[:2].mean()), abs=1e-5)
+
+
+def test_eval_cli_from_run_uses_the_runs_eval_set_and_judge(tmp_path, capsys):
+    import json
+
+    from bayeslayers.integrations.metrics import cli, files
+    from bayeslayers.integrations.tiny_sd.world import make_dataset, to_tensor
+
+    pixels, scenes = make_dataset(6, seed=6)
+    run = tmp_path / "run"
+    files.save_eval_set(to_tensor(pixels[:3]), [s.caption for s in scenes[:3]], run / "eval" / "step-000010")
+    prompts = [scenes[3].caption] * 3
+    files.save_eval_set(to_tensor(pixels[3:]), prompts, run / "eval" / "step-000020")
+    reference = _save_folder(tmp_path / "reference", pixels[:2])
+    (run / "eval" / "config.json").write_text(json.dumps({"metrics": "judge", "reference": str(reference)}))
+    cli.cli(["--from-run", str(run)])
+    printed = capsys.readouterr().out
+    assert "step-000020" in printed and "judge_subject_similarity" in printed and "clip_t" not in printed
+    summary = json.loads((run / "eval" / "step-000020" / "metrics_summary.json").read_text())
+    values = metrics.judge_metrics(to_tensor(pixels[3:]), prompts, to_tensor(pixels[:2]))
+    for column, value in values.items():
+        assert summary["summary"][column]["mean"] == pytest.approx(float(value.nanmean()), abs=1e-5), column
+    cli.cli(["--from-run", str(run), "--step", "10", "--metrics", "judge"])
+    assert "step-000010" in capsys.readouterr().out
+
+
+def test_eval_cli_errors_name_the_flag(tmp_path, capsys):
+    from bayeslayers.integrations.metrics import cli
+
+    with pytest.raises(SystemExit):
+        cli.cli(["--images", str(tmp_path), "--metrics", "clip_t,lpips"])
+    assert "--metrics" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.cli([])  # neither --images nor --from-run
+    with pytest.raises(SystemExit, match="--images: no images"):
+        cli.cli(["--images", str(tmp_path), "--metrics", "judge"])
+    with pytest.raises(SystemExit, match="--from-run: .* has no eval/ folder"):
+        cli.cli(["--from-run", str(tmp_path)])
+    folder = _save_folder(tmp_path / "few", _uint8(3, 32, 32))
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    with pytest.raises(SystemExit, match="--prompts: .* other than the 3 images"):
+        cli.cli(["--images", str(folder), "--prompts", str(tmp_path / "two.txt"), "--metrics", "judge"])
+    with pytest.raises(SystemExit, match="--prompts: .*prompts.json is not a file"):
+        cli.cli(["--images", str(folder), "--metrics", "judge"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -117,6 +118,13 @@ def per_prompt_means(prompts, values) -> dict[str, dict[str, float]]:
     return result
 
 
+def without_nan(value):
+    """NaN (a metric undefined for every image) -> None, so the JSON is strict."""
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def main(args) -> dict:
     """Evaluates; writes ``metrics.csv`` and ``metrics_summary.json``; returns the summary."""
     settings = resolve(args)
@@ -145,7 +153,7 @@ def main(args) -> dict:
         "per_prompt": per_prompt_means(prompts, values),
         "csv": str(csv_path),
     }
-    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str))
+    (out / SUMMARY_NAME).write_text(json.dumps(without_nan(summary), indent=1, default=str))
     summary["json"] = str(out / SUMMARY_NAME)
     return summary
 
