@@ -143,6 +143,29 @@ def _diffusers_flags(add) -> None:
 def _extra_flags(add) -> None:
     add("--num_inference_steps", type=int, default=25, help="for validation and class images")
     add("--guidance_scale", type=float, default=7.5, help="for validation and class images")
+    add("--eval_steps", type=int, default=None, help="score a fixed evaluation set every N steps (and at 0, end)")
+    add(
+        "--eval_prompts",
+        type=str,
+        default=None,
+        help="text file (one prompt a line) or JSON list; default: the bundled subject's evaluation prompts, "
+        "else --validation_prompt / --instance_prompt",
+    )
+    add("--num_eval_images", type=int, default=4, help="images per evaluation prompt (seeds fixed)")
+    add(
+        "--eval_metrics",
+        type=str,
+        default=None,
+        help="comma-separated bayeslayers-eval metrics; default: judge (bundled tiny model), else "
+        "clip_t,clip_i,dino,diversity,clip_iqa",
+    )
+    add(
+        "--eval_clip_model",
+        type=str,
+        default=None,
+        help="CLIP hub id or folder (default openai/clip-vit-large-patch14)",
+    )
+    add("--eval_dino_model", type=str, default=None, help="DINO hub id or folder (default facebook/dino-vits16)")
 
 
 def _bayesian_flags(add) -> None:
@@ -194,6 +217,7 @@ def tiny_sd_defaults() -> dict:
         "instance_prompt": prompts["instance_prompt"],
         "class_prompt": prompts["class_prompt"],
         "validation_prompt": prompts["validation_prompt"],
+        "eval_prompts": prompts.get("eval_prompts"),
     }
 
 
@@ -221,6 +245,8 @@ def _check_ranges(args) -> None:
         "num_train_epochs",
         "validation_epochs",
         "tokenizer_max_length",
+        "eval_steps",
+        "num_eval_images",
     ):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -253,6 +279,28 @@ def _check_combinations(args) -> None:
             "--hub_token together with --report_to=wandb would expose the token in the wandb logs; "
             "log in with `hf auth login` instead"
         )
+
+
+def _resolve_evaluation(args, bundled_prompts) -> None:
+    """``args.eval_prompt_list`` and the ``--eval_metrics`` default; names are checked here, models load later."""
+    from bayeslayers.integrations.metrics.models import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+    from bayeslayers.integrations.metrics.registry import JUDGE_METRICS, PAPER_METRICS, parse_metric_names
+
+    from .evaluation import is_bundled_model, read_eval_prompts
+
+    args.eval_prompt_list = None
+    if args.eval_steps is None:
+        return
+    if args.eval_prompts is not None:
+        args.eval_prompt_list = read_eval_prompts(args.eval_prompts)
+    else:
+        args.eval_prompt_list = list(bundled_prompts or [args.validation_prompt or args.instance_prompt])
+    if args.eval_metrics is None:
+        bundled = is_bundled_model(args.pretrained_model_name_or_path)
+        args.eval_metrics = ",".join(JUDGE_METRICS if bundled else PAPER_METRICS)
+    args.eval_metrics = ",".join(parse_metric_names(args.eval_metrics, "--eval_metrics"))
+    args.eval_clip_model = args.eval_clip_model or DEFAULT_CLIP_MODEL
+    args.eval_dino_model = args.eval_dino_model or DEFAULT_DINO_MODEL
 
 
 def parse_args(input_args=None) -> argparse.Namespace:
@@ -295,5 +343,8 @@ def parse_args(input_args=None) -> argparse.Namespace:
         _fail(f"--bayes_text_encoder_preset must be one of {presets}, got {args.bayes_text_encoder_preset!r}")
     _check_ranges(args)
     _check_combinations(args)
+    _resolve_evaluation(
+        args, defaults.get("eval_prompts") if args.instance_data_dir == defaults.get("instance_data_dir") else None
+    )
     args.output_dir = os.path.abspath(args.output_dir)
     return args

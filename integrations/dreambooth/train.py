@@ -22,6 +22,7 @@ from .checkpoints import (
 )
 from .data import DreamBoothData, check_image_dir, generate_class_images
 from .distributed import check_launch, process_rng_states, run_seed, shared_weight_sample
+from .evaluation import Evaluator
 from .export import export_model, plot_history, write_model_card
 from .images import captioned_grid
 from .recipe import (
@@ -270,7 +271,7 @@ def main(args, step_callback=None) -> dict:
     raw_unet, raw_text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     trained_models = [unet, text_encoder] if args.train_text_encoder else [unet]
     precompute = (
-        [args.instance_prompt, args.class_prompt, args.validation_prompt, ""]
+        [args.instance_prompt, args.class_prompt, args.validation_prompt, "", *(args.eval_prompt_list or ())]
         if args.pre_compute_text_embeddings
         else ()
     )
@@ -297,6 +298,12 @@ def main(args, step_callback=None) -> dict:
     pipe = validation_pipeline(args, raw_unet, raw_text_encoder, vae, tokenizer, weight_dtype)
     bayesian = bool(bayeslayers.posterior_layers(raw_unet))
     text_bayesian = raw_text_encoder is not None and bool(bayeslayers.posterior_layers(raw_text_encoder))
+    evaluator = None
+    if args.eval_steps and accelerator.is_main_process:
+        evaluator = Evaluator(args, pipe, resolution, accelerator, prompt_encoder)
+        if step == 0:  # the base model: where the curves start
+            evaluator(0)
+    evaluated = step
     progress = tqdm(
         range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process
     )
@@ -389,6 +396,9 @@ def main(args, step_callback=None) -> dict:
                     )
                 if validate:
                     run_validation(args, pipe, step, resolution, accelerator, prompt_encoder)
+                if evaluator is not None and step % args.eval_steps == 0:
+                    evaluator(step)
+                    evaluated = step
             if stop["signal"] is not None:
                 interrupted = stop["signal"]
                 break
@@ -417,6 +427,12 @@ def main(args, step_callback=None) -> dict:
             final_mean_sigma_text_encoder=history["mean_sigma_text_encoder"][-1],
         )
     result = dict(metrics)
+    if evaluator is not None:
+        if evaluated != step:
+            evaluator(step)
+        result["eval_seconds"] = round(evaluator.seconds, 2)  # every evaluation, step 0 and the last included
+        result["eval_metrics"] = str(out / "eval_metrics.csv")
+        result["metrics_vs_step"] = str(out / "metrics_vs_step.png")
     if accelerator.is_main_process:
         grid = None
         if args.validation_prompt:

@@ -1,0 +1,160 @@
+"""Evaluation during DreamBooth training (--eval_steps) on a random tiny pipeline: the fixed evaluation set is
+generated with the mean weights, scored, logged and plotted, and leaves the training itself unchanged."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bayeslayers.integrations.dreambooth import main, parse_args
+
+PROMPT = "a sks star"
+EVAL_PROMPTS = ["a sks star on a black background", "a sks star on a white background"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from tiny_models import recipe_workspace, save_tiny_clip
+
+    root, pipe, images = recipe_workspace(tmp_path_factory.mktemp("dreambooth_eval"))
+    (root / "eval_prompts.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+    return root, pipe, images, save_tiny_clip(root / "clip")
+
+
+def _args(workspace, out, *extra):
+    root, pipe, images, _ = workspace
+    return parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            pipe,
+            "--instance_data_dir",
+            images,
+            "--instance_prompt",
+            PROMPT,
+            "--output_dir",
+            str(root / out),
+            "--train_batch_size",
+            "2",
+            "--seed",
+            "0",
+            "--num_inference_steps",
+            "3",
+            "--report_to",
+            "none",
+            "--learning_rate",
+            "1e-3",
+            "--max_train_steps",
+            "4",
+            "--init_sigma",
+            "0.1",  # so that a sampled-weight generation would differ visibly from the mean model's
+            *extra,
+        ]
+    )
+
+
+def _eval_flags(workspace, steps="2"):
+    root, _, _, clip = workspace
+    return [
+        "--eval_steps",
+        steps,
+        "--eval_prompts",
+        str(root / "eval_prompts.txt"),
+        "--num_eval_images",
+        "2",
+        "--eval_metrics",
+        "judge,clip_t",
+        "--eval_clip_model",
+        clip,
+    ]
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(workspace):
+    return main(_args(workspace, "with-eval", *_eval_flags(workspace)))
+
+
+def test_eval_steps_log_csv_plot_and_eval_sets(workspace, evaluated_run):
+    root = workspace[0]
+    out = root / "with-eval"
+    with open(out / "eval_metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]  # the base model, every 2 steps
+    for column in ("judge_subject_similarity", "judge_corruption", "judge_shape_accuracy", "clip_t"):
+        assert all(r[column] != "" for r in rows), column
+    assert float(rows[0]["generate_seconds"]) > 0 and float(rows[0]["metric_seconds"]) > 0
+    assert (out / "metrics_vs_step.png").stat().st_size > 1000
+    assert evaluated_run["eval_seconds"] > 0 and evaluated_run["metrics_vs_step"] == str(out / "metrics_vs_step.png")
+    folder = out / "eval" / "step-000004"
+    prompts = json.loads((folder / "prompts.json").read_text())
+    assert list(prompts.values()) == [EVAL_PROMPTS[0]] * 2 + [EVAL_PROMPTS[1]] * 2
+    config = json.loads((out / "eval" / "config.json").read_text())
+    assert config["metrics"] == "judge,clip_t" and config["seeds"] == [0, 1, 2, 3]
+    # bayeslayers-eval on the saved set reproduces the logged means
+    from bayeslayers.integrations.metrics import cli
+
+    summary = cli.main(cli.parse_args(["--from-run", str(out)]))
+    assert summary["step"] == 4
+    for column in ("judge_subject_similarity", "judge_corruption", "clip_t"):
+        assert summary["summary"][column]["mean"] == pytest.approx(float(rows[-1][column]), abs=1e-5)
+
+
+def test_eval_images_are_the_mean_models_with_fixed_seeds(workspace, evaluated_run):
+    """The last evaluation set is what stock diffusers makes from the exported mean UNet with the same seeds."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from bayeslayers.integrations.metrics import load_images
+
+    root, pipe_path = workspace[0], workspace[1]
+    stock = StableDiffusionPipeline.from_pretrained(
+        pipe_path, unet=UNet2DConditionModel.from_pretrained(evaluated_run["unet"]), safety_checker=None
+    )
+    stock.scheduler = DPMSolverMultistepScheduler.from_config(stock.scheduler.config)
+    stock.set_progress_bar_config(disable=True)
+    prompts = [EVAL_PROMPTS[0]] * 2 + [EVAL_PROMPTS[1]] * 2
+    generators = [torch.Generator().manual_seed(s) for s in range(4)]
+    expected = stock(prompts, num_inference_steps=3, guidance_scale=7.5, generator=generators, output_type="pt").images
+    saved = load_images(sorted((root / "with-eval" / "eval" / "step-000004").glob("*.png")))
+    np.testing.assert_allclose(saved.numpy(), (expected * 2 - 1).numpy(), atol=1.5 / 127.5)
+    base = load_images(sorted((root / "with-eval" / "eval" / "step-000000").glob("*.png")))
+    assert (saved - base).abs().max() > 2 / 127.5  # training changed the images
+
+
+def test_evaluation_leaves_training_unchanged(workspace, evaluated_run):
+    from safetensors.torch import load_file
+
+    plain = main(_args(workspace, "without-eval"))
+    a, b = load_file(plain["bayesian_state"]), load_file(evaluated_run["bayesian_state"])
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert "eval_seconds" not in plain
+
+
+def test_eval_flags_are_checked_before_training(workspace, tmp_path):
+    flags = _eval_flags(workspace)
+    with pytest.raises(ValueError, match="--eval_steps must be a positive integer"):
+        _args(workspace, "x", *flags[:1], "0", *flags[2:])
+    with pytest.raises(ValueError, match="--num_eval_images must be a positive integer"):
+        _args(workspace, "x", *flags, "--num_eval_images", "0")
+    with pytest.raises(ValueError, match="--eval_metrics: unknown or no metric 'lpips'"):
+        _args(workspace, "x", *flags, "--eval_metrics", "judge,lpips")
+    with pytest.raises(FileNotFoundError, match="--eval_prompts: .* is not a file"):
+        _args(workspace, "x", *flags, "--eval_prompts", str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="--eval_prompts: .* holds no prompt"):
+        _args(workspace, "x", *flags, "--eval_prompts", str(tmp_path / "empty.txt"))
+    defaults = _args(workspace, "x", "--eval_steps", "5")  # a user's model: the paper's metrics, prompt fallback
+    assert defaults.eval_metrics == "clip_t,clip_i,dino,diversity,clip_iqa"
+    assert defaults.eval_prompt_list == [PROMPT]
+    assert _args(workspace, "x").eval_prompt_list is None  # no --eval_steps: no evaluation
+
+
+def test_bundled_model_defaults_to_the_judge_and_the_subjects_prompts():
+    from bayeslayers.integrations import tiny_sd
+
+    args = parse_args(["--eval_steps", "10", "--output_dir", "unused"])
+    assert args.eval_metrics == "judge"
+    expected = tiny_sd.subject_prompts().get("eval_prompts") or [args.validation_prompt]
+    assert args.eval_prompt_list == expected
