@@ -95,7 +95,11 @@ def test_eval_steps_log_csv_plot_and_eval_sets(workspace, evaluated_run):
     from bayeslayers.integrations.metrics import cli
 
     summary = cli.main(cli.parse_args(["--from-run", str(out)]))
-    assert summary["step"] == 4
+    assert summary["step"] == 4 and summary["num_references"] == 3
+    from bayeslayers.integrations.dreambooth.evaluation import read_eval_rows
+
+    logged = read_eval_rows(out)
+    assert [r["step"] for r in logged] == [0, 2, 4] and logged[-1]["clip_t"] == pytest.approx(float(rows[-1]["clip_t"]))
     for column in ("judge_subject_similarity", "judge_corruption", "clip_t"):
         assert summary["summary"][column]["mean"] == pytest.approx(float(rows[-1][column]), abs=1e-5)
 
@@ -145,9 +149,12 @@ def test_eval_flags_are_checked_before_training(workspace, tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="--eval_prompts: .* holds no prompt"):
         _args(workspace, "x", *flags, "--eval_prompts", str(tmp_path / "empty.txt"))
+    with pytest.raises(ValueError, match="--eval_reference_dir must be an existing directory"):
+        _args(workspace, "x", *flags, "--eval_reference_dir", str(tmp_path / "missing"))
     defaults = _args(workspace, "x", "--eval_steps", "5")  # a user's model: the paper's metrics, prompt fallback
     assert defaults.eval_metrics == "clip_t,clip_i,dino,diversity,clip_iqa"
     assert defaults.eval_prompt_list == [PROMPT]
+    assert defaults.eval_reference_dir == workspace[2]  # the instance images
     assert _args(workspace, "x").eval_prompt_list is None  # no --eval_steps: no evaluation
 
 

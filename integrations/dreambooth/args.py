@@ -153,6 +153,12 @@ def _extra_flags(add) -> None:
     )
     add("--num_eval_images", type=int, default=4, help="images per evaluation prompt (seeds fixed)")
     add(
+        "--eval_reference_dir",
+        type=str,
+        default=None,
+        help="the subject's reference images for CLIP-I / DINO / judge similarity; default: --instance_data_dir",
+    )
+    add(
         "--eval_metrics",
         type=str,
         default=None,
@@ -299,6 +305,8 @@ def _resolve_evaluation(args, bundled_prompts) -> None:
         bundled = is_bundled_model(args.pretrained_model_name_or_path)
         args.eval_metrics = ",".join(JUDGE_METRICS if bundled else PAPER_METRICS)
     args.eval_metrics = ",".join(parse_metric_names(args.eval_metrics, "--eval_metrics"))
+    args.eval_reference_dir = args.eval_reference_dir or args.instance_data_dir
+    args.eval_reference_images = check_image_dir(args.eval_reference_dir, "--eval_reference_dir")
     args.eval_clip_model = args.eval_clip_model or DEFAULT_CLIP_MODEL
     args.eval_dino_model = args.eval_dino_model or DEFAULT_DINO_MODEL
 

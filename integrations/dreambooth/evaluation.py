@@ -56,7 +56,7 @@ class Evaluator:
         self.metrics = parse_metric_names(args.eval_metrics, "--eval_metrics")
         self.prompts = [p for p in args.eval_prompt_list for _ in range(args.num_eval_images)]
         self.seeds = [(args.seed or 0) + i for i in range(len(self.prompts))]
-        self.references = load_images(args.instance_images)
+        self.references = load_images(args.eval_reference_images)
         self.out = Path(args.output_dir)
         self.seconds = 0.0
         self.write_config()
@@ -66,7 +66,7 @@ class Evaluator:
 
         config = {
             "metrics": ",".join(self.metrics),
-            "reference": str(self.args.instance_data_dir),
+            "reference": str(self.args.eval_reference_dir),
             "clip_model": self.args.eval_clip_model,
             "dino_model": self.args.eval_dino_model,
             "prompts": self.args.eval_prompt_list,
@@ -186,6 +186,18 @@ def write_eval_row(path, row: dict) -> None:
         for kept in rows:
             append_csv_row(path, kept)
     append_csv_row(path, row)
+
+
+def read_eval_rows(output_dir) -> list[dict[str, float]]:
+    """The rows of a run's ``eval_metrics.csv``: {"step": int, metric: mean (NaN if undefined), ...} per step."""
+    path = Path(output_dir, EVAL_CSV)
+    if not path.is_file():
+        raise FileNotFoundError(f"{output_dir} has no {EVAL_CSV} (train with --eval_steps)")
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [
+        {k: int(v) if k == "step" else float(v) if v != "" else float("nan") for k, v in row.items()} for row in rows
+    ]
 
 
 def read_eval_csv(path) -> dict[str, list[float]]:
