@@ -302,6 +302,34 @@ def test_fused_lora_takes_bias_free_bases_and_leaves_subclassed_ones_to_their_fo
         _assert_same_step(got, want, torch.float32)
 
 
+def test_fused_lora_under_autocast_takes_float32_inputs_and_records_the_kl(fused_calls):
+    """fp32 activations and base under bf16 autocast go in cast, in a training step and in eval (mean factors);
+    a sampling forward leaves its fused KL for kl_loss."""
+    bayeslayers.set_backend("triton")
+    layer = BayesLoRALinear(nn.Linear(20, 30), rank=3, lora_alpha=6, init_sigma=0.05).to(DEVICE)
+    with torch.no_grad():
+        layer.lora_B.weight_mu.normal_()
+    x = randn(5, 20)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        want = _step(layer, x, {})
+        fused_calls.clear()
+        got = _step(layer, x, {"fused_lora": True})
+        assert fused_calls == ["lora_matmul", "lora_matmul"] and got[0].dtype == torch.bfloat16
+        _assert_same_step(got, want, torch.bfloat16)
+        layer.eval()
+        with torch.no_grad():
+            want = layer(x)
+            fused_calls.clear()
+            with fusion(fused_lora=True):
+                got = layer(x)
+    assert fused_calls == ["lora_matmul"] and got.dtype == torch.bfloat16
+    assert relative_error(got, want) < TOLERANCE[torch.bfloat16]
+    with fusion(fused_lora=True), bayeslayers.sampling(layer, seed=3):
+        layer(x)
+    for factor in (layer.lora_A, layer.lora_B):
+        assert factor.kl() is factor._kl_cache[0]
+
+
 def test_sample_in_gemm_saves_only_the_input_and_a_seed():
     bayeslayers.set_backend("triton")
     layer = BayesLinear(67, 45).to(DEVICE)

@@ -249,6 +249,7 @@ def test_conv_options_match_nn_conv2d_in_eval(padding, padding_mode, stride, dil
         ("conv2d", (3, 4, 3)),
         ("conv2d", (3, 1, (2, 3))),
         ("conv2d", (0, 2, 3)),
+        ("conv2d", (1, 2, 1)),
     ],
 )
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")

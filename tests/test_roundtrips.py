@@ -302,6 +302,10 @@ def _deterministic_cases():
             lambda: bayeslayers.BayesLoRAConv2d(nn.Conv2d(3, 4, 3, padding=2, dilation=2), 2, 3, "A"),
             (1, 3, 7, 6),
         ),
+        "lora-conv-B": (
+            lambda: bayeslayers.BayesLoRAConv2d(nn.Conv2d(3, 5, 3, padding=1), rank=2, bayesian_factors="B"),
+            (1, 3, 6, 6),
+        ),
         "lora-conv-A-reflect": (
             lambda: bayeslayers.BayesLoRAConv2d(
                 nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"), rank=3, lora_alpha=1, bayesian_factors="A"
@@ -591,6 +595,17 @@ def test_layers_built_directly_validate_and_keep_their_options():
         bayeslayers.BayesConv2d(2, 2, 3, padding="full")
     with pytest.raises(ValueError, match="BayesLoRAConv2d needs a base conv with groups=1"):
         bayeslayers.BayesLoRAConv2d(nn.Conv2d(2, 2, 3, groups=2))
+    positional = bayeslayers.BayesLoRAConv2d(nn.Conv2d(2, 2, 3), 2, 3, "A", 0.2, 0.4, "pq", BF16)
+    assert positional.options() == {
+        "rank": 2,
+        "lora_alpha": 3.0,
+        "bayesian_factors": "A",
+        "prior_sigma": 0.4,
+        "kl_direction": "pq",
+        "prior_dtype": "bfloat16",
+    }
+    torch.testing.assert_close(positional.lora_A.weight_sigma, torch.full_like(positional.lora_A.weight_sigma, 0.2))
+    assert not any(name.endswith("bias") for name, _ in positional.named_parameters() if "lora" in name)
     with pytest.raises(TypeError, match="fixed_seed must be an int or None, got float"):
         layer.fixed_seed = 1.5
     layer.fixed_seed = (1 << 64) - 3  # seeds are 64-bit: stored wrapped, read back unsigned
@@ -755,6 +770,10 @@ def test_save_names_the_layer_at_fault_and_needs_a_bayesian_layer(tmp_path):
     with pytest.raises(OSError, match=r"save: could not write .*missing/x\.safetensors.*; nothing was written"):
         bayeslayers.save(_convert(Mixed(), SPECS["full"]), tmp_path / "missing" / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+    (tmp_path / "a_folder").mkdir()  # written, then not renamed into place: the temporary file goes
+    with pytest.raises(OSError, match=r"save: could not write .*a_folder.*; the existing file there is unchanged"):
+        bayeslayers.save(_convert(Mixed(), SPECS["full"]), tmp_path / "a_folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder"] and not any((tmp_path / "a_folder").iterdir())
 
 
 def test_read_metadata_refuses_other_safetensors_files(tmp_path):
