@@ -155,6 +155,9 @@ def test_eval_flags_are_checked_before_training(workspace, tmp_path):
     assert defaults.eval_metrics == "clip_t,clip_i,dino,diversity,clip_iqa"
     assert defaults.eval_prompt_list == [PROMPT]
     assert defaults.eval_reference_dir == workspace[2]  # the instance images
+    assert defaults.eval_num_inference_steps == 3  # --num_inference_steps
+    with pytest.raises(ValueError, match="--eval_num_inference_steps must be a positive integer"):
+        _args(workspace, "x", *flags, "--eval_num_inference_steps", "0")
     assert _args(workspace, "x").eval_prompt_list is None  # no --eval_steps: no evaluation
 
 

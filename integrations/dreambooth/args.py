@@ -153,6 +153,12 @@ def _extra_flags(add) -> None:
     )
     add("--num_eval_images", type=int, default=4, help="images per evaluation prompt (seeds fixed)")
     add(
+        "--eval_num_inference_steps",
+        type=int,
+        default=None,
+        help="denoising steps of the evaluation images (their cost); default: --num_inference_steps",
+    )
+    add(
         "--eval_reference_dir",
         type=str,
         default=None,
@@ -253,6 +259,7 @@ def _check_ranges(args) -> None:
         "tokenizer_max_length",
         "eval_steps",
         "num_eval_images",
+        "eval_num_inference_steps",
     ):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -305,6 +312,7 @@ def _resolve_evaluation(args, bundled_prompts) -> None:
         bundled = is_bundled_model(args.pretrained_model_name_or_path)
         args.eval_metrics = ",".join(JUDGE_METRICS if bundled else PAPER_METRICS)
     args.eval_metrics = ",".join(parse_metric_names(args.eval_metrics, "--eval_metrics"))
+    args.eval_num_inference_steps = args.eval_num_inference_steps or args.num_inference_steps
     args.eval_reference_dir = args.eval_reference_dir or args.instance_data_dir
     args.eval_reference_images = check_image_dir(args.eval_reference_dir, "--eval_reference_dir")
     args.eval_clip_model = args.eval_clip_model or DEFAULT_CLIP_MODEL

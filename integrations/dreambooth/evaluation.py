@@ -71,6 +71,8 @@ class Evaluator:
             "dino_model": self.args.eval_dino_model,
             "prompts": self.args.eval_prompt_list,
             "num_eval_images": self.args.num_eval_images,
+            "num_inference_steps": self.args.eval_num_inference_steps,
+            "guidance_scale": self.args.guidance_scale,
             "seeds": self.seeds,
         }
         path = self.out / RUN_EVAL_DIR / RUN_EVAL_CONFIG
@@ -105,7 +107,7 @@ class Evaluator:
                     **text,
                     height=self.resolution,
                     width=self.resolution,
-                    num_inference_steps=args.num_inference_steps,
+                    num_inference_steps=args.eval_num_inference_steps,
                     guidance_scale=args.guidance_scale,
                     generator=generators,
                     output_type="pt",
