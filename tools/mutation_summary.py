@@ -4,6 +4,11 @@ Run from the mutation folder (build/mutation). Writes ``mutation-summary.md`` (t
 ``survivors.diff`` (each surviving or untested mutant's diff, grouped by module) there and prints the table.
 Mutants that only wrap a string literal in "XX" (mutmut's string mutation) are counted apart: when that string
 is an error message the tests match by content, the mutant changes no behaviour but the message's decoration.
+
+``docs/mutation-equivalent.txt`` (next to this tool's repository root) lists survivors judged equivalent, one
+``<mutant name> <reason tag>`` per line (``#`` starts a comment); the tag ``gpu`` marks mutants only a GPU run can
+decide (tensors built with ``device=None`` land on the CPU, where they belong on this machine). Listed survivors
+are counted in their own columns and left out of the last score, "killed % of the rest".
 """
 
 from collections import Counter, defaultdict
@@ -16,6 +21,20 @@ from mutmut.stats import status_by_exit_code
 from mutmut.utils.file_utils import walk_mutatable_files
 
 COLUMNS = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "not checked")
+EQUIVALENT_LIST = Path(__file__).resolve().parent.parent / "docs" / "mutation-equivalent.txt"
+
+
+def _equivalents() -> dict[str, str]:
+    """Mutant name -> reason tag, from EQUIVALENT_LIST (empty when the file is missing)."""
+    if not EQUIVALENT_LIST.exists():
+        return {}
+    listed = {}
+    for line in EQUIVALENT_LIST.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, tag = line.split()
+            listed[name] = tag
+    return listed
 
 
 def _only_decorates_a_string(diff: str) -> bool:
@@ -28,6 +47,7 @@ def _only_decorates_a_string(diff: str) -> bool:
 
 def main() -> None:
     config()
+    listed = _equivalents()
     counts: dict[str, Counter] = defaultdict(Counter)
     diffs: dict[str, list[str]] = defaultdict(list)
     for path in walk_mutatable_files():
@@ -38,14 +58,20 @@ def main() -> None:
             status = status_by_exit_code[exit_code]
             if status in ("survived", "no tests"):
                 diff = get_diff_for_mutant(name, path=path)
-                if status == "survived" and _only_decorates_a_string(diff):
-                    status = "survived (XX string)"
-                diffs[module].append(f"# {name}: {status}\n{diff}\n")
+                if status == "survived" and name in listed:
+                    status = "needs a GPU" if listed[name] == "gpu" else "equivalent"
+                    diffs[module].append(f"# {name}: survived, {status} ({listed[name]})\n{diff}\n")
+                else:
+                    if status == "survived" and _only_decorates_a_string(diff):
+                        status = "survived (XX string)"
+                    diffs[module].append(f"# {name}: {status}\n{diff}\n")
             counts[module][status] += 1
-    columns = (*COLUMNS[:2], "survived (XX string)", *COLUMNS[2:])
+    columns = (*COLUMNS[:2], "survived (XX string)", "equivalent", "needs a GPU", *COLUMNS[2:])
     lines = [
-        "| module | mutants | " + " | ".join(columns) + " | killed % | killed % without XX strings |",
-        "| --- | ---: | " + " | ".join("---:" for _ in columns) + " | ---: | ---: |",
+        "| module | mutants | "
+        + " | ".join(columns)
+        + " | killed % | killed % without XX strings | killed % of the rest |",
+        "| --- | ---: | " + " | ".join("---:" for _ in columns) + " | ---: | ---: | ---: |",
     ]
     total = Counter()
     for module in [*sorted(counts), "all"]:
@@ -55,12 +81,13 @@ def main() -> None:
         tested = sum(row.values()) - row["no tests"] - row["not checked"]
         killed = row["killed"] + row["timeout"]
         score = 100 * killed / tested if tested else 0.0
-        strict = tested - row["survived (XX string)"]
-        score_strict = 100 * killed / strict if strict else 0.0
+        strict = tested - row["survived (XX string)"] - row["equivalent"] - row["needs a GPU"]
+        without_strings = 100 * killed / (strict + row["equivalent"] + row["needs a GPU"]) if tested else 0.0
+        rest = 100 * killed / strict if strict else 0.0
         lines.append(
             f"| {module} | {sum(row.values())} | "
             + " | ".join(str(row[c]) for c in columns)
-            + f" | {score:.1f} | {score_strict:.1f} |"
+            + f" | {score:.1f} | {without_strings:.1f} | {rest:.1f} |"
         )
     table = "\n".join(lines) + "\n"
     Path("mutation-summary.md").write_text(table)
