@@ -72,7 +72,20 @@ def _eval_flags(workspace, steps="2"):
 
 @pytest.fixture(scope="module")
 def evaluated_run(workspace):
-    return main(_args(workspace, "with-eval", *_eval_flags(workspace)))
+    """The run with evaluation; ``result["logged"]`` holds what went to the trackers ({step: keys})."""
+    from accelerate import Accelerator
+
+    logged = {}
+    original = Accelerator.log
+
+    def log(self, values, step=None, log_kwargs=None):
+        logged.setdefault(step, set()).update(values)
+        return original(self, values, step=step, log_kwargs=log_kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Accelerator, "log", log)
+        result = main(_args(workspace, "with-eval", *_eval_flags(workspace)))
+    return dict(result, logged=logged)
 
 
 def test_eval_steps_log_csv_plot_and_eval_sets(workspace, evaluated_run):
@@ -85,6 +98,9 @@ def test_eval_steps_log_csv_plot_and_eval_sets(workspace, evaluated_run):
         assert all(r[column] != "" for r in rows), column
     assert float(rows[0]["generate_seconds"]) > 0 and float(rows[0]["metric_seconds"]) > 0
     assert (out / "metrics_vs_step.png").stat().st_size > 1000
+    for step in (0, 2, 4):  # the trackers (tensorboard with --report_to tensorboard) get the means too
+        assert {"eval/judge_subject_similarity", "eval/clip_t"} <= evaluated_run["logged"][step]
+    assert "eval/clip_t" not in evaluated_run["logged"][1]
     assert evaluated_run["eval_seconds"] > 0 and evaluated_run["metrics_vs_step"] == str(out / "metrics_vs_step.png")
     folder = out / "eval" / "step-000004"
     prompts = json.loads((folder / "prompts.json").read_text())
