@@ -71,7 +71,7 @@ def test_bad_options_name_the_argument():
         BayesConfig(target_modules=3)
     with pytest.raises(TypeError, match=r"unknown BayesConfig option\(s\) \['prior_mean'\]"):
         bayeslayers.convert(_mlp(), target_modules=["0"], prior_mean=0.0)
-    with pytest.raises(ValueError, match="either preset or config"):
+    with pytest.raises(ValueError, match="^pass either preset or config, not both$"):
         bayeslayers.convert(_mlp(), preset="dreambooth-bnn", config=BayesConfig(target_modules=["0"]))
 
 

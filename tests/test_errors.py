@@ -63,7 +63,7 @@ def test_non_finite_rho_is_reported_by_kl_loss_with_the_layer_name():
 
 def test_bad_reduction_and_models_without_bayesian_layers():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3))
-    with pytest.raises(ValueError, match="no Bayesian layers"):
+    with pytest.raises(ValueError, match="^kl_loss: the model has no Bayesian layers; call bayeslayers.convert first$"):
         bayeslayers.kl_loss(model)
     bayeslayers.convert(model, target_modules=["0"])
     with pytest.raises(ValueError, match="reduction must be one of"):

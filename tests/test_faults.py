@@ -272,7 +272,7 @@ def test_bayeslayers_save_write_error_and_damaged_file(tmp_path):
         pytest.raises(
             OSError,
             match=rf"save: could not write '{path}' .*File too large.*"
-            "the existing file there is unchanged",
+            "the existing file there is unchanged$",
         ),
     ):
         bayeslayers.save(model, path)

@@ -520,7 +520,9 @@ def test_kl_loss_check_finite_can_be_turned_off():
         bayeslayers.kl_loss(model)
     model = bayeslayers.convert(Mixed(), target_modules=["a"])
     model.a.prior_sigma = 1e-300  # finite posterior, KL overflows
-    with pytest.raises(ValueError, match="kl_loss is not finite although every posterior is"):
+    with pytest.raises(
+        ValueError, match="^kl_loss is not finite although every posterior is: check prior_sigma and prior_mu$"
+    ):
         bayeslayers.kl_loss(model)
 
 
@@ -760,7 +762,7 @@ def test_new_layers_start_like_the_plain_layers_they_replace():
 
 
 def test_save_names_the_layer_at_fault_and_needs_a_bayesian_layer(tmp_path):
-    with pytest.raises(ValueError, match="save: the model has no Bayesian layers; call bayeslayers.convert first"):
+    with pytest.raises(ValueError, match="^save: the model has no Bayesian layers; call bayeslayers.convert first$"):
         bayeslayers.save(Mixed(), tmp_path / "x.safetensors")
     model = _convert(Mixed(), SPECS["lora"])
     with torch.no_grad():
@@ -771,7 +773,7 @@ def test_save_names_the_layer_at_fault_and_needs_a_bayesian_layer(tmp_path):
         bayeslayers.save(_convert(Mixed(), SPECS["full"]), tmp_path / "missing" / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
     (tmp_path / "a_folder").mkdir()  # written, then not renamed into place: the temporary file goes
-    with pytest.raises(OSError, match=r"save: could not write .*a_folder.*; the existing file there is unchanged"):
+    with pytest.raises(OSError, match=r"save: could not write .*a_folder.*; the existing file there is unchanged$"):
         bayeslayers.save(_convert(Mixed(), SPECS["full"]), tmp_path / "a_folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder"] and not any((tmp_path / "a_folder").iterdir())
 

@@ -188,21 +188,39 @@ def test_model_card_holds_the_settings_grid_command_metrics_and_files(tmp_path):
     written = {"bayesian_state": str(tmp_path / "bayesian_state.safetensors"), "lora_weights": "/x/weights.bin"}
     path = write_model_card(_run_args(tmp_path), {"final_kl": 1.5}, written, grid)
     assert path == tmp_path / "README.md"
-    lines = path.read_text().splitlines()
-    assert lines[0] == "# DreamBooth-BNN fine-tune"
-    assert "Base model: `tiny/sd`" in lines and "Instance prompt: `a sks star`" in lines
-    assert (
+    assert path.read_text().split("\n") == [  # the whole card, blank lines included (Markdown needs them)
+        "# DreamBooth-BNN fine-tune",
+        "",
+        "Base model: `tiny/sd`",
+        "Instance prompt: `a sks star`",
         "Mode: lora, Bayesian: True, preset: dreambooth-bnn-lora, init_sigma 0.02, prior_sigma 0.03, "
-        "kl_weight 0.5, kl_direction pq"
-    ) in lines
-    assert "Text encoder trained: True, Bayesian: False" in lines
-    assert "![final validation grid](grids/final.png)" in lines
-    assert "Final validation grid (`a sks star on grass`, mean weights):" in lines
-    assert "bayeslayers-dreambooth --instance_prompt 'a sks star' --rank 4" in lines
-    text = path.read_text()
-    assert "\nCommand:\n\n```bash\n" in text and "\nFinal metrics:\n\n```\n" in text and "\nFiles:\n\n- " in text
-    assert '```\n{\n  "final_kl": 1.5\n}\n```' in text
-    assert lines[-2:] == ["- bayesian_state: `bayesian_state.safetensors`", "- lora_weights: `weights.bin`"]
+        "kl_weight 0.5, kl_direction pq",
+        "Text encoder trained: True, Bayesian: False",
+        "",
+        "Final validation grid (`a sks star on grass`, mean weights):",
+        "",
+        "![final validation grid](grids/final.png)",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        "bayeslayers-dreambooth --instance_prompt 'a sks star' --rank 4",
+        "```",
+        "",
+        "Final metrics:",
+        "",
+        "```",
+        "{",
+        '  "final_kl": 1.5',
+        "}",
+        "```",
+        "",
+        "Files:",
+        "",
+        "- bayesian_state: `bayesian_state.safetensors`",
+        "- lora_weights: `weights.bin`",
+        "",
+    ]
     no_grid = write_model_card(_run_args(tmp_path), {}, {}, None).read_text()
     assert "grid" not in no_grid and "```bash" in no_grid
 
