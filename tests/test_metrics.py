@@ -345,5 +345,34 @@ def test_eval_cli_errors_name_the_flag(tmp_path, capsys):
     (tmp_path / "two.txt").write_text("a\nb\n")
     with pytest.raises(SystemExit, match="--prompts: .* other than the 3 images"):
         cli.cli(["--images", str(folder), "--prompts", str(tmp_path / "two.txt"), "--metrics", "judge"])
+    (folder / "prompts.json").write_text('{"img0.png": "a", "img1.png": "a", "img2.png": "b"}')
+    with pytest.raises(SystemExit, match=r"--reference \(the subject's images\) is required by clip_i, dino"):
+        cli.cli(["--images", str(folder)])
+    (folder / "prompts.json").unlink()
     with pytest.raises(SystemExit, match="--prompts: .*prompts.json is not a file"):
         cli.cli(["--images", str(folder), "--metrics", "judge"])
+
+
+def test_evaluate_computes_each_models_image_features_once(models, monkeypatch):
+    import importlib
+
+    clip = importlib.import_module("bayeslayers.integrations.metrics.clip")
+    dino = importlib.import_module("bayeslayers.integrations.metrics.dino")  # the package's `dino` is the metric
+    clip_path, vit_path = models
+    calls = []
+    for module, name in ((clip, "_image_features"), (dino, "_features")):
+        original = getattr(module, name)
+
+        def counted(images, *rest, _original=original, _name=name):
+            calls.append((_name, len(images)))
+            return _original(images, *rest)
+
+        monkeypatch.setattr(module, name, counted)
+    images, references = _tensor(_uint8(4, 32, 32, seed=13)), _tensor(_uint8(2, 32, 32, seed=14))
+    values = metrics.evaluate(
+        images, PROMPTS, references, metrics=metrics.PAPER_METRICS, clip_model=clip_path, dino_model=vit_path
+    )
+    # images and references once per model, although clip_t/clip_i/clip_iqa and dino/diversity each need them
+    assert sorted(calls) == [("_features", 2), ("_features", 4), ("_image_features", 2), ("_image_features", 4)]
+    torch.testing.assert_close(values["clip_i"], metrics.clip_i(images, references, model=clip_path))
+    assert len(calls) == 6  # outside evaluate() nothing is cached

@@ -22,7 +22,7 @@ from .files import (
 )
 from .images import image_files, load_images
 from .models import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
-from .registry import METRIC_HELP, PAPER_METRICS, evaluate, parse_metric_names, summarize
+from .registry import METRIC_HELP, PAPER_METRICS, build_metric, evaluate, parse_metric_names, summarize
 
 PROG = "bayeslayers-eval"
 CSV_NAME = "metrics.csv"
@@ -133,6 +133,9 @@ def main(args) -> dict:
     if settings["reference"]:
         references = load_images(image_files(settings["reference"], "--reference"))
     names = parse_metric_names(settings["metrics"])
+    needing = [n for n in names if "references" in build_metric(n).requires]
+    if needing and references is None:
+        raise ValueError(f"--reference (the subject's images) is required by {', '.join(needing)}")
     values = evaluate(
         images,
         prompts,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .images import check_images, check_prompts
-from .models import DEFAULT_CLIP_MODEL, LoadedModel, load_clip, resolve_device
+from .models import DEFAULT_CLIP_MODEL, LoadedModel, cached_features, load_clip, resolve_device
 
 # CLIP-IQA (Wang et al., 2023): softmax over the two antonym prompts' similarities, scaled by CLIP's 100.
 IQA_PROMPTS = ("Good photo.", "Bad photo.")
@@ -23,7 +23,12 @@ def _clip(model, device) -> LoadedModel:
 @torch.no_grad()
 def clip_image_features(images, model=DEFAULT_CLIP_MODEL, device=None, batch_size: int = 32) -> torch.Tensor:
     """Unit-norm CLIP image embeddings (N, D) of images (N, 3, H, W) in [-1, 1]; on the CPU."""
-    images, clip = check_images(images), _clip(model, device)
+    images = check_images(images)
+    return cached_features("clip", model, images, lambda: _image_features(images, model, device, batch_size))
+
+
+def _image_features(images, model, device, batch_size):
+    clip = _clip(model, device)
     features = []
     for start in range(0, len(images), batch_size):
         pixels = clip.pixels(images[start : start + batch_size])

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .images import check_images
-from .models import DEFAULT_DINO_MODEL, LoadedModel, load_dino, resolve_device
+from .models import DEFAULT_DINO_MODEL, LoadedModel, cached_features, load_dino, resolve_device
 
 
 def _vit(model, device) -> LoadedModel:
@@ -16,7 +16,13 @@ def _vit(model, device) -> LoadedModel:
 @torch.no_grad()
 def dino_features(images, model=DEFAULT_DINO_MODEL, device=None, batch_size: int = 32) -> torch.Tensor:
     """Unit-norm CLS tokens (N, D) of the ViT's last layer (after its final layer norm); on the CPU."""
-    images, vit = check_images(images), _vit(model, device)
+    images = check_images(images)
+    return cached_features("dino", model, images, lambda: _features(images, model, device, batch_size))
+
+
+@torch.no_grad()
+def _features(images, model, device, batch_size):
+    vit = _vit(model, device)
     features = []
     for start in range(0, len(images), batch_size):
         hidden = vit.model(pixel_values=vit.pixels(images[start : start + batch_size])).last_hidden_state

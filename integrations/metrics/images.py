@@ -35,7 +35,7 @@ def check_images(images, name: str = "images") -> torch.Tensor:
     if low < -1 - RANGE_SLACK or high > 1 + RANGE_SLACK:
         hint = " (uint8 pixels? divide by 127.5 and subtract 1)" if high > 2 else ""
         raise ValueError(f"{name} must lie in [-1, 1], got values in [{low:.3g}, {high:.3g}]{hint}")
-    return images.clamp(-1, 1)
+    return images if -1 <= low and high <= 1 else images.clamp(-1, 1)
 
 
 def check_prompts(prompts, count: int, name: str = "prompts") -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -70,3 +71,28 @@ def resolve_device(device=None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(torch.device(device))
+
+
+_FEATURES: dict | None = None  # while evaluate() runs: (kind, model, id(images)) -> (images, features)
+
+
+@contextmanager
+def feature_cache():
+    """Within the block, image features of the same tensor and model are computed once (CLIP-T, CLIP-I and
+    CLIP-IQA share the CLIP image embeddings; DINO and diversity the DINO ones)."""
+    global _FEATURES
+    outer, _FEATURES = _FEATURES, {} if _FEATURES is None else _FEATURES
+    try:
+        yield
+    finally:
+        _FEATURES = outer
+
+
+def cached_features(kind: str, model, images, compute):
+    """``compute()`` once per (kind, model, images tensor) inside :func:`feature_cache`, every time outside."""
+    if _FEATURES is None or not isinstance(model, str):
+        return compute()
+    key = (kind, model, id(images))
+    if key not in _FEATURES:
+        _FEATURES[key] = (images, compute())  # keeps the tensor alive, so its id stays its own
+    return _FEATURES[key][1]

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from .images import check_images, check_prompts
-from .models import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+from .models import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, feature_cache
 
 
 class Metric(Protocol):
@@ -110,10 +110,11 @@ def evaluate(
     if isinstance(metrics, str):
         metrics = parse_metric_names(metrics, "metrics")
     values = {}
-    for metric in metrics:
-        metric = build_metric(metric, **options) if isinstance(metric, str) else metric
-        for column, value in metric(images, prompts, references).items():
-            values[column] = value.detach().float().cpu().reshape(len(images))
+    with feature_cache():
+        for metric in metrics:
+            metric = build_metric(metric, **options) if isinstance(metric, str) else metric
+            for column, value in metric(images, prompts, references).items():
+                values[column] = value.detach().float().cpu().reshape(len(images))
     return values
 
 
