@@ -184,3 +184,20 @@ def test_bundled_model_defaults_to_the_judge_and_the_subjects_prompts():
     assert args.eval_metrics == "judge"
     expected = tiny_sd.subject_prompts().get("eval_prompts") or [args.validation_prompt]
     assert args.eval_prompt_list == expected
+
+
+def test_an_unloadable_metric_model_fails_before_training(workspace, tmp_path):
+    args = _args(
+        workspace,
+        "bad-model",
+        "--eval_steps",
+        "2",
+        "--eval_metrics",
+        "clip_t",
+        "--eval_clip_model",
+        str(tmp_path / "missing"),
+    )
+    with pytest.raises(OSError, match="--eval_clip_model"):
+        main(args)
+    assert not (workspace[0] / "bad-model" / "eval_metrics.csv").exists()
+    assert not list((workspace[0] / "bad-model").glob("checkpoint-*"))

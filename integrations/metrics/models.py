@@ -12,6 +12,8 @@ from .images import Preprocessing
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # CLIP-T / CLIP-I / CLIP-IQA of DreamBooth and the BNN paper
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # DINO of DreamBooth and the BNN paper
+CLIP_FLAG = "--clip_model (recipe: --eval_clip_model)"  # named in loading errors
+DINO_FLAG = "--dino_model (recipe: --eval_dino_model)"
 
 
 @dataclass
@@ -50,8 +52,8 @@ def load_clip(name_or_path: str = DEFAULT_CLIP_MODEL, device: str = "cpu") -> Lo
         model = transformers.CLIPModel.from_pretrained(name_or_path)
         tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
-        raise OSError(f"--clip_model {name_or_path!r}: cannot load a CLIP model and tokenizer ({error})") from error
-    preprocess = Preprocessing.from_processor(_image_processor(name_or_path, "--clip_model"))
+        raise OSError(f"{CLIP_FLAG} {name_or_path!r}: cannot load a CLIP model and tokenizer ({error})") from error
+    preprocess = Preprocessing.from_processor(_image_processor(name_or_path, CLIP_FLAG))
     return LoadedModel(model.eval().requires_grad_(False).to(device), preprocess, tokenizer, torch.device(device))
 
 
@@ -62,8 +64,8 @@ def load_dino(name_or_path: str = DEFAULT_DINO_MODEL, device: str = "cpu") -> Lo
     try:
         model = transformers.ViTModel.from_pretrained(name_or_path, add_pooling_layer=False)
     except (OSError, ValueError) as error:
-        raise OSError(f"--dino_model {name_or_path!r}: cannot load a ViT model ({error})") from error
-    preprocess = Preprocessing.from_processor(_image_processor(name_or_path, "--dino_model"))
+        raise OSError(f"{DINO_FLAG} {name_or_path!r}: cannot load a ViT model ({error})") from error
+    preprocess = Preprocessing.from_processor(_image_processor(name_or_path, DINO_FLAG))
     return LoadedModel(model.eval().requires_grad_(False).to(device), preprocess, None, torch.device(device))
 
 
