@@ -376,3 +376,17 @@ def test_evaluate_computes_each_models_image_features_once(models, monkeypatch):
     assert sorted(calls) == [("_features", 2), ("_features", 4), ("_image_features", 2), ("_image_features", 4)]
     torch.testing.assert_close(values["clip_i"], metrics.clip_i(images, references, model=clip_path))
     assert len(calls) == 6  # outside evaluate() nothing is cached
+
+
+def test_load_images_reads_a_folder_a_file_or_a_list(tmp_path):
+    from PIL import Image
+
+    from bayeslayers.integrations.metrics import image_files, load_images
+
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    listed = load_images(image_files(tmp_path))
+    assert listed.shape == (2, 3, 8, 8) and listed.min() >= -1 and listed.max() <= 1
+    assert torch.equal(load_images(tmp_path), listed) and torch.equal(load_images(str(tmp_path)), listed)
+    assert torch.equal(load_images(tmp_path / "1.png"), listed[1:])

@@ -62,9 +62,13 @@ def image_files(folder, name: str = "folder") -> list[Path]:
 
 
 def load_images(files, size: int | None = None) -> torch.Tensor:
-    """(N, 3, H, W) float in [-1, 1] from image files (RGB). Images of different sizes are resized (bicubic) to
-    ``size`` x ``size``, or to the first image's size when ``size`` is None."""
+    """(N, 3, H, W) float in [-1, 1] from image files (RGB), or from every image of a folder. Images of
+    different sizes are resized (bicubic) to ``size`` x ``size``, or to the first image's size when ``size`` is
+    None."""
     from PIL import Image
+
+    if isinstance(files, (str, Path)):
+        files = image_files(files, "images") if Path(files).is_dir() else [files]
 
     pictures = [Image.open(path).convert("RGB") for path in files]
     target = (size, size) if size else pictures[0].size
