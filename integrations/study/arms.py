@@ -1,0 +1,78 @@
+"""The study's arms and settings: four fine-tuning methods, each a set of recipe flags, and the sizes of the full
+and quick studies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    flags: tuple[str, ...]  # bayeslayers-dreambooth flags that make this arm
+    bayesian: bool
+    train_mode: str
+
+
+ARMS = {
+    a.name: a
+    for a in (
+        Arm("dreambooth", ("--train_mode", "full", "--no-bayesian"), False, "full"),
+        Arm("dreambooth-bnn", ("--train_mode", "full", "--bayesian", "--bayes_preset", "dreambooth-bnn"), True, "full"),
+        Arm("lora", ("--train_mode", "lora", "--no-bayesian"), False, "lora"),
+        Arm("lora-bnn", ("--train_mode", "lora", "--bayesian", "--bayes_preset", "dreambooth-bnn-lora"), True, "lora"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything that sizes a study; arms differ only by their flags and learning rate."""
+
+    subjects: tuple[str, ...]
+    arms: tuple[str, ...]
+    seeds: tuple[int, ...]
+    max_train_steps: int
+    evaluations: int  # evaluation points after step 0, evenly spaced (20 = every 5 % of training)
+    images_per_prompt: int  # per evaluation prompt, fixed initial-noise seeds
+    learning_rate: dict = field(default_factory=lambda: {"full": 2e-4, "lora": 1e-3})
+    kl_weight: float = 1e-4
+    train_batch_size: int = 4
+    with_prior_preservation: bool = True
+    num_class_images: int = 32
+    num_inference_steps: int = 20  # class images and the uncertainty analysis
+    eval_inference_steps: int = 10  # evaluation images during training (their cost: see the recipe's README)
+    guidance_scale: float = 3.0
+    uncertainty_samples: int = 6  # posterior samples per image for the uncertainty analysis (0: skip it)
+    uncertainty_images_per_prompt: int = 8
+
+    @property
+    def eval_steps(self) -> int:
+        return max(1, self.max_train_steps // self.evaluations)
+
+    def replace(self, **changes) -> StudySettings:
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+FULL = StudySettings(
+    subjects=("checker_star", "split_circle", "striped_square", "ring_circle"),
+    arms=tuple(ARMS),
+    seeds=(0, 1, 2),
+    max_train_steps=400,
+    evaluations=20,
+    images_per_prompt=4,
+)
+QUICK = FULL.replace(
+    subjects=("checker_star",),
+    seeds=(0,),
+    max_train_steps=8,
+    evaluations=2,
+    images_per_prompt=2,
+    num_class_images=8,
+    num_inference_steps=4,
+    eval_inference_steps=4,
+    uncertainty_samples=2,
+    uncertainty_images_per_prompt=2,
+)

@@ -1,0 +1,120 @@
+"""The corruption-stage study: its summary numbers on curves with known answers, the uncertainty statistics
+against direct computations, and ``--quick`` end to end on the bundled tiny model."""
+
+import itertools
+import json
+import time
+
+import numpy as np
+import pytest
+
+from bayeslayers.integrations.study import analysis
+from bayeslayers.integrations.study.uncertainty import filtering_gain, spearman
+
+
+def test_dip_area_is_the_area_below_the_running_best():
+    fraction = np.linspace(0, 1, 5)  # steps of 0.25
+    assert analysis.dip_area(fraction, np.array([0.1, 0.2, 0.3, 0.4, 0.5])) == 0.0
+    # rise to 0.8, drop to 0.4, recover: gaps (0, 0, 0.4, 0, 0) -> two trapezoids of 0.25 * 0.4 / 2
+    assert analysis.dip_area(fraction, np.array([0.2, 0.8, 0.4, 0.8, 0.9])) == pytest.approx(0.1)
+    # lower is better: a rise of 0.5 above the lowest value so far at the middle point
+    corruption = np.array([1.0, 1.0, 1.5, 1.0, 1.0])
+    assert analysis.dip_area(fraction, corruption, higher_is_better=False) == pytest.approx(0.125)
+    assert analysis.dip_area(fraction[::-1], corruption[::-1], higher_is_better=False) == pytest.approx(0.125)
+
+
+def _rows(curve_of):
+    rows = []
+    for subject, arm, seed in itertools.product(("a", "b"), ("plain", "bayes"), (0, 1, 2)):
+        for step, value in enumerate(curve_of(subject, arm, seed)):
+            rows.append(
+                {"subject": subject, "arm": arm, "seed": seed, "step": step * 10, "fraction": step / 4, "m": value}
+            )
+    return rows
+
+
+def test_arm_table_averages_subjects_per_seed_then_reports_the_seed_spread():
+    def curve(subject, arm, seed):
+        if arm == "plain":  # a dip of depth 0.3 + seed / 10 at the middle point
+            return [0.5, 0.8, 0.5 - seed / 10, 0.8, 0.7 + (subject == "b") * 0.1]
+        return [0.5, 0.6, 0.7, 0.8, 0.9 + seed / 100]
+
+    metric = analysis.StudyMetric("m", "m", True)
+    table = {e["arm"]: e for e in analysis.arm_table(_rows(curve), ["plain", "bayes"], [metric])}
+    plain, bayes = table["plain"], table["bayes"]
+    assert plain["seeds"] == bayes["seeds"] == 3
+    assert plain["best"] == pytest.approx(0.8) and plain["fraction_of_best"] == pytest.approx(0.25)
+    assert plain["final"] == pytest.approx(0.75) and plain["final_std"] == pytest.approx(0.0)
+    depths = [0.3 + seed / 10 for seed in range(3)]  # area = 2 trapezoids of 0.25 * depth / 2
+    end = 0.25 * 0.1 / 2 / 2  # subject a ends 0.1 below its best: one trapezoid, half the subject mean
+    assert plain["dip_area"] == pytest.approx(np.mean([0.25 * d + end for d in depths]))
+    assert plain["dip_area_std"] == pytest.approx(np.std([0.25 * d for d in depths], ddof=1))
+    assert bayes["dip_area"] == 0.0 and bayes["fraction_of_best"] == 1.0
+    assert bayes["best"] == pytest.approx(np.mean([0.9 + s / 100 for s in range(3)]))
+    assert bayes["best_std"] == pytest.approx(np.std([0.9 + s / 100 for s in range(3)], ddof=1))
+    fraction, mean, std = analysis.mean_curves(_rows(curve), "m", "plain")
+    assert np.allclose(fraction, [0, 0.25, 0.5, 0.75, 1]) and mean[2] == pytest.approx(0.4)
+    assert std[2] == pytest.approx(0.1)
+    assert "| m | plain | 0.800 ± 0.000 | 0.750 ± 0.000 | 0.250 ± 0.000 |" in analysis.markdown_table([plain])
+
+
+def test_spearman_and_filtering_against_direct_computation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=40)
+    b = a + rng.normal(size=40)
+    ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731 - no ties in continuous draws
+    assert spearman(a, b) == pytest.approx(np.corrcoef(ranks(a), ranks(b))[0, 1])
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties share a rank
+    assert np.isnan(spearman(a, np.ones(40)))
+    with pytest.raises(ValueError, match="lengths differ"):
+        spearman(a, b[:3])
+    quality = np.arange(8.0)
+    uncertainty = quality.copy()  # the best images are the most uncertain: dropping 2 loses them
+    result = filtering_gain(uncertainty, quality)
+    assert result["all"] == pytest.approx(3.5) and result["kept"] == pytest.approx(np.mean(quality[:6]))
+    assert result["gain"] == pytest.approx(2.5 - 3.5)
+
+
+def test_uncertainty_summary_per_run():
+    rows = []
+    for seed in (0, 1):
+        for i in range(8):
+            rows.append({"arm": "bnn", "subject": "s", "seed": seed, "uncertainty": float(i), "corruption": float(i)})
+            rows[-1]["judge_subject_similarity"] = float(-i if seed == 0 else i)
+    summary = {e["metric"]: e for e in analysis.uncertainty_summary(rows)}
+    assert set(summary) == {"judge_subject_similarity", "corruption"}  # metrics missing from the rows are left out
+    assert summary["corruption"]["spearman"] == pytest.approx(1.0) and summary["corruption"]["runs"] == 2
+    assert summary["judge_subject_similarity"]["spearman"] == pytest.approx(0.0)
+    assert summary["judge_subject_similarity"]["spearman_std"] == pytest.approx(np.std([-1, 1], ddof=1))
+    assert summary["corruption"]["gain"] == pytest.approx(np.mean(np.arange(6.0)) - 3.5)
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path):
+    """``--quick`` (one subject, one seed, every arm, a few steps) writes the CSV, curves, table and the
+    uncertainty analysis, within its 5-minute budget; a second call reuses the finished runs."""
+    from bayeslayers.integrations.study import arms, cli
+    from bayeslayers.integrations.study.runner import SubjectData
+
+    started = time.perf_counter()
+    report = cli.main(cli.parse_args(["--quick", "--output_dir", str(tmp_path)]))
+    minutes = (time.perf_counter() - started) / 60
+    assert minutes < 5, f"--quick took {minutes:.1f} min"
+    quick = arms.QUICK
+    rows = (tmp_path / "evaluations.csv").read_text().splitlines()
+    assert len(rows) - 1 == len(quick.arms) * (quick.evaluations + 1)  # step 0, every eval_steps, the end
+    for name in ("curves.png", "results.md", "results.json", "uncertainty_images.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+    table = json.loads((tmp_path / "results.json").read_text())["table"]
+    assert {e["arm"] for e in table} == set(quick.arms)
+    bayesian = {a for a in quick.arms if arms.ARMS[a].bayesian}
+    assert {e["arm"] for e in report["uncertainty"]} == bayesian
+    images = (tmp_path / "uncertainty_images.csv").read_text().splitlines()
+    per_run = len(SubjectData.bundled(quick.subjects[0]).eval_prompts) * quick.uncertainty_images_per_prompt
+    assert len(images) - 1 == len(bayesian) * per_run
+    first = (tmp_path / "evaluations.csv").read_text()
+    started = time.perf_counter()
+    cli.main(cli.parse_args(["--quick", "--output_dir", str(tmp_path)]))
+    assert time.perf_counter() - started < 30  # nothing retrained
+    assert (tmp_path / "evaluations.csv").read_text() == first
