@@ -2,7 +2,9 @@
 model (full Linear, Conv2d and a Bayesian LoRA) under DDP, each process on its shard of a global batch, against
 one process on the whole batch. Writes {policy: max |difference| / max |gradient|} as JSON to argv[1].
 
-Also "fsdp2_shared": the shared policy with torch's FSDP2 sharding instead of DDP.
+Also "fsdp2_shared": the shared policy with torch's FSDP2 (``fully_shard``) sharding instead of DDP, and
+"fsdp1_error": the message ``kl_loss`` raises under FSDP1 (``FullyShardedDataParallel``), whose flat parameters
+are shards outside the wrapped forward.
 
 Policies: "shared" (the recipe's: every process draws the same weight sample via shared_weight_sample) and
 "per_process" (each process draws its own sample), which must differ from the one-process gradients.
@@ -76,6 +78,23 @@ def fsdp2_difference(single, x, y, shard):
     return max(float((sharded[k] - expected[k]).abs().max() / expected[k].abs().max()) for k in expected)
 
 
+def fsdp1_error(single, x, y, shard) -> str:
+    """The error of the shared-sample step under FSDP1 (FullyShardedDataParallel on CPU/gloo): after the
+    forward, each rank's parameters are views of its flat shard, so the KL cannot be computed there."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    net = copy.deepcopy(single)
+    for name in ("conv", "proj", "head"):
+        setattr(net, name, FSDP(getattr(net, name), use_orig_params=True, device_id=torch.device("cpu")))
+    model = FSDP(net, use_orig_params=True, device_id=torch.device("cpu"))
+    try:
+        with shared_weight_sample(seed=7, forward_index=0):
+            loss_of(model, model, x[shard], y[shard]).backward()
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
 def main(out):
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -111,6 +130,7 @@ def main(out):
             float((averaged[k] - expected[k]).abs().max() / expected[k].abs().max()) for k in expected
         )
     results["fsdp2_shared"] = fsdp2_difference(single, x, y, shard)
+    results["fsdp1_error"] = fsdp1_error(single, x, y, shard)
     if accelerator.is_main_process:
         results["num_processes"] = world
         with open(out, "w") as handle:

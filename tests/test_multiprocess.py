@@ -69,6 +69,9 @@ def test_two_processes_with_one_shared_weight_sample_average_to_the_one_process_
     assert result["per_process"] > 1e-2, result
     # FSDP2 (torch's fully_shard, gloo on CPU): mu and rho are ordinary parameters and shard like any other.
     assert result["fsdp2_shared"] < 1e-5, result
+    # FSDP1 (FullyShardedDataParallel, flat parameters): outside the wrapped forward mu is a shard of its flat
+    # parameter, so kl_loss stops with a message naming the cause rather than a shape error deep in the KL.
+    assert "sharded here (FSDP1" in result["fsdp1_error"], result
 
 
 @pytest.fixture(scope="module")

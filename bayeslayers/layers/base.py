@@ -52,6 +52,7 @@ class BayesianLayer(nn.Module):
         init_sigma = check_positive(init_sigma, "init_sigma")
         self.prior_sigma = check_positive(prior_sigma, "prior_sigma")
         self.kl_direction = check_choice(kl_direction, KL_DIRECTIONS, "kl_direction")
+        self.weight_shape = tuple(weight_shape)
         self.weight_mu = nn.Parameter(torch.empty(weight_shape, dtype=torch.float32, device=device))
         self.weight_rho = nn.Parameter(
             torch.full(weight_shape, inverse_softplus(init_sigma), dtype=torch.float32, device=device)
@@ -188,6 +189,12 @@ class BayesianLayer(nn.Module):
             kl, versions = self._kl_cache
             if versions == self._param_versions() and kl.requires_grad == wants_grad:
                 return kl
+        if tuple(self.weight_mu.shape) != self.weight_shape:
+            raise RuntimeError(
+                f"weight_mu has shape {tuple(self.weight_mu.shape)}, the layer's weight {self.weight_shape}: the "
+                "parameters are sharded here (FSDP1 FullyShardedDataParallel outside its forward); compute the KL "
+                "where they are whole, or shard with FSDP2 fully_shard, whose parameters keep their shapes"
+            )
         return kl_elementwise(
             self.weight_mu, self.weight_sigma, self.prior_mu, self.prior_sigma, self.kl_direction
         ).sum()
