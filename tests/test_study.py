@@ -118,3 +118,5 @@ def test_quick_study_end_to_end(tmp_path):
     cli.main(cli.parse_args(["--quick", "--output_dir", str(tmp_path)]))
     assert time.perf_counter() - started < 30  # nothing retrained
     assert (tmp_path / "evaluations.csv").read_text() == first
+    with pytest.raises(ValueError, match="other settings \\(max_train_steps\\)"):
+        cli.main(cli.parse_args(["--quick", "--output_dir", str(tmp_path), "--max_train_steps", "6"]))

@@ -33,7 +33,7 @@ class StudySettings:
     arms: tuple[str, ...]
     seeds: tuple[int, ...]
     max_train_steps: int
-    evaluations: int  # evaluation points after step 0, evenly spaced (20 = every 5 % of training)
+    evaluations: int  # evaluation points after step 0, evenly spaced (15 = every 6.7 % of training)
     images_per_prompt: int  # per evaluation prompt, fixed initial-noise seeds
     learning_rate: dict = field(default_factory=lambda: {"full": 2e-4, "lora": 1e-3})
     kl_weight: float = 1e-4
@@ -60,8 +60,8 @@ FULL = StudySettings(
     subjects=("checker_star", "split_circle", "striped_square", "ring_circle"),
     arms=tuple(ARMS),
     seeds=(0, 1, 2),
-    max_train_steps=400,
-    evaluations=20,
+    max_train_steps=300,
+    evaluations=15,
     images_per_prompt=4,
 )
 QUICK = FULL.replace(

@@ -38,6 +38,11 @@ def parse_args(input_args=None) -> argparse.Namespace:
     p.add_argument("--learning_rate_lora", type=float, default=None)
     p.add_argument("--kl_weight", type=float, default=None)
     p.add_argument("--uncertainty_samples", type=int, default=None, help="posterior samples per image; 0 skips")
+    p.add_argument(
+        "--report_only",
+        action="store_true",
+        help="write the outputs from the finished runs in --output_dir, train none",
+    )
     user = p.add_argument_group("your own model and subject (e.g. SD1.5)")
     user.add_argument("--pretrained_model_name_or_path", default=None, help="default: the bundled tiny model")
     user.add_argument("--instance_data_dir", default=None)
@@ -82,6 +87,29 @@ def settings_from_args(args) -> StudySettings:
     return base.replace(**changes)
 
 
+def check_settings(root: Path, settings: StudySettings) -> None:
+    """Records the settings in ``root/settings.json``; finished runs there are reused only if everything but the
+    list of subjects, arms and seeds is the same (otherwise their curves would not be comparable)."""
+    path = root / "settings.json"
+    current = json.loads(json.dumps(settings.__dict__, default=list))
+    if path.exists():
+        saved = json.loads(path.read_text())
+        differs = sorted(k for k in current if k not in ("subjects", "arms", "seeds") and saved.get(k) != current[k])
+        if differs:
+            raise ValueError(
+                f"--output_dir {root} holds runs made with other settings ({', '.join(differs)}); "
+                "use another --output_dir"
+            )
+    path.write_text(json.dumps(current, indent=1))
+
+
+def finished_rows(root: Path, subject: str, arm: str, seed: int, name: str) -> list[dict]:
+    from .runner import run_dir
+
+    path = run_dir(root, subject, arm, seed) / name
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with path.open("w", newline="") as handle:
@@ -98,7 +126,7 @@ def main(args) -> dict:
     settings = settings_from_args(args)
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "settings.json").write_text(json.dumps(settings.__dict__, indent=1, default=list))
+    check_settings(root, settings)
     if args.instance_data_dir is not None:
         eval_prompts = [line.strip() for line in Path(args.eval_prompts).read_text().splitlines() if line.strip()]
         subjects = [
@@ -117,6 +145,10 @@ def main(args) -> dict:
     for subject in subjects:
         for seed in settings.seeds:
             for arm in settings.arms:
+                if args.report_only:
+                    rows += finished_rows(root, subject.name, arm, seed, "rows.json")
+                    image_rows += finished_rows(root, subject.name, arm, seed, "uncertainty.json")
+                    continue
                 run_started = time.perf_counter()
                 rows += run_one(subject, arm, seed, settings, root, user_flags(args))
                 if arm_specs[arm].bayesian and settings.uncertainty_samples > 0:
@@ -128,6 +160,8 @@ def main(args) -> dict:
                     f"{time.perf_counter() - run_started:.0f} s (total {(time.perf_counter() - started) / 60:.1f} min)",
                     flush=True,
                 )
+    if not rows:
+        raise ValueError(f"--output_dir {root} holds no finished run of these subjects, arms and seeds")
     write_csv(root / "evaluations.csv", rows)
     table = analysis.arm_table(rows, list(settings.arms))
     metrics = [m for m in analysis.METRICS if any(m.column in r for r in rows)]
