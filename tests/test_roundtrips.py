@@ -608,6 +608,12 @@ def test_layers_built_directly_validate_and_keep_their_options():
     }
     torch.testing.assert_close(positional.lora_A.weight_sigma, torch.full_like(positional.lora_A.weight_sigma, 0.2))
     assert not any(name.endswith("bias") for name, _ in positional.named_parameters() if "lora" in name)
+    for plain_lora in (  # plain factors are bias-free too: the adapter trains exactly A and B
+        bayeslayers.BayesLoRAConv2d(nn.Conv2d(2, 3, 3), bayesian_factors=""),
+        bayeslayers.BayesLoRALinear(nn.Linear(2, 3), bayesian_factors=""),
+    ):
+        trainable = sorted(name for name, p in plain_lora.named_parameters() if p.requires_grad)
+        assert trainable == ["lora_A.weight", "lora_B.weight"]
     with pytest.raises(TypeError, match="fixed_seed must be an int or None, got float"):
         layer.fixed_seed = 1.5
     layer.fixed_seed = (1 << 64) - 3  # seeds are 64-bit: stored wrapped, read back unsigned
