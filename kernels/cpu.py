@@ -3,7 +3,10 @@
 Same RNG contract as ``philox.py``: one seed gives the same eps bit for bit on CPU and GPU. Built with
 ``torch.utils.cpp_extension`` (ninja, the C++ compiler torch was built with) into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later imports load the cached library.
-Threads: ATen's pool (``torch.set_num_threads``); results do not depend on the thread count.
+Threads: ATen's pool (``torch.set_num_threads``); results do not depend on the thread count. Instruction set:
+the kernels are compiled for AVX-512, AVX2 and baseline x86-64 (baseline only elsewhere) and the best one the
+CPU supports runs (:func:`instruction_set`; ``BAYESLAYERS_CPU_ISA=avx2|baseline`` or
+:func:`set_instruction_set` picks a lower one); every one gives the same results bit for bit.
 """
 
 from __future__ import annotations
@@ -43,7 +46,24 @@ def unavailable_reason() -> str:
     return ""
 
 
+def instruction_set() -> str:
+    """The instruction set the kernels run with: 'avx512', 'avx2' or 'baseline'."""
+    return extension().instruction_set()
+
+
+def instruction_sets() -> list[str]:
+    """The instruction sets this CPU (and build) supports, best first."""
+    return list(extension().instruction_sets())
+
+
+def set_instruction_set(name: str | None) -> None:
+    """Runs the kernels with ``name`` (one of :func:`instruction_sets`); None or '' picks the best again."""
+    extension().set_instruction_set(name or "")
+
+
 def _seed_int(seed) -> int:
+    if isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1 and seed.device.type == "cpu":
+        return int(seed.item())  # the common case (a drawn seed): no conversion
     return int(seed_tensor(seed, torch.device("cpu")).item())
 
 
@@ -69,10 +89,9 @@ def sample_weight_and_kl(
 ):
     """As ``sample_kl.sample_weight_and_kl``, on CPU tensors: ``(w in out_dtype, kl 0-d float32 or empty)``."""
     _check_cpu(mu, rho, prior_mu)
-    ext = extension()
     w = torch.empty(mu.shape, dtype=out_dtype)
-    chunk_kl = torch.empty(-(-mu.numel() // ext.CHUNK) if with_kl else 0, dtype=torch.float64)
-    ext.sample_weight_kl(
+    kl = torch.empty(() if with_kl else (0,), dtype=torch.float32)  # written by the kernel: the summed KL
+    extension().sample_weight_kl(
         _float32(mu),
         _float32(rho),
         _float32(prior_mu),
@@ -80,9 +99,8 @@ def sample_weight_and_kl(
         float(prior_sigma),
         KL_DIRECTION_CODES[kl_direction],
         w,
-        chunk_kl,
+        kl,
     )
-    kl = chunk_kl.sum().to(torch.float32) if with_kl else torch.empty(0, dtype=torch.float32)
     return w, kl
 
 

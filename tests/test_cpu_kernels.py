@@ -70,6 +70,38 @@ def test_sample_and_grad_kernels_match_float64(poisoned, shape, direction, prior
     assert relative_error(d_mu, d_mu64) < 1e-6 and relative_error(d_rho, d_rho64) < 1e-6
 
 
+def test_every_instruction_set_gives_the_same_bits():
+    """The AVX-512, AVX2 and baseline builds of the kernels (those this CPU runs) agree bit for bit, eps with
+    the Triton stream."""
+    from bayeslayers.kernels import philox_normal  # the Triton kernel, interpreted on CPU
+
+    sets = cpu.instruction_sets()
+    assert sets[-1] == "baseline" and cpu.instruction_set() == sets[0]
+    shape, seed = (67, 131), (1 << 40) + 12345
+    mu, rho, prior = posterior(shape)
+    rho[0, :7] = torch.tensor([-25.0, -20.0, -1e-3, 0.0, 1e-3, 19.0, 30.0])  # softplus' branches
+    d_w, g_kl = torch.randn(shape), torch.tensor(KL_WEIGHT)
+    triton_eps = philox_normal(seed, shape)
+    runs = {}
+    try:
+        for name in sets:
+            cpu.set_instruction_set(name)
+            assert cpu.instruction_set() == name
+            assert torch.equal(cpu.philox_normal(seed, shape), triton_eps), name
+            runs[name] = [
+                *cpu.sample_weight_and_kl(mu, rho, prior, seed, 0.03, "pq", torch.bfloat16),
+                *cpu.sample_weight_and_kl(mu, rho, None, seed, 0.03, "qp", torch.float32),
+                *cpu.reparameterization_grad(d_w, mu, rho, prior, seed, g_kl, 0.03, "qp", torch.float32),
+                *cpu.reparameterization_grad(None, mu, rho, None, seed, g_kl, 0.03, "pq")[:2],
+            ]
+    finally:
+        cpu.set_instruction_set(None)
+    assert cpu.instruction_set() == sets[0]
+    for name in sets[1:]:
+        for a, b in zip(runs[sets[0]], runs[name]):
+            assert torch.equal(a, b), name
+
+
 def test_results_do_not_depend_on_the_thread_count():
     mu, rho, prior = posterior((300, 301))
     threads = torch.get_num_threads()
@@ -105,10 +137,10 @@ def test_bad_arguments_name_the_tensor():
     ext = cpu.extension()
     mu = torch.zeros(3, 4)
     with pytest.raises(RuntimeError, match="rho must be a contiguous float32 CPU tensor of 12 elements"):
-        ext.sample_weight_kl(
-            mu, torch.zeros(3, 5), None, 1, 0.1, 0, torch.empty(3, 4), torch.empty(1, dtype=torch.float64)
-        )
-    with pytest.raises(RuntimeError, match="chunk_kl must be float64"):
-        ext.sample_weight_kl(mu, mu, None, 1, 0.1, 0, torch.empty(3, 4), torch.empty(1))
+        ext.sample_weight_kl(mu, torch.zeros(3, 5), None, 1, 0.1, 0, torch.empty(3, 4), torch.empty(()))
+    with pytest.raises(RuntimeError, match="kl must be a float32 CPU tensor of one element"):
+        ext.sample_weight_kl(mu, mu, None, 1, 0.1, 0, torch.empty(3, 4), torch.empty(1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="instruction set 'avx1024' is not supported"):
+        cpu.set_instruction_set("avx1024")
     with pytest.raises(ValueError, match="got one on meta"):
         cpu.sample_weight_and_kl(mu.to("meta"), mu, None, 1, 0.1, "qp", torch.float32)

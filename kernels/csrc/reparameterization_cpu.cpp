@@ -2,85 +2,287 @@
 //
 // eps follows the RNG contract of kernels/philox.py operation for operation (float32, IEEE-exact operations
 // only, compiled without FMA contraction), so a seed gives the same eps bit for bit here, in the Triton
-// interpreter and on a GPU. Work is split in fixed chunks of CHUNK elements over ATen's thread pool; the KL is
-// summed per chunk in double and the chunk sums are added in order, so results do not depend on the thread
-// count. All outputs are allocated by the caller (Python) and written here.
+// interpreter and on a GPU, whatever the instruction set: vector division, square root and int/float
+// conversions round exactly like their scalar forms.
+//
+// Layout of this file: the kernel section (torch-free, below the #else) is compiled three times, into the
+// namespaces kernels_avx512, kernels_avx2 and kernels_baseline, each under its own target; the best one the CPU supports is picked
+// once at load time (BAYESLAYERS_CPU_ISA=avx2|baseline forces a lower one). Work is split in fixed chunks of
+// CHUNK elements over ATen's thread pool (contiguous ranges of chunks per thread); the KL is summed per chunk
+// in double in a fixed order, so results do not depend on the thread count or the instruction set. All
+// outputs are allocated by the caller (Python) and written here.
+
+#ifndef BAYESLAYERS_KERNEL_SECTION
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
+#define BAYESLAYERS_KERNEL_SECTION
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#define BAYESLAYERS_X86_CLONES 1
+#define BAYESLAYERS_ISA 2  // the kernel section's intrinsics: 2 AVX-512, 1 AVX2, 0 none
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,bmi2,prefer-vector-width=512")
+namespace kernels_avx512 {
+#include "reparameterization_cpu.cpp"  // this file again: the kernel section below
+}  // namespace kernels_avx512
+#pragma GCC pop_options
+#undef BAYESLAYERS_ISA
+#define BAYESLAYERS_ISA 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi2")
+namespace kernels_avx2 {
+#include "reparameterization_cpu.cpp"  // this file again: the kernel section below
+}  // namespace kernels_avx2
+#pragma GCC pop_options
+#undef BAYESLAYERS_ISA
+#endif
+#define BAYESLAYERS_ISA 0
+namespace kernels_baseline {
+#include "reparameterization_cpu.cpp"  // this file again: the kernel section below
+}  // namespace kernels_baseline
+#undef BAYESLAYERS_ISA
+#undef BAYESLAYERS_KERNEL_SECTION
+
 namespace {
 
-constexpr int64_t CHUNK = 4096;  // elements per work item (a multiple of 4: whole Philox counters)
-constexpr int GROUPS_PER_TILE = 16;  // Philox counters generated together (vectorisable inner loops)
+constexpr int64_t CHUNK = 4096;  // elements per work item and per KL partial sum (a multiple of the block)
+static_assert(CHUNK % kernels_baseline::BLOCK == 0, "a chunk holds whole blocks");
 
-// The hot loops are compiled for AVX2 and for baseline x86-64 and picked at load time (GCC function
-// multiversioning); elsewhere for the target's default.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MULTIVERSIONED __attribute__((target_clones("avx2", "default")))
-#else
-#define MULTIVERSIONED
+// The kernels of one instruction set.
+struct Kernels {
+  const char* name;
+  void (*eps)(uint64_t, int64_t, int64_t, float*);
+  double (*sample)(const float*, const float*, const float*, uint64_t, int64_t, int64_t, float, int, float*);
+  void (*gradient)(const float*, const float*, const float*, const float*, uint64_t, int64_t, int64_t, float, float,
+                   int, float*, float*, float*);
+};
+
+#define KERNELS_OF(NAME) Kernels{#NAME, &kernels_##NAME::eps_chunk, &kernels_##NAME::sample_chunk, &kernels_##NAME::gradient_chunk}
+
+std::vector<Kernels> supported_kernels() {  // best first
+  std::vector<Kernels> found;
+#ifdef BAYESLAYERS_X86_CLONES
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    found.push_back(KERNELS_OF(avx512));
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
+    found.push_back(KERNELS_OF(avx2));
 #endif
+  found.push_back(KERNELS_OF(baseline));
+  return found;
+}
+
+Kernels pick_kernels(const std::string& wanted) {
+  const std::vector<Kernels> found = supported_kernels();
+  for (const Kernels& k : found)
+    if (wanted == k.name) return k;
+  TORCH_CHECK(wanted.empty(), "instruction set '", wanted, "' is not supported by this CPU (or this build); ",
+              "choose from the ones instruction_sets() lists");
+  return found.front();
+}
+
+Kernels& active() {
+  static Kernels kernels = [] {
+    const char* env = std::getenv("BAYESLAYERS_CPU_ISA");
+    return pick_kernels(env == nullptr ? "" : env);
+  }();
+  return kernels;
+}
+
+std::vector<std::string> instruction_sets() {
+  std::vector<std::string> names;
+  for (const Kernels& k : supported_kernels()) names.emplace_back(k.name);
+  return names;
+}
+
+std::string instruction_set() { return active().name; }
+
+// "" picks the best supported one again.
+void set_instruction_set(const std::string& name) { active() = pick_kernels(name); }
+
+void check_float_vector(const torch::Tensor& t, int64_t numel, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == numel,
+              name, " must be a contiguous float32 CPU tensor of ", numel, " elements");
+}
+
+// f(chunk, begin, n) for every chunk, contiguous ranges of chunks per thread.
+template <typename F>
+void for_chunks(int64_t numel, const F& f) {
+  const int64_t chunks = (numel + CHUNK - 1) / CHUNK;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t begin = chunk * CHUNK;
+      f(chunk, begin, std::min(numel, begin + CHUNK) - begin);
+    }
+  });
+}
+
+template <typename out_t>
+void store(const float* values, int64_t n, out_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<out_t>(values[i]);
+}
+
+// direction 0: KL(q||p), 1: KL(p||q); -1: no KL.
+template <typename out_t>
+double sample_weight_kl_impl(const Kernels& k, const float* mu, const float* rho, const float* prior, uint64_t seed,
+                             float prior_sigma, int direction, out_t* w, int64_t numel) {
+  std::vector<double> chunk_kl(direction < 0 ? 0 : (numel + CHUNK - 1) / CHUNK);
+  for_chunks(numel, [&](int64_t chunk, int64_t begin, int64_t n) {
+    alignas(64) float buffer[std::is_same<out_t, float>::value ? 1 : CHUNK];
+    float* w_float = std::is_same<out_t, float>::value ? reinterpret_cast<float*>(w + begin) : buffer;
+    const double kl = k.sample(mu + begin, rho + begin, prior == nullptr ? nullptr : prior + begin, seed, begin, n,
+                               prior_sigma, direction, w_float);
+    if (!std::is_same<out_t, float>::value) store(w_float, n, w + begin);
+    if (direction >= 0) chunk_kl[chunk] = kl;
+  });
+  double total = 0.0;
+  for (const double kl : chunk_kl) total += kl;  // in chunk order: independent of the thread count
+  return total;
+}
+
+template <typename out_t>
+void reparameterization_grad_impl(const Kernels& k, const float* d_w, const float* mu, const float* rho,
+                                  const float* prior, uint64_t seed, float g_kl, float prior_sigma, int direction,
+                                  float* d_mu, float* d_rho, out_t* w, int64_t numel) {
+  for_chunks(numel, [&](int64_t, int64_t begin, int64_t n) {
+    alignas(64) float buffer[std::is_same<out_t, float>::value ? 1 : CHUNK];
+    float* w_float = w == nullptr                                ? nullptr
+                     : std::is_same<out_t, float>::value ? reinterpret_cast<float*>(w + begin)
+                                                                 : buffer;
+    k.gradient(d_w == nullptr ? nullptr : d_w + begin, mu + begin, rho + begin,
+               prior == nullptr ? nullptr : prior + begin, seed, begin, n, g_kl, prior_sigma, direction,
+               d_mu + begin, d_rho + begin, w_float);
+    if (w != nullptr && !std::is_same<out_t, float>::value) store(w_float, n, w + begin);
+  });
+}
+
+#define DISPATCH_OUT(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+}  // namespace
+
+// out: contiguous float32, filled with the eps of (seed, flat index).
+void philox_normal_into(int64_t seed, torch::Tensor out) {
+  check_float_vector(out, out.numel(), "out");
+  const Kernels& k = active();
+  float* data = out.data_ptr<float>();
+  for_chunks(out.numel(), [&](int64_t, int64_t begin, int64_t n) { k.eps(seed, begin, n, data + begin); });
+}
+
+// w = mu + softplus(rho) * eps (w's dtype); kl: a one-element float32 tensor receiving the summed KL, or empty.
+void sample_weight_kl(torch::Tensor mu, torch::Tensor rho, c10::optional<torch::Tensor> prior, int64_t seed,
+                      double prior_sigma, int64_t direction, torch::Tensor w, torch::Tensor kl) {
+  const int64_t numel = mu.numel();
+  check_float_vector(mu, numel, "mu");
+  check_float_vector(rho, numel, "rho");
+  if (prior) check_float_vector(*prior, numel, "prior_mu");
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.numel() == numel, "w must be a contiguous CPU tensor of ",
+              numel, " elements");
+  const bool with_kl = kl.numel() > 0;
+  TORCH_CHECK(kl.device().is_cpu() && (!with_kl || (kl.scalar_type() == torch::kFloat32 && kl.numel() == 1)),
+              "kl must be a float32 CPU tensor of one element (or empty: no KL)");
+  const Kernels& k = active();
+  const float* prior_data = prior ? prior->data_ptr<float>() : nullptr;
+  const int dir = with_kl ? static_cast<int>(direction) : -1;
+  double total = 0.0;
+  DISPATCH_OUT(w.scalar_type(), "sample_weight_kl", [&] {
+    total = sample_weight_kl_impl<scalar_t>(k, mu.data_ptr<float>(), rho.data_ptr<float>(), prior_data,
+                                            static_cast<uint64_t>(seed), static_cast<float>(prior_sigma), dir,
+                                            w.data_ptr<scalar_t>(), numel);
+  });
+  if (with_kl) *kl.data_ptr<float>() = static_cast<float>(total);
+}
+
+// d_mu, d_rho (float32) and optionally w again; d_w float32 or absent; g_kl: the KL's upstream gradient (0: none).
+void reparameterization_grad(c10::optional<torch::Tensor> d_w, torch::Tensor mu, torch::Tensor rho,
+                             c10::optional<torch::Tensor> prior, int64_t seed, double g_kl, double prior_sigma,
+                             int64_t direction, torch::Tensor d_mu, torch::Tensor d_rho,
+                             c10::optional<torch::Tensor> w) {
+  const int64_t numel = mu.numel();
+  check_float_vector(mu, numel, "mu");
+  check_float_vector(rho, numel, "rho");
+  check_float_vector(d_mu, numel, "d_mu");
+  check_float_vector(d_rho, numel, "d_rho");
+  if (d_w) check_float_vector(*d_w, numel, "d_w");
+  if (prior) check_float_vector(*prior, numel, "prior_mu");
+  const Kernels& k = active();
+  const float* d_w_data = d_w ? d_w->data_ptr<float>() : nullptr;
+  const float* prior_data = prior ? prior->data_ptr<float>() : nullptr;
+  const int dir = g_kl != 0.0 ? static_cast<int>(direction) : -1;
+  const uint64_t key = static_cast<uint64_t>(seed);
+  if (!w) {
+    reparameterization_grad_impl<float>(k, d_w_data, mu.data_ptr<float>(), rho.data_ptr<float>(), prior_data, key,
+                                        static_cast<float>(g_kl), static_cast<float>(prior_sigma), dir,
+                                        d_mu.data_ptr<float>(), d_rho.data_ptr<float>(), nullptr, numel);
+    return;
+  }
+  TORCH_CHECK(w->device().is_cpu() && w->is_contiguous() && w->numel() == numel,
+              "w must be a contiguous CPU tensor of ", numel, " elements");
+  DISPATCH_OUT(w->scalar_type(), "reparameterization_grad", [&] {
+    reparameterization_grad_impl<scalar_t>(k, d_w_data, mu.data_ptr<float>(), rho.data_ptr<float>(), prior_data, key,
+                                           static_cast<float>(g_kl), static_cast<float>(prior_sigma), dir,
+                                           d_mu.data_ptr<float>(), d_rho.data_ptr<float>(), w->data_ptr<scalar_t>(),
+                                           numel);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("CHUNK") = CHUNK;
+  m.def("philox_normal_into", &philox_normal_into, "eps of (seed, flat index) into a float32 tensor");
+  m.def("sample_weight_kl", &sample_weight_kl, "one pass: weight sample and the summed KL");
+  m.def("reparameterization_grad", &reparameterization_grad, "one pass: d_mu, d_rho and optionally w");
+  m.def("instruction_set", &instruction_set, "the instruction set the kernels run with");
+  m.def("instruction_sets", &instruction_sets, "the instruction sets this CPU supports, best first");
+  m.def("set_instruction_set", &set_instruction_set, "run the kernels with one of instruction_sets() ('': best)");
+}
+
+#else  // BAYESLAYERS_KERNEL_SECTION: torch-free kernels, compiled once per instruction set
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+constexpr int LANES = 16;         // Philox counters per block, side by side in vector lanes
+constexpr int BLOCK = 4 * LANES;  // elements per block (4 words per counter)
 
 // Constants written as the same float64 expressions as kernels/philox.py, then rounded to float32.
-const float TWO_POW_M32 = static_cast<float>(1.0 / 4294967296.0);
-const float TWO_POW_M33 = static_cast<float>(1.0 / 8589934592.0);
-const float SQRT2 = static_cast<float>(1.4142135623730951);
-const float LN2 = static_cast<float>(0.6931471805599453);
-const float RADIANS_PER_UNIT = static_cast<float>(3.141592653589793 / 2147483648.0);
-const float LOG_C11 = static_cast<float>(2.0 / 11.0), LOG_C9 = static_cast<float>(2.0 / 9.0);
-const float LOG_C7 = static_cast<float>(2.0 / 7.0), LOG_C5 = static_cast<float>(2.0 / 5.0);
-const float LOG_C3 = static_cast<float>(2.0 / 3.0), LOG_C1 = 2.0f;
-const float SIN_C11 = static_cast<float>(-1.0 / 39916800.0), SIN_C9 = static_cast<float>(1.0 / 362880.0);
-const float SIN_C7 = static_cast<float>(-1.0 / 5040.0), SIN_C5 = static_cast<float>(1.0 / 120.0);
-const float SIN_C3 = static_cast<float>(-1.0 / 6.0);
-const float COS_C12 = static_cast<float>(1.0 / 479001600.0), COS_C10 = static_cast<float>(-1.0 / 3628800.0);
-const float COS_C8 = static_cast<float>(1.0 / 40320.0), COS_C6 = static_cast<float>(-1.0 / 720.0);
-const float COS_C4 = static_cast<float>(1.0 / 24.0), COS_C2 = -0.5f;
+constexpr float TWO_POW_M32 = static_cast<float>(1.0 / 4294967296.0);
+constexpr float TWO_POW_M33 = static_cast<float>(1.0 / 8589934592.0);
+constexpr float SQRT2 = static_cast<float>(1.4142135623730951);
+constexpr float LN2 = static_cast<float>(0.6931471805599453);
+constexpr float RADIANS_PER_UNIT = static_cast<float>(3.141592653589793 / 2147483648.0);
+constexpr float LOG_C11 = static_cast<float>(2.0 / 11.0), LOG_C9 = static_cast<float>(2.0 / 9.0);
+constexpr float LOG_C7 = static_cast<float>(2.0 / 7.0), LOG_C5 = static_cast<float>(2.0 / 5.0);
+constexpr float LOG_C3 = static_cast<float>(2.0 / 3.0), LOG_C1 = 2.0f;
+constexpr float SIN_C11 = static_cast<float>(-1.0 / 39916800.0), SIN_C9 = static_cast<float>(1.0 / 362880.0);
+constexpr float SIN_C7 = static_cast<float>(-1.0 / 5040.0), SIN_C5 = static_cast<float>(1.0 / 120.0);
+constexpr float SIN_C3 = static_cast<float>(-1.0 / 6.0);
+constexpr float COS_C12 = static_cast<float>(1.0 / 479001600.0), COS_C10 = static_cast<float>(-1.0 / 3628800.0);
+constexpr float COS_C8 = static_cast<float>(1.0 / 40320.0), COS_C6 = static_cast<float>(-1.0 / 720.0);
+constexpr float COS_C4 = static_cast<float>(1.0 / 24.0), COS_C2 = -0.5f;
 
-inline uint32_t float_bits(float x) {
+ALWAYS_INLINE uint32_t float_bits(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
   return bits;
 }
 
-inline float bits_float(uint32_t bits) {
+ALWAYS_INLINE float bits_float(uint32_t bits) {
   float x;
   std::memcpy(&x, &bits, sizeof x);
   return x;
 }
 
-// Philox4x32-10 of the counters (first + g, 0, 0, 0), g < GROUPS_PER_TILE, key (k0, k1), as tl.randint4x;
-// lanes side by side so the compiler vectorises the rounds.
-inline void philox4x32_10_tile(uint32_t first, uint32_t key0, uint32_t key1, uint32_t c0[], uint32_t c1[],
-                               uint32_t c2[], uint32_t c3[]) {
-  for (int g = 0; g < GROUPS_PER_TILE; ++g) {
-    c0[g] = first + static_cast<uint32_t>(g);
-    c1[g] = c2[g] = c3[g] = 0;
-  }
-  uint32_t k0 = key0, k1 = key1;
-  for (int round = 0; round < 10; ++round) {
-    for (int g = 0; g < GROUPS_PER_TILE; ++g) {
-      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[g];
-      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[g];
-      c0[g] = static_cast<uint32_t>(p1 >> 32) ^ c1[g] ^ k0;
-      c2[g] = static_cast<uint32_t>(p0 >> 32) ^ c3[g] ^ k1;
-      c1[g] = static_cast<uint32_t>(p1);
-      c3[g] = static_cast<uint32_t>(p0);
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-}
-
-inline float log_unit(float u) {  // log of a positive normal float (u in (0, 1] for eps), as philox.log_unit
+ALWAYS_INLINE float log_unit(float u) {  // log of a positive normal float (u in (0, 1] for eps), as philox.log_unit
   const uint32_t bits = float_bits(u);
   int32_t exponent = static_cast<int32_t>(bits >> 23) - 127;
   float mantissa = bits_float((bits & 0x7FFFFFu) | 0x3F800000u);
@@ -97,9 +299,12 @@ inline float log_unit(float u) {  // log of a positive normal float (u in (0, 1]
   return static_cast<float>(exponent) * LN2 + s * p;
 }
 
-inline void cos_sin_turn(uint32_t word, float* cos_out, float* sin_out) {  // as philox.cos_sin_turn
-  const uint32_t quadrant = ((word + 0x20000000u) >> 30) & 3u;
-  const float a = static_cast<float>(static_cast<int32_t>(word - (quadrant << 30))) * RADIANS_PER_UNIT;
+// (r cos theta, r sin theta) of one radius word and one angle word, as philox.box_muller.
+ALWAYS_INLINE void box_muller(uint32_t radius_word, uint32_t angle_word, float* first, float* second) {
+  const float u = static_cast<float>(radius_word) * TWO_POW_M32 + TWO_POW_M33;
+  const float radius = __builtin_sqrtf(-2.0f * log_unit(u));
+  const uint32_t quadrant = ((angle_word + 0x20000000u) >> 30) & 3u;  // nearest quarter turn
+  const float a = static_cast<float>(static_cast<int32_t>(angle_word - (quadrant << 30))) * RADIANS_PER_UNIT;
   const float z = a * a;
   float ps = z * SIN_C11 + SIN_C9;
   ps = ps * z + SIN_C7;
@@ -112,47 +317,119 @@ inline void cos_sin_turn(uint32_t word, float* cos_out, float* sin_out) {  // as
   pc = pc * z + COS_C4;
   pc = pc * z + COS_C2;
   const float cos_a = 1.0f + z * pc;
-  *cos_out = quadrant == 0 ? cos_a : quadrant == 1 ? -sin_a : quadrant == 2 ? -cos_a : sin_a;
-  *sin_out = quadrant == 0 ? sin_a : quadrant == 1 ? cos_a : quadrant == 2 ? -sin_a : -cos_a;
+  // quadrant q rotates by q quarter turns: (cos, sin) -> (-sin, cos) per turn
+  const bool odd = (quadrant & 1u) != 0, negate_cos = ((quadrant + 1u) & 2u) != 0, negate_sin = (quadrant & 2u) != 0;
+  const float c = odd ? sin_a : cos_a, s = odd ? cos_a : sin_a;
+  *first = radius * (negate_cos ? -c : c);
+  *second = radius * (negate_sin ? -s : s);
 }
 
-inline float box_muller_radius(uint32_t radius_word) {
-  const float u = static_cast<float>(radius_word) * TWO_POW_M32 + TWO_POW_M33;
-  return std::sqrt(-2.0f * log_unit(u));
+// Philox4x32-10 of the counters (first_counter + g, 0, 0, 0), g < LANES, key (k0, k1), as tl.randint4x: word j
+// of counter g into w[j][g]. The vector forms take the 32 x 32 -> 64-bit products from vpmuludq on even and odd
+// lanes (compilers otherwise widen to 64-bit lanes and use the slower 64-bit multiply).
+#if BAYESLAYERS_ISA == 2
+ALWAYS_INLINE void mulhilo(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
+  const __m512i even = _mm512_mul_epu32(a, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
-// eps of the elements [begin, end) (begin a multiple of 4) into out[0 .. end - begin).
-MULTIVERSIONED void normals(int64_t seed, int64_t begin, int64_t end, float* out) {
-  const uint64_t key = static_cast<uint64_t>(seed);
-  const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  constexpr int PAIRS = 2 * GROUPS_PER_TILE;
-  uint32_t c0[GROUPS_PER_TILE], c1[GROUPS_PER_TILE], c2[GROUPS_PER_TILE], c3[GROUPS_PER_TILE];
-  uint32_t radius_words[PAIRS], angle_words[PAIRS];
-  float radius[PAIRS], cos[PAIRS], sin[PAIRS], tile[2 * PAIRS];
-  for (int64_t start = begin; start < end; start += 2 * PAIRS) {
-    philox4x32_10_tile(static_cast<uint32_t>(start / 4), k0, k1, c0, c1, c2, c3);
-    for (int g = 0; g < GROUPS_PER_TILE; ++g) {  // (w0, w1) -> elements 4g, 4g+1; (w2, w3) -> 4g+2, 4g+3
-      radius_words[2 * g] = c0[g];
-      angle_words[2 * g] = c1[g];
-      radius_words[2 * g + 1] = c2[g];
-      angle_words[2 * g + 1] = c3[g];
+ALWAYS_INLINE void philox_lanes(uint32_t first_counter, uint32_t k0, uint32_t k1, uint32_t (*__restrict w)[LANES]) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u)), m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first_counter)),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i c1 = _mm512_setzero_si512(), c2 = c1, c3 = c1;
+  uint32_t key0 = k0, key1 = k1;
+  for (int round = 0; round < 10; ++round) {
+    __m512i hi0, lo0, hi1, lo1;
+    mulhilo(c0, m0, &hi0, &lo0);
+    mulhilo(c2, m1, &hi1, &lo1);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(key0)));
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(key1)));
+    c1 = lo1;
+    c3 = lo0;
+    key0 += 0x9E3779B9u;
+    key1 += 0xBB67AE85u;
+  }
+  _mm512_store_si512(w[0], c0);
+  _mm512_store_si512(w[1], c1);
+  _mm512_store_si512(w[2], c2);
+  _mm512_store_si512(w[3], c3);
+}
+#elif BAYESLAYERS_ISA == 1
+ALWAYS_INLINE void mulhilo(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(a, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+ALWAYS_INLINE void philox_lanes(uint32_t first_counter, uint32_t k0, uint32_t k1, uint32_t (*__restrict w)[LANES]) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u)), m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int half = 0; half < LANES; half += 8) {
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_counter + half)),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i c1 = _mm256_setzero_si256(), c2 = c1, c3 = c1;
+    uint32_t key0 = k0, key1 = k1;
+    for (int round = 0; round < 10; ++round) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo(c0, m0, &hi0, &lo0);
+      mulhilo(c2, m1, &hi1, &lo1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(key0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(key1)));
+      c1 = lo1;
+      c3 = lo0;
+      key0 += 0x9E3779B9u;
+      key1 += 0xBB67AE85u;
     }
-    for (int p = 0; p < PAIRS; ++p) {
-      radius[p] = box_muller_radius(radius_words[p]);
-      cos_sin_turn(angle_words[p], &cos[p], &sin[p]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w[0] + half), c0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w[1] + half), c1);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w[2] + half), c2);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w[3] + half), c3);
+  }
+}
+#else
+ALWAYS_INLINE void philox_lanes(uint32_t first_counter, uint32_t k0, uint32_t k1, uint32_t (*__restrict w)[LANES]) {
+#pragma omp simd
+  for (int g = 0; g < LANES; ++g) {
+    uint32_t c0 = first_counter + static_cast<uint32_t>(g), c1 = 0, c2 = 0, c3 = 0, key0 = k0, key1 = k1;
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+      c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ key0;
+      c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ key1;
+      c1 = static_cast<uint32_t>(p1);
+      c3 = static_cast<uint32_t>(p0);
+      key0 += 0x9E3779B9u;
+      key1 += 0xBB67AE85u;
     }
-    for (int p = 0; p < PAIRS; ++p) {
-      tile[2 * p] = radius[p] * cos[p];
-      tile[2 * p + 1] = radius[p] * sin[p];
-    }
-    const int64_t count = std::min<int64_t>(2 * PAIRS, end - start);
-    std::memcpy(out + (start - begin), tile, count * sizeof(float));
+    w[0][g] = c0;
+    w[1][g] = c1;
+    w[2][g] = c2;
+    w[3][g] = c3;
+  }
+}
+#endif
+
+// eps of the BLOCK elements from 4 * first_counter on: counter g gives elements 4g .. 4g+3, by Box-Muller of
+// words (w0, w1) -> 4g, 4g+1 and (w2, w3) -> 4g+2, 4g+3 (one vector lane per counter).
+ALWAYS_INLINE void normal_block(uint32_t first_counter, uint32_t k0, uint32_t k1, float* __restrict out) {
+  alignas(64) uint32_t w[4][LANES];
+  philox_lanes(first_counter, k0, k1, w);
+#pragma omp simd
+  for (int g = 0; g < LANES; ++g) {
+    float n0, n1, n2, n3;
+    box_muller(w[0][g], w[1][g], &n0, &n1);
+    box_muller(w[2][g], w[3][g], &n2, &n3);
+    out[4 * g] = n0;
+    out[4 * g + 1] = n1;
+    out[4 * g + 2] = n2;
+    out[4 * g + 3] = n3;
   }
 }
 
 // exp(x) for x <= 0 (clamped at -87: results stay normal floats): Cody-Waite reduction and a degree-7
-// polynomial, branch-free so loops over it vectorise. About 1 ulp.
-inline float exp_nonpositive(float x) {
+// polynomial, branch-free. About 1 ulp.
+ALWAYS_INLINE float exp_nonpositive(float x) {
   x = x < -87.0f ? -87.0f : x;
   const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest integer
   float r = x - n * 0.693359375f;
@@ -167,220 +444,188 @@ inline float exp_nonpositive(float x) {
   return p * bits_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
 }
 
-// log(1 + z) for z > -1 (1 + z a normal float), exact to a few ulps when 1 + z rounds (Goldberg).
-inline float log1p_(float z) {
-  const float y = 1.0f + z, d = y - 1.0f;
-  return d == 0.0f ? z : log_unit(y) * (z / d);
+// log(1 + e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) in [0, 1/3], odd series to s^15 (truncation
+// below 2^-25 relative). About 1.5 ulp, one division.
+ALWAYS_INLINE float log1p_unit(float e) {
+  const float s = e / (2.0f + e), z = s * s;
+  float p = z * (2.0f / 15.0f) + (2.0f / 13.0f);
+  p = p * z + (2.0f / 11.0f);
+  p = p * z + (2.0f / 9.0f);
+  p = p * z + (2.0f / 7.0f);
+  p = p * z + (2.0f / 5.0f);
+  p = p * z + (2.0f / 3.0f);
+  p = p * z + 2.0f;
+  return s * p;
 }
 
-// softplus(rho) = log(1 + exp(rho)) (rho itself above 20, as F.softplus) and its derivative sigmoid(rho),
-// from one exp.
-inline void softplus_sigmoid(float rho, float* softplus, float* sigmoid) {
-  const float e = exp_nonpositive(-std::fabs(rho));
-  *softplus = rho > 20.0f ? rho : std::max(rho, 0.0f) + log1p_(e);
+// softplus(rho) = max(rho, 0) + log(1 + exp(-|rho|)) (rho itself above 20, as F.softplus) and its derivative
+// sigmoid(rho), from one exp.
+ALWAYS_INLINE void softplus_sigmoid(float rho, float* softplus, float* sigmoid) {
+  const float e = exp_nonpositive(-__builtin_fabsf(rho));
+  *softplus = rho > 20.0f ? rho : (rho > 0.0f ? rho : 0.0f) + log1p_unit(e);
   *sigmoid = (rho >= 0.0f ? 1.0f : e) / (1.0f + e);
 }
 
-inline float softplus(float rho) {
-  return rho > 20.0f ? rho : std::max(rho, 0.0f) + log1p_(exp_nonpositive(-std::fabs(rho)));
+ALWAYS_INLINE float softplus(float rho) {
+  return rho > 20.0f ? rho : (rho > 0.0f ? rho : 0.0f) + log1p_unit(exp_nonpositive(-__builtin_fabsf(rho)));
 }
 
 // KL per element (nats), q = N(mu, sigma^2), p = N(m, s^2), gap = mu - m, as posterior_math.kl_element.
-// Written in r = sigma / s and t = r - 1 so that it cancels exactly (to 0) when the posterior equals the prior.
-inline float kl_qp(float gap, float sigma, float prior_sigma) {
-  const float r = sigma / prior_sigma, t = r - 1.0f, g = gap / prior_sigma;
-  return 0.5f * t * (r + 1.0f) - log1p_(t) + 0.5f * g * g;
+// Written in r = sigma / s and t = r - 1 so that it cancels exactly (to 0) when the posterior equals the prior;
+// log(r) = log1p(t) (t = r - 1 is exact for r in [1/2, 2]).
+ALWAYS_INLINE float kl_qp(float gap, float sigma, float prior_sigma, float inv_prior_sigma) {
+  const float r = sigma / prior_sigma, t = r - 1.0f, g = gap * inv_prior_sigma;
+  return 0.5f * t * (r + 1.0f) - log_unit(r) + 0.5f * g * g;
 }
 
-inline float kl_pq(float gap, float sigma, float prior_sigma) {
-  const float r = sigma / prior_sigma, t = r - 1.0f, g = gap / prior_sigma, r2 = r * r;
-  return log1p_(t) - 0.5f * t * (r + 1.0f) / r2 + 0.5f * g * g / r2;
+ALWAYS_INLINE float kl_pq(float gap, float sigma, float prior_sigma, float inv_prior_sigma) {
+  const float r = sigma / prior_sigma, t = r - 1.0f, g = gap * inv_prior_sigma, inv_r2 = 1.0f / (r * r);
+  return log_unit(r) - 0.5f * t * (r + 1.0f) * inv_r2 + 0.5f * g * g * inv_r2;
 }
 
-void check_float_vector(const torch::Tensor& t, int64_t numel, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == numel,
-              name, " must be a contiguous float32 CPU tensor of ", numel, " elements");
-}
+alignas(64) const float ZEROS[BLOCK] = {};  // the prior mean of a zero-mean prior, the d_w of "no weight gradient"
 
-// Per-thread scratch of one chunk.
-struct Scratch {
-  std::vector<float> eps = std::vector<float>(CHUNK), sigma = std::vector<float>(CHUNK),
-                     sigmoid = std::vector<float>(CHUNK), w = std::vector<float>(CHUNK),
-                     kl = std::vector<float>(CHUNK), zeros = std::vector<float>(CHUNK, 0.0f);
-};
-
-// One chunk of n elements: sigma = softplus(rho) and w = mu + sigma * eps (float32); KL per element into kl
-// unless it is null.
-MULTIVERSIONED void sample_chunk(const float* mu, const float* rho, const float* prior, const float* eps, int64_t n,
-                                 float prior_sigma, int direction, float* sigma, float* w, float* kl) {
-  for (int64_t i = 0; i < n; ++i) {
-    sigma[i] = softplus(rho[i]);
-    w[i] = mu[i] + sigma[i] * eps[i];
+// n <= BLOCK elements: w = mu + softplus(rho) * eps; with KL >= 0 the KL per element into kl (0 beyond n).
+template <int KL>
+ALWAYS_INLINE void sample_block(const float* __restrict mu, const float* __restrict rho,
+                                const float* __restrict prior, const float* __restrict eps, int n,
+                                float prior_sigma, float* __restrict w, float* __restrict kl) {
+  const float inv_prior_sigma = 1.0f / prior_sigma;
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    const float sigma = softplus(rho[i]);
+    w[i] = mu[i] + sigma * eps[i];
+    if (KL == 0) kl[i] = kl_qp(mu[i] - prior[i], sigma, prior_sigma, inv_prior_sigma);
+    if (KL == 1) kl[i] = kl_pq(mu[i] - prior[i], sigma, prior_sigma, inv_prior_sigma);
   }
-  if (kl == nullptr) return;
-  if (direction == 0) {
-    for (int64_t i = 0; i < n; ++i) kl[i] = kl_qp(mu[i] - prior[i], sigma[i], prior_sigma);
-  } else {
-    for (int64_t i = 0; i < n; ++i) kl[i] = kl_pq(mu[i] - prior[i], sigma[i], prior_sigma);
-  }
+  if (KL >= 0)
+    for (int i = n; i < BLOCK; ++i) kl[i] = 0.0f;
 }
 
-// One chunk: d_mu = d_w + g_kl dKL/dmu, d_rho = (d_w eps + g_kl dKL/dsigma) sigmoid(rho), and w = mu + sigma eps
-// unless w is null; d_w may be null (no weight gradient), g_kl may be 0 (no KL term).
-MULTIVERSIONED void gradient_chunk(const float* d_w, const float* mu, const float* rho, const float* prior,
-                                   const float* eps, int64_t n, float g_kl, float prior_sigma, int direction,
-                                   float* sigma, float* sigmoid, float* d_mu, float* d_rho, float* w) {
-  for (int64_t i = 0; i < n; ++i) softplus_sigmoid(rho[i], &sigma[i], &sigmoid[i]);
-  if (d_w != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      d_mu[i] = d_w[i];
-      d_rho[i] = d_w[i] * eps[i];
+// Elements [begin, begin + n) of one chunk (begin a multiple of 4; mu, rho, prior, w point at element begin).
+template <int KL>
+double sample_chunk_kl(const float* mu, const float* rho, const float* prior, uint64_t seed, int64_t begin,
+                       int64_t n, float prior_sigma, float* w) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  alignas(64) float eps[BLOCK], kl[BLOCK], w_tail[BLOCK];
+  alignas(64) double sums[LANES] = {};  // fixed lanes: the same sum on every instruction set
+  for (int64_t start = 0; start < n; start += BLOCK) {
+    const int count = static_cast<int>(std::min<int64_t>(BLOCK, n - start));
+    normal_block(static_cast<uint32_t>((begin + start) / 4), k0, k1, eps);
+    const float* p = prior == nullptr ? ZEROS : prior + start;
+    if (count == BLOCK) {
+      sample_block<KL>(mu + start, rho + start, p, eps, BLOCK, prior_sigma, w + start, kl);
+    } else {
+      sample_block<KL>(mu + start, rho + start, p, eps, count, prior_sigma, w_tail, kl);
+      std::memcpy(w + start, w_tail, count * sizeof(float));
     }
-  } else {
-    for (int64_t i = 0; i < n; ++i) d_mu[i] = d_rho[i] = 0.0f;
-  }
-  if (g_kl != 0.0f) {
-    const float var = prior_sigma * prior_sigma, inv_var = 1.0f / var;
-    if (direction == 0) {  // dKL/dmu = gap / s^2, dKL/dsigma = sigma / s^2 - 1 / sigma
-      for (int64_t i = 0; i < n; ++i) {
-        d_mu[i] += g_kl * ((mu[i] - prior[i]) * inv_var);
-        d_rho[i] += g_kl * (sigma[i] * inv_var - 1.0f / sigma[i]);
-      }
-    } else {  // dKL/dmu = gap / sigma^2, dKL/dsigma = 1 / sigma - (s^2 + gap^2) / sigma^3
-      for (int64_t i = 0; i < n; ++i) {
-        const float gap = mu[i] - prior[i], inv_sigma_var = 1.0f / (sigma[i] * sigma[i]);
-        d_mu[i] += g_kl * (gap * inv_sigma_var);
-        d_rho[i] += g_kl * (1.0f / sigma[i] - (var + gap * gap) * inv_sigma_var / sigma[i]);
+    if (KL >= 0) {
+      for (int j = 0; j < BLOCK; j += LANES) {
+#pragma omp simd
+        for (int l = 0; l < LANES; ++l) sums[l] += static_cast<double>(kl[j + l]);
       }
     }
   }
-  for (int64_t i = 0; i < n; ++i) d_rho[i] *= sigmoid[i];
+  double total = 0.0;
+  for (int l = 0; l < LANES; ++l) total += sums[l];
+  return total;
+}
+
+// n <= BLOCK elements: d_mu = d_w + g_kl dKL/dmu, d_rho = (d_w eps + g_kl dKL/dsigma) sigmoid(rho), and
+// w = mu + sigma eps when WRITE_W.
+template <int KL, bool WRITE_W>
+ALWAYS_INLINE void gradient_block(const float* __restrict d_w, const float* __restrict mu,
+                                  const float* __restrict rho, const float* __restrict prior,
+                                  const float* __restrict eps, int n, float g_kl, float prior_sigma,
+                                  float* __restrict d_mu, float* __restrict d_rho, float* __restrict w) {
+  const float var = prior_sigma * prior_sigma, inv_var = 1.0f / var;
+#pragma omp simd
+  for (int i = 0; i < n; ++i) {
+    float sigma, sigmoid;
+    softplus_sigmoid(rho[i], &sigma, &sigmoid);
+    float dm = d_w[i], dr = d_w[i] * eps[i];
+    if (KL == 0) {  // dKL/dmu = gap / s^2, dKL/dsigma = sigma / s^2 - 1 / sigma
+      dm += g_kl * ((mu[i] - prior[i]) * inv_var);
+      dr += g_kl * (sigma * inv_var - 1.0f / sigma);
+    }
+    if (KL == 1) {  // dKL/dmu = gap / sigma^2, dKL/dsigma = 1 / sigma - (s^2 + gap^2) / sigma^3
+      const float gap = mu[i] - prior[i], inv_sigma_var = 1.0f / (sigma * sigma);
+      dm += g_kl * (gap * inv_sigma_var);
+      dr += g_kl * (1.0f / sigma - (var + gap * gap) * inv_sigma_var / sigma);
+    }
+    d_mu[i] = dm;
+    d_rho[i] = dr * sigmoid;
+    if (WRITE_W) w[i] = mu[i] + sigma * eps[i];
+  }
+}
+
+template <int KL, bool WRITE_W>
+void gradient_chunk_of(const float* d_w, const float* mu, const float* rho, const float* prior, uint64_t seed,
+                       int64_t begin, int64_t n, float g_kl, float prior_sigma, float* d_mu, float* d_rho,
+                       float* w) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const bool need_eps = d_w != nullptr || WRITE_W;
+  alignas(64) float eps[BLOCK], d_mu_tail[BLOCK], d_rho_tail[BLOCK], w_tail[BLOCK];
+  for (int64_t start = 0; start < n; start += BLOCK) {
+    const int count = static_cast<int>(std::min<int64_t>(BLOCK, n - start));
+    if (need_eps) normal_block(static_cast<uint32_t>((begin + start) / 4), k0, k1, eps);
+    const float* g = d_w == nullptr ? ZEROS : d_w + start;
+    const float* p = prior == nullptr ? ZEROS : prior + start;
+    const float* e = need_eps ? eps : ZEROS;
+    if (count == BLOCK) {
+      gradient_block<KL, WRITE_W>(g, mu + start, rho + start, p, e, BLOCK, g_kl, prior_sigma, d_mu + start,
+                                  d_rho + start, WRITE_W ? w + start : w_tail);
+    } else {
+      gradient_block<KL, WRITE_W>(g, mu + start, rho + start, p, e, count, g_kl, prior_sigma, d_mu_tail, d_rho_tail,
+                                  w_tail);
+      std::memcpy(d_mu + start, d_mu_tail, count * sizeof(float));
+      std::memcpy(d_rho + start, d_rho_tail, count * sizeof(float));
+      if (WRITE_W) std::memcpy(w + start, w_tail, count * sizeof(float));
+    }
+  }
+}
+
+// The entry points of one instruction set (see struct Kernels).
+
+void eps_chunk(uint64_t seed, int64_t begin, int64_t n, float* out) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  alignas(64) float tail[BLOCK];
+  for (int64_t start = 0; start < n; start += BLOCK) {
+    const uint32_t counter = static_cast<uint32_t>((begin + start) / 4);
+    if (n - start >= BLOCK) {
+      normal_block(counter, k0, k1, out + start);
+    } else {
+      normal_block(counter, k0, k1, tail);
+      std::memcpy(out + start, tail, (n - start) * sizeof(float));
+    }
+  }
+}
+
+// direction: 0 KL(q||p), 1 KL(p||q), -1 no KL (returns 0).
+double sample_chunk(const float* mu, const float* rho, const float* prior, uint64_t seed, int64_t begin, int64_t n,
+                    float prior_sigma, int direction, float* w) {
+  if (direction == 0) return sample_chunk_kl<0>(mu, rho, prior, seed, begin, n, prior_sigma, w);
+  if (direction == 1) return sample_chunk_kl<1>(mu, rho, prior, seed, begin, n, prior_sigma, w);
+  return sample_chunk_kl<-1>(mu, rho, prior, seed, begin, n, prior_sigma, w);
+}
+
+// direction as sample_chunk (-1: no KL term); d_w and w may be null.
+void gradient_chunk(const float* d_w, const float* mu, const float* rho, const float* prior, uint64_t seed,
+                    int64_t begin, int64_t n, float g_kl, float prior_sigma, int direction, float* d_mu, float* d_rho,
+                    float* w) {
+#define GRADIENT_CASE(KL, WRITE_W) \
+  return gradient_chunk_of<KL, WRITE_W>(d_w, mu, rho, prior, seed, begin, n, g_kl, prior_sigma, d_mu, d_rho, w)
   if (w != nullptr) {
-    for (int64_t i = 0; i < n; ++i) w[i] = mu[i] + sigma[i] * eps[i];
+    if (direction == 0) GRADIENT_CASE(0, true);
+    if (direction == 1) GRADIENT_CASE(1, true);
+    GRADIENT_CASE(-1, true);
   }
+  if (direction == 0) GRADIENT_CASE(0, false);
+  if (direction == 1) GRADIENT_CASE(1, false);
+  GRADIENT_CASE(-1, false);
+#undef GRADIENT_CASE
 }
 
-template <typename out_t>
-void store(const float* values, int64_t n, out_t* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<out_t>(values[i]);
-}
+#undef ALWAYS_INLINE
 
-template <typename out_t>
-void sample_weight_kl_impl(const float* mu, const float* rho, const float* prior, int64_t seed, float prior_sigma,
-                           int direction, out_t* w, double* chunk_kl, int64_t numel) {
-  const int64_t chunks = (numel + CHUNK - 1) / CHUNK;
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    Scratch scratch;
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t begin = chunk * CHUNK, n = std::min(numel, begin + CHUNK) - begin;
-      normals(seed, begin, begin + n, scratch.eps.data());
-      float* w_float = std::is_same<out_t, float>::value ? reinterpret_cast<float*>(w + begin) : scratch.w.data();
-      float* kl = chunk_kl == nullptr ? nullptr : scratch.kl.data();
-      sample_chunk(mu + begin, rho + begin, prior == nullptr ? scratch.zeros.data() : prior + begin,
-                   scratch.eps.data(), n, prior_sigma, direction, scratch.sigma.data(), w_float, kl);
-      if (!std::is_same<out_t, float>::value) store(w_float, n, w + begin);
-      if (kl != nullptr) {
-        double sum = 0.0;
-        for (int64_t i = 0; i < n; ++i) sum += kl[i];
-        chunk_kl[chunk] = sum;
-      }
-    }
-  });
-}
-
-template <typename out_t>
-void reparameterization_grad_impl(const float* d_w, const float* mu, const float* rho, const float* prior,
-                                  int64_t seed, float g_kl, float prior_sigma, int direction, float* d_mu,
-                                  float* d_rho, out_t* w, int64_t numel) {
-  const int64_t chunks = (numel + CHUNK - 1) / CHUNK;
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    Scratch scratch;
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t begin = chunk * CHUNK, n = std::min(numel, begin + CHUNK) - begin;
-      if (d_w != nullptr || w != nullptr) normals(seed, begin, begin + n, scratch.eps.data());
-      float* w_float = w == nullptr ? nullptr
-                       : std::is_same<out_t, float>::value ? reinterpret_cast<float*>(w + begin) : scratch.w.data();
-      gradient_chunk(d_w == nullptr ? nullptr : d_w + begin, mu + begin, rho + begin,
-                     prior == nullptr ? scratch.zeros.data() : prior + begin, scratch.eps.data(), n, g_kl,
-                     prior_sigma, direction, scratch.sigma.data(), scratch.sigmoid.data(), d_mu + begin,
-                     d_rho + begin, w_float);
-      if (w != nullptr && !std::is_same<out_t, float>::value) store(w_float, n, w + begin);
-    }
-  });
-}
-
-#define DISPATCH_OUT(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-}  // namespace
-
-// out: contiguous float32, filled with the eps of (seed, flat index).
-void philox_normal_into(int64_t seed, torch::Tensor out) {
-  check_float_vector(out, out.numel(), "out");
-  const int64_t numel = out.numel();
-  float* data = out.data_ptr<float>();
-  const int64_t chunks = (numel + CHUNK - 1) / CHUNK;
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t begin = chunk * CHUNK;
-      normals(seed, begin, std::min(numel, begin + CHUNK), data + begin);
-    }
-  });
-}
-
-// w = mu + softplus(rho) * eps (w's dtype); chunk_kl: float64 [ceil(numel / CHUNK)] per-chunk KL sums, or empty.
-void sample_weight_kl(torch::Tensor mu, torch::Tensor rho, c10::optional<torch::Tensor> prior, int64_t seed,
-                      double prior_sigma, int64_t direction, torch::Tensor w, torch::Tensor chunk_kl) {
-  const int64_t numel = mu.numel();
-  check_float_vector(mu, numel, "mu");
-  check_float_vector(rho, numel, "rho");
-  if (prior) check_float_vector(*prior, numel, "prior_mu");
-  TORCH_CHECK(w.is_contiguous() && w.numel() == numel, "w must be contiguous with ", numel, " elements");
-  const bool with_kl = chunk_kl.numel() > 0;
-  const int64_t chunks = (numel + CHUNK - 1) / CHUNK;
-  TORCH_CHECK(!with_kl || (chunk_kl.scalar_type() == torch::kFloat64 && chunk_kl.numel() == chunks),
-              "chunk_kl must be float64 with one element per ", CHUNK, " weight elements");
-  const float* prior_data = prior ? prior->data_ptr<float>() : nullptr;
-  double* kl_data = with_kl ? chunk_kl.data_ptr<double>() : nullptr;
-  DISPATCH_OUT(w.scalar_type(), "sample_weight_kl", [&] {
-    sample_weight_kl_impl<scalar_t>(mu.data_ptr<float>(), rho.data_ptr<float>(), prior_data, seed,
-                                    static_cast<float>(prior_sigma), static_cast<int>(direction),
-                                    w.data_ptr<scalar_t>(), kl_data, numel);
-  });
-}
-
-// d_mu, d_rho (float32) and optionally w again; d_w float32 or absent; g_kl: the KL's upstream gradient (0: none).
-void reparameterization_grad(c10::optional<torch::Tensor> d_w, torch::Tensor mu, torch::Tensor rho,
-                             c10::optional<torch::Tensor> prior, int64_t seed, double g_kl, double prior_sigma,
-                             int64_t direction, torch::Tensor d_mu, torch::Tensor d_rho,
-                             c10::optional<torch::Tensor> w) {
-  const int64_t numel = mu.numel();
-  check_float_vector(mu, numel, "mu");
-  check_float_vector(rho, numel, "rho");
-  check_float_vector(d_mu, numel, "d_mu");
-  check_float_vector(d_rho, numel, "d_rho");
-  if (d_w) check_float_vector(*d_w, numel, "d_w");
-  if (prior) check_float_vector(*prior, numel, "prior_mu");
-  const float* d_w_data = d_w ? d_w->data_ptr<float>() : nullptr;
-  const float* prior_data = prior ? prior->data_ptr<float>() : nullptr;
-  if (!w) {
-    reparameterization_grad_impl<float>(d_w_data, mu.data_ptr<float>(), rho.data_ptr<float>(), prior_data, seed,
-                                        static_cast<float>(g_kl), static_cast<float>(prior_sigma),
-                                        static_cast<int>(direction), d_mu.data_ptr<float>(),
-                                        d_rho.data_ptr<float>(), nullptr, numel);
-    return;
-  }
-  TORCH_CHECK(w->is_contiguous() && w->numel() == numel, "w must be contiguous with ", numel, " elements");
-  DISPATCH_OUT(w->scalar_type(), "reparameterization_grad", [&] {
-    reparameterization_grad_impl<scalar_t>(d_w_data, mu.data_ptr<float>(), rho.data_ptr<float>(), prior_data, seed,
-                                           static_cast<float>(g_kl), static_cast<float>(prior_sigma),
-                                           static_cast<int>(direction), d_mu.data_ptr<float>(),
-                                           d_rho.data_ptr<float>(), w->data_ptr<scalar_t>(), numel);
-  });
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("CHUNK") = CHUNK;
-  m.def("philox_normal_into", &philox_normal_into, "eps of (seed, flat index) into a float32 tensor");
-  m.def("sample_weight_kl", &sample_weight_kl, "one pass: weight sample and per-chunk KL sums");
-  m.def("reparameterization_grad", &reparameterization_grad, "one pass: d_mu, d_rho and optionally w");
-}
+#endif  // BAYESLAYERS_KERNEL_SECTION
