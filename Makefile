@@ -39,7 +39,7 @@ gpu-check: $(STAMP)
 aot: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m bayeslayers.kernels.aot --subset full --csv benchmarks/results/aot_compile.csv
 
-# Mutation testing of the core's model-level modules (not in CI; about an hour on 2 cores). Runs in a copy of the
+# Mutation testing of the core's model-level modules (not in CI; about 20 minutes on 2 cores). Runs in a copy of the
 # tree under build/mutation (config: [tool.mutmut] in pyproject.toml); the per-module summary goes to
 # build/mutation/mutation-summary.md, the survivors' diffs to build/mutation/survivors.diff. MUTANTS='bayeslayers.objectives.*' limits the run to some mutants.
 MUTATION_DIR := build/mutation
