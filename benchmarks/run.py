@@ -150,8 +150,12 @@ def parse_args(input_args=None):
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per provider, mode and shape")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: 3 on cpu, 1 cuda)")
     p.add_argument("--notes", default="", help="free text stored with every row (e.g. machine state)")
+    p.add_argument("--shapes", default="", help="comma-separated shapes to keep, as the CSV writes them (1024x320x320)")
+    p.add_argument("--providers", default="", help="comma-separated providers to time (default: every available one)")
     args = p.parse_args(input_args)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    args.shapes = {s.strip() for s in args.shapes.split(",") if s.strip()}
+    args.providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     unknown = sorted(set(args.ops) - set(OPS))
     if unknown:
         p.error(f"--ops: unknown {unknown}; choose from {OPS}")
@@ -176,8 +180,12 @@ def main(args) -> Path:
         try:
             for op in args.ops:
                 for shape in shapes[op]:
+                    if args.shapes and "x".join(map(str, shape)) not in args.shapes:
+                        continue
                     # --quick keeps the harness alive: the compiled providers' Inductor builds take minutes
                     only = [p for p in providers() if p not in COMPILED_PROVIDERS] if args.quick else None
+                    if args.providers:
+                        only = [p for p in (only or providers()) if p in args.providers]
                     for row in measure_shape(op, shape, device, dtype, budget_s, rounds, only):
                         writer.writerow({**row, **env})
                         print(

@@ -128,3 +128,111 @@ def _compiled(model: nn.Module) -> nn.Module:
     """The model under torch.compile (Inductor, one graph); compiled on its first call."""
     model.compile(fullgraph=True)
     return model
+
+
+# ---- the SD1.5-architecture CPU step: Bayesian / deterministic, side by side ----------------------------------
+
+
+def _step(model: Denoiser, latents: torch.Tensor, noise: torch.Tensor, bayesian: bool) -> float:
+    """Seconds of one training step (gradients set to None, forward, loss, backward; no optimizer)."""
+    import time
+
+    model.train(bayesian)  # eval(): every Bayesian layer applies its posterior mean through the plain map
+    start = time.perf_counter()
+    for p in model.parameters():
+        p.grad = None
+    loss = torch.nn.functional.mse_loss(model(latents), noise)
+    if bayesian:
+        loss = loss + 1e-6 * bayeslayers.kl_loss(model.unet, check_finite=False)
+    loss.backward()
+    return time.perf_counter() - start
+
+
+def step_ratio(config: str, size: int, preset: str, steps: int, backend: str = "cpp", batch: int = 1) -> dict:
+    """Bayesian / deterministic step time of one UNet converted with ``preset``, the two kinds interleaved.
+
+    The deterministic step is the same converted model in ``eval()`` mode: each Bayesian layer then applies its
+    posterior mean through the plain layer map (F.linear), exactly what plain fine-tuning (full preset) or plain
+    LoRA (LoRA preset) computes, with the same trainable tensors receiving gradients except rho. One model
+    serves both, so an SD1.5-size pair fits in memory and both kinds see the same background load.
+    """
+    import statistics
+
+    from diffusers import UNet2DConditionModel
+
+    bayeslayers.set_backend(backend)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_config(config))
+    bayeslayers.convert(unet, preset=preset)
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randn(batch, TEXT_TOKENS, unet.config.cross_attention_dim, generator=generator)
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+    latents = torch.randn(batch, unet.config.in_channels, size, size, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    model = Denoiser(unet, text, timesteps)
+    _step(model, latents, noise, False), _step(model, latents, noise, True)  # warm-up (allocator, extension)
+    times = {False: [], True: []}
+    for i in range(steps):
+        for kind in (False, True) if i % 2 == 0 else (True, False):
+            times[kind].append(_step(model, latents, noise, kind))
+    deterministic, bayesian = statistics.median(times[False]), statistics.median(times[True])
+    paired = [b / d for b, d in zip(times[True], times[False])]
+    return {
+        "config": config,
+        "latent_size": size,
+        "batch": batch,
+        "preset": preset,
+        "backend": backend,
+        "bayesian_weights": bayesian_weights(unet),
+        "steps": steps,
+        "deterministic_s": round(deterministic, 4),
+        "bayesian_s": round(bayesian, 4),
+        "ratio": round(bayesian / deterministic, 4),
+        "paired_ratio_min": round(min(paired), 4),
+        "paired_ratio_max": round(max(paired), 4),
+    }
+
+
+def main(input_args=None):
+    import argparse
+    import csv
+
+    from .environment import environment
+    from .kernel_throughput import instruction_set_name
+
+    p = argparse.ArgumentParser(description="Bayesian / deterministic UNet training step on CPU, interleaved")
+    p.add_argument("--config", default="sd15", help="sd15 (sd15_unet.json) or one of " + ", ".join(CONFIGS))
+    p.add_argument("--latent_size", type=int, default=16, help="latent side (16: 128 px images)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--presets", default="dreambooth-bnn,dreambooth-bnn-lora")
+    p.add_argument("--backend", default="cpp")
+    p.add_argument("--steps", type=int, default=5, help="steps of each kind")
+    p.add_argument("--out", default="", help="folder: append rows to unet_step_cpu.csv there")
+    p.add_argument("--notes", default="")
+    args = p.parse_args(input_args)
+    env = environment(torch.device("cpu"), args.notes)
+    rows = []
+    for preset in args.presets.split(","):
+        row = step_ratio(args.config, args.latent_size, preset, args.steps, args.backend, args.batch)
+        row.update(isa=instruction_set_name(args.backend), threads=torch.get_num_threads(), **env)
+        rows.append(row)
+        print(
+            f"{preset:22s} deterministic {row['deterministic_s']:.3f} s  bayesian {row['bayesian_s']:.3f} s  "
+            f"ratio {row['ratio']:.3f} (pairs {row['paired_ratio_min']:.3f}-{row['paired_ratio_max']:.3f})  "
+            f"[{row['isa']}, {row['threads']} threads]"
+        )
+        bayeslayers.set_backend(None)
+    if args.out:
+        path = Path(args.out) / "unet_step_cpu.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import plot, run, table
+from benchmarks import kernel_throughput, plot, run, table, unet_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "results.csv"
@@ -50,3 +50,29 @@ def test_quick_benchmark_writes_rows_for_every_provider(tmp_path):
 def test_readme_summary_is_generated_from_the_committed_csv():
     readme = (ROOT / "README.md").read_text()
     assert table.replace_readme_block(readme, table.summary(plot.load_rows(RESULTS))) == readme
+
+
+def test_kernel_throughput_reports_ns_per_weight_against_the_probe(tmp_path):
+    from bayeslayers.kernels import cpu
+
+    args = ["--sizes", "8192,4099", "--repeats", "3", "--probe_mib", "4", "--out", str(tmp_path)]
+    with open(kernel_throughput.main(kernel_throughput.parse_args(args)), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0].keys()) == kernel_throughput.FIELDS
+    assert {(r["kernel"], r["weights"]) for r in rows} == {
+        (k, n) for k in kernel_throughput.KERNEL_BYTES for n in ("8192", "4099")
+    }
+    for r in rows:
+        floor = int(r["bytes_per_weight"]) / float(r["probe_gbps"])
+        assert float(r["floor_ns_per_weight"]) == pytest.approx(floor, rel=1e-2)
+        assert float(r["floor_fraction"]) == pytest.approx(floor / float(r["ns_per_weight"]), rel=2e-2)
+        assert r["isa"] == cpu.instruction_set() and r["device"] and r["commit"]
+
+
+def test_unet_step_ratio_interleaves_both_presets(tmp_path):
+    rows = unet_step.main(["--config", "micro", "--latent_size", "8", "--steps", "2", "--out", str(tmp_path)])
+    assert [r["preset"] for r in rows] == ["dreambooth-bnn", "dreambooth-bnn-lora"]
+    for r in rows:
+        assert r["bayesian_weights"] > 0 and r["ratio"] == pytest.approx(r["bayesian_s"] / r["deterministic_s"], 1e-2)
+    with open(tmp_path / "unet_step_cpu.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 2
