@@ -26,6 +26,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #define BAYESLAYERS_KERNEL_SECTION
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -112,6 +116,20 @@ std::string instruction_set() { return active().name; }
 // "" picks the best supported one again.
 void set_instruction_set(const std::string& name) { active() = pick_kernels(name); }
 
+// Asks for transparent huge pages under a freshly allocated output before the kernel first touches it: large
+// outputs come from new mmap'd memory every call, and faulting it in 4 KiB pages costs about as much as the
+// kernel itself (2 MiB pages: 512 times fewer faults). A hint only; results are unchanged.
+void advise_huge_pages(const torch::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t HUGE = uintptr_t{1} << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
+  const uintptr_t first = (begin + HUGE - 1) & ~(HUGE - 1), last = end & ~(HUGE - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 void check_float_vector(const torch::Tensor& t, int64_t numel, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == numel,
               name, " must be a contiguous float32 CPU tensor of ", numel, " elements");
@@ -193,6 +211,7 @@ void sample_weight_kl(torch::Tensor mu, torch::Tensor rho, c10::optional<torch::
   TORCH_CHECK(kl.device().is_cpu() && (!with_kl || (kl.scalar_type() == torch::kFloat32 && kl.numel() == 1)),
               "kl must be a float32 CPU tensor of one element (or empty: no KL)");
   const Kernels& k = active();
+  advise_huge_pages(w);
   const float* prior_data = prior ? prior->data_ptr<float>() : nullptr;
   const int dir = with_kl ? static_cast<int>(direction) : -1;
   double total = 0.0;
@@ -217,6 +236,8 @@ void reparameterization_grad(c10::optional<torch::Tensor> d_w, torch::Tensor mu,
   if (d_w) check_float_vector(*d_w, numel, "d_w");
   if (prior) check_float_vector(*prior, numel, "prior_mu");
   const Kernels& k = active();
+  advise_huge_pages(d_mu);
+  advise_huge_pages(d_rho);
   const float* d_w_data = d_w ? d_w->data_ptr<float>() : nullptr;
   const float* prior_data = prior ? prior->data_ptr<float>() : nullptr;
   const int dir = g_kl != 0.0 ? static_cast<int>(direction) : -1;
@@ -229,6 +250,7 @@ void reparameterization_grad(c10::optional<torch::Tensor> d_w, torch::Tensor mu,
   }
   TORCH_CHECK(w->device().is_cpu() && w->is_contiguous() && w->numel() == numel,
               "w must be a contiguous CPU tensor of ", numel, " elements");
+  advise_huge_pages(*w);
   DISPATCH_OUT(w->scalar_type(), "reparameterization_grad", [&] {
     reparameterization_grad_impl<scalar_t>(k, d_w_data, mu.data_ptr<float>(), rho.data_ptr<float>(), prior_data, key,
                                            static_cast<float>(g_kl), static_cast<float>(prior_sigma), dir,
