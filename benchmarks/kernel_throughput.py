@@ -54,6 +54,11 @@ def instruction_set_name(backend: str = "cpp") -> str:
     return "" if cpu.unavailable_reason() else cpu.instruction_set()
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant digits (fixed decimals lose the small fractions of a loaded machine)."""
+    return float(f"{value:.{digits}g}")
+
+
 def _median_ms(fn, repeats: int) -> float:
     fn()
     times = []
@@ -109,12 +114,12 @@ def measure(sizes=SIZES, repeats: int = 15, notes: str = "", probe_elements: int
                 {
                     "kernel": name,
                     "weights": numel,
-                    "median_ms": round(ms, 4),
-                    "ns_per_weight": round(ns, 4),
+                    "median_ms": significant(ms),
+                    "ns_per_weight": significant(ns),
                     "bytes_per_weight": KERNEL_BYTES[name],
-                    "floor_ns_per_weight": round(floor_ns, 4),
-                    "floor_fraction": round(floor_ns / ns, 3),
-                    "probe_gbps": round(gbps, 2),
+                    "floor_ns_per_weight": significant(floor_ns),
+                    "floor_fraction": significant(floor_ns / ns),
+                    "probe_gbps": significant(gbps),
                     "isa": isa,
                     "threads": torch.get_num_threads(),
                     **{k: env[k] for k in ("device", "torch", "bayeslayers", "commit", "date", "notes")},
