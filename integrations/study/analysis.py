@@ -27,6 +27,12 @@ METRICS = (
     StudyMetric("judge_prompt_accuracy", "prompt fidelity (judge reads what the prompt asks)", True),
     StudyMetric("corruption", "corruption (HF energy / training images')", False),
     StudyMetric("judge_diversity", "diversity (judge-feature distance within a prompt)", True),
+    # the paper's metrics (bayeslayers-eval columns), for studies on a user's model
+    StudyMetric("clip_i", "CLIP-I (subject fidelity)", True),
+    StudyMetric("dino", "DINO (subject fidelity)", True),
+    StudyMetric("clip_t", "CLIP-T (prompt fidelity)", True),
+    StudyMetric("clip_iqa", "CLIP-IQA (quality)", True),
+    StudyMetric("diversity", "diversity (DINO distance within a prompt)", True),
 )
 
 

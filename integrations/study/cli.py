@@ -163,8 +163,8 @@ def main(args) -> dict:
     if not rows:
         raise ValueError(f"--output_dir {root} holds no finished run of these subjects, arms and seeds")
     write_csv(root / "evaluations.csv", rows)
-    table = analysis.arm_table(rows, list(settings.arms))
     metrics = [m for m in analysis.METRICS if any(m.column in r for r in rows)]
+    table = analysis.arm_table(rows, list(settings.arms), metrics)
     analysis.plot_curves(rows, list(settings.arms), root / "curves.png", metrics, title=_title(settings, subjects))
     uncertainty = analysis.uncertainty_summary(image_rows)
     if image_rows:
