@@ -3,12 +3,14 @@ against direct computations, and ``--quick`` end to end on the bundled tiny mode
 
 import itertools
 import json
+import math
 import time
 
 import numpy as np
 import pytest
 
 from bayeslayers.integrations.study import analysis
+from bayeslayers.integrations.study.parallel import run_parallel, schedule
 from bayeslayers.integrations.study.uncertainty import filtering_gain, spearman
 
 
@@ -90,15 +92,52 @@ def test_uncertainty_summary_per_run():
     assert summary["corruption"]["gain"] == pytest.approx(np.mean(np.arange(6.0)) - 3.5)
 
 
+def test_schedule_waits_for_the_first_task_of_each_shared_key():
+    tasks = [("star", 0), ("circle", 0), ("star", 1), ("square", 0), ("circle", 1), ("star", 2)]
+    assert schedule(tasks, lambda task: task[0]) == [None, None, 0, None, 1, 0]
+
+
+def test_run_parallel_returns_results_in_task_order_and_raises_a_failed_task():
+    finished = []
+    results = run_parallel(
+        divmod,
+        [(7, 2), (9, 4), (1, 1)],
+        jobs=2,
+        threads=1,
+        shared_key=lambda t: t[1] > 1,
+        on_done=lambda t, r: finished.append(t),
+    )
+    assert results == [(3, 1), (2, 1), (1, 0)]
+    assert sorted(finished) == [(1, 1), (7, 2), (9, 4)]
+    with pytest.raises(ValueError, match="math domain error"):
+        run_parallel(math.sqrt, [(4.0,), (-1.0,)], jobs=2, threads=1)
+    with pytest.raises(ValueError, match="jobs and threads"):
+        run_parallel(divmod, [(1, 1)], jobs=0, threads=1)
+
+
+def test_settings_from_flags_per_training_mode():
+    from bayeslayers.integrations.study import arms, cli
+
+    default = cli.settings_from_args(cli.parse_args([]))
+    assert default.kl_weight == {"full": 1e-4, "lora": 0.0} and default == arms.FULL
+    both = cli.settings_from_args(cli.parse_args(["--kl_weight", "0.5", "--kl_weight_lora", "2"]))
+    assert both.kl_weight == {"full": 0.5, "lora": 2.0}
+    rate = cli.settings_from_args(cli.parse_args(["--learning_rate_full", "1e-5", "--seeds", "4,5"]))
+    assert rate.learning_rate == {"full": 1e-5, "lora": 1e-3} and rate.seeds == (4, 5)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--jobs", "0"])
+
+
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path):
-    """``--quick`` (one subject, one seed, every arm, a few steps) writes the CSV, curves, table and the
-    uncertainty analysis, within its 5-minute budget; a second call reuses the finished runs."""
+    """``--quick`` (one subject, one seed, every arm, a few steps) in two worker processes writes the CSV,
+    curves, table and the uncertainty analysis, within its 5-minute budget; a second, sequential call reuses the
+    finished runs."""
     from bayeslayers.integrations.study import arms, cli
     from bayeslayers.integrations.study.runner import SubjectData
 
     started = time.perf_counter()
-    report = cli.main(cli.parse_args(["--quick", "--output_dir", str(tmp_path)]))
+    report = cli.main(cli.parse_args(["--quick", "--output_dir", str(tmp_path), "--jobs", "2"]))
     minutes = (time.perf_counter() - started) / 60
     assert minutes < 5, f"--quick took {minutes:.1f} min"
     quick = arms.QUICK
@@ -115,7 +154,7 @@ def test_quick_study_end_to_end(tmp_path):
     assert len(images) - 1 == len(bayesian) * per_run
     first = (tmp_path / "evaluations.csv").read_text()
     started = time.perf_counter()
-    cli.main(cli.parse_args(["--quick", "--output_dir", str(tmp_path)]))
+    cli.main(cli.parse_args(["--quick", "--output_dir", str(tmp_path), "--jobs", "1"]))
     assert time.perf_counter() - started < 30  # nothing retrained
     assert (tmp_path / "evaluations.csv").read_text() == first
     with pytest.raises(ValueError, match="other settings \\(max_train_steps\\)"):

@@ -36,7 +36,9 @@ class StudySettings:
     evaluations: int  # evaluation points after step 0, evenly spaced (15 = every 6.7 % of training)
     images_per_prompt: int  # per evaluation prompt, fixed initial-noise seeds
     learning_rate: dict = field(default_factory=lambda: {"full": 2e-4, "lora": 1e-3})
-    kl_weight: float = 1e-4
+    # full: the prior is centred on the pretrained weights; LoRA: 0 as in the paper's scripts (the zero-mean prior
+    # of the up matrix would act as a weight decay of strength kl_weight / prior_sigma^2 = 1 at 1e-4)
+    kl_weight: dict = field(default_factory=lambda: {"full": 1e-4, "lora": 0.0})
     train_batch_size: int = 4
     with_prior_preservation: bool = True
     num_class_images: int = 32

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -36,8 +37,17 @@ def parse_args(input_args=None) -> argparse.Namespace:
     p.add_argument("--images_per_prompt", type=int, default=None)
     p.add_argument("--learning_rate_full", type=float, default=None)
     p.add_argument("--learning_rate_lora", type=float, default=None)
-    p.add_argument("--kl_weight", type=float, default=None)
+    p.add_argument("--kl_weight", type=float, default=None, help="both Bayesian arms (default: full 1e-4, LoRA 0)")
+    p.add_argument("--kl_weight_full", type=float, default=None)
+    p.add_argument("--kl_weight_lora", type=float, default=None)
     p.add_argument("--uncertainty_samples", type=int, default=None, help="posterior samples per image; 0 skips")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at once, in worker processes (default: 2 on a 2+ core machine for the bundled model, else 1)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     p.add_argument(
         "--report_only",
         action="store_true",
@@ -52,6 +62,9 @@ def parse_args(input_args=None) -> argparse.Namespace:
     user.add_argument("--metrics", default=None, help="bayeslayers-eval metrics (default: judge / the paper's)")
     user.add_argument("--resolution", type=int, default=None)
     args = p.parse_args(input_args)
+    for name in ("jobs", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.instance_data_dir is not None and (args.instance_prompt is None or args.eval_prompts is None):
         p.error("--instance_data_dir needs --instance_prompt and --eval_prompts")
     return args
@@ -76,14 +89,18 @@ def settings_from_args(args) -> StudySettings:
         "arms": _names(args.arms, base.arms, ARMS, "--arms"),
         "seeds": tuple(int(s) for s in _names(args.seeds, tuple(map(str, base.seeds)), None, "--seeds")),
     }
-    for name in ("max_train_steps", "evaluations", "images_per_prompt", "kl_weight", "uncertainty_samples"):
+    for name in ("max_train_steps", "evaluations", "images_per_prompt", "uncertainty_samples"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
-    rates = dict(base.learning_rate)
-    for mode in ("full", "lora"):
-        if getattr(args, f"learning_rate_{mode}") is not None:
-            rates[mode] = getattr(args, f"learning_rate_{mode}")
-    changes["learning_rate"] = rates
+    for name in ("learning_rate", "kl_weight"):
+        values = dict(getattr(base, name))
+        for mode in ("full", "lora"):
+            given = getattr(args, f"{name}_{mode}")
+            if given is None:
+                given = getattr(args, name, None)
+            if given is not None:
+                values[mode] = given
+        changes[name] = values
     return base.replace(**changes)
 
 
@@ -120,8 +137,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def main(args) -> dict:
     from . import analysis
-    from .arms import ARMS as arm_specs
-    from .runner import SubjectData, run_one, uncertainty_rows
+    from .runner import SubjectData
 
     settings = settings_from_args(args)
     root = Path(args.output_dir)
@@ -141,25 +157,25 @@ def main(args) -> dict:
     else:
         subjects = [SubjectData.bundled(name) for name in settings.subjects]
     started = time.perf_counter()
-    rows, image_rows, total = [], [], len(subjects) * len(settings.arms) * len(settings.seeds)
-    for subject in subjects:
-        for seed in settings.seeds:
-            for arm in settings.arms:
-                if args.report_only:
-                    rows += finished_rows(root, subject.name, arm, seed, "rows.json")
-                    image_rows += finished_rows(root, subject.name, arm, seed, "uncertainty.json")
-                    continue
-                run_started = time.perf_counter()
-                rows += run_one(subject, arm, seed, settings, root, user_flags(args))
-                if arm_specs[arm].bayesian and settings.uncertainty_samples > 0:
-                    model = args.pretrained_model_name_or_path
-                    image_rows += uncertainty_rows(subject, arm, seed, settings, root, model)
-                done = len({(r["subject"], r["arm"], r["seed"]) for r in rows})
-                print(
-                    f"[study] {done}/{total} {subject.name} {arm} seed {seed}: "
-                    f"{time.perf_counter() - run_started:.0f} s (total {(time.perf_counter() - started) / 60:.1f} min)",
-                    flush=True,
-                )
+    model = args.pretrained_model_name_or_path
+    tasks = [
+        (subject, arm, seed, settings, root, user_flags(args), model)
+        for subject in subjects
+        for seed in settings.seeds
+        for arm in settings.arms
+    ]
+    if args.report_only:
+        results = [
+            (
+                finished_rows(root, s.name, arm, seed, "rows.json"),
+                finished_rows(root, s.name, arm, seed, "uncertainty.json"),
+            )
+            for s, arm, seed, *_ in tasks
+        ]
+    else:
+        results = _run_all(tasks, args, started)
+    rows = [row for run_rows, _ in results for row in run_rows]
+    image_rows = [row for _, run_images in results for row in run_images]
     if not rows:
         raise ValueError(f"--output_dir {root} holds no finished run of these subjects, arms and seeds")
     write_csv(root / "evaluations.csv", rows)
@@ -184,6 +200,42 @@ def main(args) -> dict:
     print(text)
     print(f"[study] wrote {root / 'evaluations.csv'}, {root / 'curves.png'}, {root / 'results.md'}")
     return report
+
+
+def _run_all(tasks: list, args, started: float) -> list:
+    """Every run, sequentially or in ``--jobs`` worker processes, printing progress as each finishes."""
+    from .parallel import default_jobs, run_parallel
+    from .runner import class_dir_key, run_and_analyse
+
+    jobs = args.jobs or default_jobs(args.pretrained_model_name_or_path is not None)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    done = []
+
+    def report(task, _result, run_started=None):
+        done.append(task)
+        subject, arm, seed = task[:3]
+        took = "" if run_started is None else f"{time.perf_counter() - run_started:.0f} s, "
+        print(
+            f"[study] {len(done)}/{len(tasks)} {subject.name} {arm} seed {seed}: "
+            f"{took}total {(time.perf_counter() - started) / 60:.1f} min",
+            flush=True,
+        )
+
+    print(f"[study] {len(tasks)} runs, {jobs} at a time, {threads} torch thread(s) each", flush=True)
+    if jobs > 1:
+        return run_parallel(
+            run_and_analyse, tasks, jobs, threads, shared_key=lambda t: class_dir_key(*t), on_done=report
+        )
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    results = []
+    for task in tasks:
+        run_started = time.perf_counter()
+        results.append(run_and_analyse(*task))
+        report(task, results[-1], run_started)
+    return results
 
 
 def user_flags(args) -> list[str]:

@@ -89,7 +89,7 @@ def recipe_flags(subject: SubjectData, arm: str, seed: int, settings: StudySetti
         subject.instance_data_dir,
     ]
     if spec.bayesian:
-        flags += ["--kl_weight", str(settings.kl_weight)]
+        flags += ["--kl_weight", str(settings.kl_weight[spec.train_mode])]
     if settings.with_prior_preservation:
         class_dir = Path(root, "class_images", subject.class_prompt.replace(" ", "_"))
         flags += ["--with_prior_preservation", "--class_data_dir", str(class_dir)]
@@ -142,6 +142,22 @@ def run_one(subject: SubjectData, arm: str, seed: int, settings: StudySettings, 
         rows.append(row)
     saved.write_text(json.dumps(rows))
     return rows
+
+
+def run_and_analyse(
+    subject: SubjectData, arm: str, seed: int, settings: StudySettings, root: Path, extra=(), model=None
+):
+    """One run and, for a Bayesian arm, its uncertainty analysis: ``(evaluation rows, per-image rows)``."""
+    rows = run_one(subject, arm, seed, settings, root, extra)
+    images = []
+    if ARMS[arm].bayesian and settings.uncertainty_samples > 0:
+        images = uncertainty_rows(subject, arm, seed, settings, root, model)
+    return rows, images
+
+
+def class_dir_key(subject: SubjectData, arm: str, seed: int, *_) -> str:
+    """Runs with the same key share a class-image folder (the first one fills it)."""
+    return subject.class_prompt
 
 
 def uncertainty_rows(subject: SubjectData, arm: str, seed: int, settings: StudySettings, root: Path, model=None):
