@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -105,11 +106,24 @@ def sample_weight_and_kl(
 
 
 def reparameterization_grad(
-    d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: float, kl_direction: str, w_dtype: torch.dtype | None = None
+    d_w,
+    mu,
+    rho,
+    prior_mu,
+    seed,
+    g_kl,
+    prior_sigma: float,
+    kl_direction: str,
+    w_dtype: torch.dtype | None = None,
+    d_mu: torch.Tensor | None = None,
 ):
-    """As ``reparam_grad.reparameterization_grad``, on CPU tensors: ``(d_mu, d_rho, w or None)``."""
+    """As ``reparam_grad.reparameterization_grad``, on CPU tensors: ``(d_mu, d_rho, w or None)``.
+
+    ``d_mu``: where to write d_mu (contiguous float32, mu's size); it may be ``d_w`` itself (then overwritten).
+    """
     _check_cpu(d_w, mu, rho, prior_mu)
-    d_mu = torch.empty(mu.shape, dtype=torch.float32)
+    if d_mu is None:
+        d_mu = torch.empty(mu.shape, dtype=torch.float32)
     d_rho = torch.empty(mu.shape, dtype=torch.float32)
     w = None if w_dtype is None else torch.empty(mu.shape, dtype=w_dtype)
     extension().reparameterization_grad(
@@ -128,4 +142,33 @@ def reparameterization_grad(
     return d_mu, d_rho, w
 
 
-CPU_KERNELS = register_posterior_kernels("cpu_", sample_weight_and_kl, reparameterization_grad)
+@torch.library.custom_op("bayeslayers::cpu_reparameterization_grad_into_d_w", mutates_args=("d_w",))
+def reparameterization_grad_into_d_w(
+    d_w: torch.Tensor,
+    mu: torch.Tensor,
+    rho: torch.Tensor,
+    prior_mu: Optional[torch.Tensor],
+    seed: torch.Tensor,
+    g_kl: Optional[torch.Tensor],
+    prior_sigma: float,
+    kl_direction: str,
+    w_dtype: Optional[torch.dtype],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient pass with d_mu written over ``d_w`` (contiguous float32, a temporary of the caller): one
+    weight-sized buffer fewer. Returns ``(d_rho, w or an empty tensor)``."""
+    _, d_rho, w = reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype, d_w)
+    return d_rho, mu.new_empty(0) if w is None else w
+
+
+@reparameterization_grad_into_d_w.register_fake
+def _(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype):
+    w = mu.new_empty(0) if w_dtype is None else mu.new_empty(mu.shape, dtype=w_dtype)
+    return mu.new_empty(mu.shape, dtype=torch.float32), w
+
+
+CPU_KERNELS = register_posterior_kernels(
+    "cpu_",
+    sample_weight_and_kl,
+    reparameterization_grad,
+    reparameterization_grad_into_d_w_op=torch.ops.bayeslayers.cpu_reparameterization_grad_into_d_w,
+)

@@ -28,13 +28,15 @@ class PosteriorKernels(NamedTuple):
     """The operators of one implementation, called with a :class:`Posterior` by ``reparameterized.py``.
 
     ``linear_weight_grad`` (the dW GEMM with the reparameterization epilogue) and ``sampled_matmul``
-    (sample-in-GEMM) exist for the Triton kernels only.
+    (sample-in-GEMM) exist for the Triton kernels only; ``reparameterization_grad_into_d_w`` (the gradient pass
+    writing d_mu over a float32 d_w, returning ``(d_rho, w)``) for the C++ kernels.
     """
 
     sample_weight_op: Callable
     reparameterization_grad_op: Callable
     linear_weight_grad_op: Optional[Callable] = None
     sampled_matmul_op: Optional[Callable] = None
+    reparameterization_grad_into_d_w_op: Optional[Callable] = None
     param_dtypes: tuple = (torch.float32,)  # dtypes of mu and rho the kernels take
 
     def sample_weight(self, posterior: Posterior, seed: Tensor, out_dtype: torch.dtype, with_kl: bool = True):
@@ -50,10 +52,17 @@ class PosteriorKernels(NamedTuple):
         d_w: Tensor | None,
         g_kl: Tensor | None,
         w_dtype: torch.dtype | None = None,
+        d_w_is_temporary: bool = False,
     ):
         """``(d_mu, d_rho, w or None)`` from the sampled weight's gradient ``d_w`` and the KL's upstream ``g_kl``
-        (either may be None); ``w`` is the weight sample again, written in the same pass when ``w_dtype`` is set."""
+        (either may be None); ``w`` is the weight sample again, written in the same pass when ``w_dtype`` is set.
+        ``d_w_is_temporary``: nothing else reads ``d_w``, so d_mu may be written over it where the kernels can."""
         mu, rho, prior_mu, prior_sigma, kl_direction = posterior
+        in_place = self.reparameterization_grad_into_d_w_op
+        if d_w_is_temporary and in_place is not None and d_w is not None:
+            if d_w.dtype == torch.float32 and d_w.is_contiguous() and d_w.shape == mu.shape:
+                d_rho, w = in_place(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype)
+                return d_w, d_rho, (w if w_dtype is not None else None)
         d_w = None if d_w is None else d_w.contiguous()
         d_mu, d_rho, w = self.reparameterization_grad_op(
             d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype

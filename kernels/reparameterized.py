@@ -84,7 +84,8 @@ class SampleThenMap(WeightPath):
             _, d_w, d_bias = layer_map.backward(dy, x, shape_only, (False, need_weight, need_bias))
         write_w = needs.x and dy is not None
         if need_weight and (d_w is not None or dkl is not None):
-            d_mu, d_rho, w = kernels.reparameterization_grad(posterior, seed, d_w, dkl, x.dtype if write_w else None)
+            w_dtype = x.dtype if write_w else None
+            d_mu, d_rho, w = kernels.reparameterization_grad(posterior, seed, d_w, dkl, w_dtype, d_w_is_temporary=True)
         if write_w:
             if w is None:
                 w, _ = kernels.sample_weight(posterior, seed, x.dtype, with_kl=False)

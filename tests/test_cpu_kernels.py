@@ -102,6 +102,46 @@ def test_every_instruction_set_gives_the_same_bits():
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+def test_d_mu_written_over_d_w_gives_the_same_bits(shape):
+    """The in-place gradient pass (d_mu over the temporary dW) equals the pass with a fresh d_mu, bit for bit,
+    and the kernels' front end uses it for a float32 temporary only."""
+    from bayeslayers.kernels import seed_tensor
+    from bayeslayers.kernels.posterior import Posterior
+
+    mu, rho, prior = posterior(shape, generator_seed=3)
+    d_w, g_kl, seed = torch.randn(shape), torch.tensor(KL_WEIGHT), seed_tensor(7, torch.device("cpu"))
+    expected = cpu.reparameterization_grad(d_w, mu, rho, prior, seed, g_kl, 0.03, "pq", torch.bfloat16)
+    buffer = d_w.clone()
+    d_rho, w = torch.ops.bayeslayers.cpu_reparameterization_grad_into_d_w(
+        buffer, mu, rho, prior, seed, g_kl, 0.03, "pq", torch.bfloat16
+    )
+    assert not torch.equal(buffer, d_w)  # overwritten ...
+    assert torch.equal(buffer, expected[0]) and torch.equal(d_rho, expected[1]) and torch.equal(w, expected[2])
+
+    kernels, post = cpu.CPU_KERNELS, Posterior(mu, rho, prior, 0.03, "pq")
+    temporary = d_w.clone()
+    d_mu, d_rho, none = kernels.reparameterization_grad(post, seed, temporary, g_kl, d_w_is_temporary=True)
+    assert d_mu.data_ptr() == temporary.data_ptr() and none is None
+    assert torch.equal(d_mu, expected[0]) and torch.equal(d_rho, expected[1])
+    kept = d_w.clone()
+    d_mu, _, _ = kernels.reparameterization_grad(post, seed, kept, g_kl)  # not a temporary: left as it was
+    assert torch.equal(kept, d_w) and torch.equal(d_mu, expected[0])
+    half = d_w.to(torch.bfloat16)
+    d_mu, _, _ = kernels.reparameterization_grad(post, seed, half, g_kl, d_w_is_temporary=True)
+    assert d_mu.dtype == torch.float32 and d_mu.data_ptr() != half.data_ptr()
+
+
+def test_outputs_that_partly_overlap_inputs_are_refused():
+    mu, rho, prior = posterior((5, 7))
+    storage = torch.randn(36)
+    d_w, shifted = storage[:35], storage[1:]
+    with pytest.raises(RuntimeError, match="d_mu must be d_w itself or not overlap it"):
+        cpu.reparameterization_grad(d_w, mu, rho, prior, 1, None, 0.03, "qp", d_mu=shifted)
+    with pytest.raises(RuntimeError, match="must not overlap mu, rho"):
+        cpu.reparameterization_grad(d_w, mu, rho, prior, 1, None, 0.03, "qp", d_mu=rho.view(-1))
+
+
 def test_results_do_not_depend_on_the_thread_count():
     mu, rho, prior = posterior((300, 301))
     threads = torch.get_num_threads()

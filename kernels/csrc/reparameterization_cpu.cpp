@@ -130,6 +130,11 @@ void advise_huge_pages(const torch::Tensor& t) {
 #endif
 }
 
+bool overlaps(const torch::Tensor& a, const torch::Tensor& b) {
+  const char *a0 = static_cast<const char*>(a.data_ptr()), *b0 = static_cast<const char*>(b.data_ptr());
+  return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
 void check_float_vector(const torch::Tensor& t, int64_t numel, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == numel,
               name, " must be a contiguous float32 CPU tensor of ", numel, " elements");
@@ -235,6 +240,14 @@ void reparameterization_grad(c10::optional<torch::Tensor> d_w, torch::Tensor mu,
   check_float_vector(d_rho, numel, "d_rho");
   if (d_w) check_float_vector(*d_w, numel, "d_w");
   if (prior) check_float_vector(*prior, numel, "prior_mu");
+  for (const torch::Tensor* out : {&d_mu, &d_rho}) {  // only d_mu may share memory, and only with d_w, exactly
+    for (const torch::Tensor* in : {&mu, &rho, &d_mu, &d_rho}) {
+      TORCH_CHECK(in == out || !overlaps(*in, *out), "d_mu and d_rho must not overlap mu, rho or each other");
+    }
+  }
+  TORCH_CHECK(!d_w || !overlaps(*d_w, d_rho), "d_rho must not overlap d_w");
+  TORCH_CHECK(!d_w || !overlaps(*d_w, d_mu) || d_w->data_ptr() == d_mu.data_ptr(),
+              "d_mu must be d_w itself or not overlap it");
   const Kernels& k = active();
   advise_huge_pages(d_mu);
   advise_huge_pages(d_rho);
@@ -554,12 +567,12 @@ double sample_chunk_kl(const float* mu, const float* rho, const float* prior, ui
 }
 
 // n <= BLOCK elements: d_mu = d_w + g_kl dKL/dmu, d_rho = (d_w eps + g_kl dKL/dsigma) sigmoid(rho), and
-// w = mu + sigma eps when WRITE_W.
+// w = mu + sigma eps when WRITE_W. d_mu may be d_w itself (the in-place gradient): both are not restrict, so
+// each d_w[i] is read before d_mu[i] is written.
 template <int KL, bool WRITE_W>
-ALWAYS_INLINE void gradient_block(const float* __restrict d_w, const float* __restrict mu,
-                                  const float* __restrict rho, const float* __restrict prior,
-                                  const float* __restrict eps, int n, float g_kl, float prior_sigma,
-                                  float* __restrict d_mu, float* __restrict d_rho, float* __restrict w) {
+ALWAYS_INLINE void gradient_block(const float* d_w, const float* __restrict mu, const float* __restrict rho,
+                                  const float* __restrict prior, const float* __restrict eps, int n, float g_kl,
+                                  float prior_sigma, float* d_mu, float* __restrict d_rho, float* __restrict w) {
   const float var = prior_sigma * prior_sigma, inv_var = 1.0f / var;
 #pragma omp simd
   for (int i = 0; i < n; ++i) {
