@@ -29,7 +29,7 @@ class PosteriorKernels(NamedTuple):
 
     ``linear_weight_grad`` (the dW GEMM with the reparameterization epilogue) and ``sampled_matmul``
     (sample-in-GEMM) exist for the Triton kernels only; ``reparameterization_grad_into_d_w`` (the gradient pass
-    writing d_mu over a float32 d_w, returning ``(d_rho, w)``) for the C++ kernels.
+    writing d_mu over a d_w of d_mu's dtype, returning ``(d_rho, w)``) for the C++ and plain-torch kernels.
     """
 
     sample_weight_op: Callable
@@ -60,7 +60,8 @@ class PosteriorKernels(NamedTuple):
         mu, rho, prior_mu, prior_sigma, kl_direction = posterior
         in_place = self.reparameterization_grad_into_d_w_op
         if d_w_is_temporary and in_place is not None and d_w is not None:
-            if d_w.dtype == torch.float32 and d_w.is_contiguous() and d_w.shape == mu.shape:
+            grad_dtype = torch.promote_types(mu.dtype, torch.float32)
+            if d_w.dtype == mu.dtype == grad_dtype and d_w.shape == mu.shape and d_w.is_contiguous():
                 d_rho, w = in_place(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype)
                 return d_w, d_rho, (w if w_dtype is not None else None)
         d_w = None if d_w is None else d_w.contiguous()

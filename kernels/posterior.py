@@ -64,10 +64,29 @@ def kl_elementwise(mu, sigma, prior_mu, prior_sigma: float, kl_direction: str = 
 
 
 def kl_grads(mu, sigma, prior_mu, prior_sigma: float, kl_direction: str = "qp"):
-    """Analytic (dKL/dmu, dKL/dsigma) of :func:`kl_elementwise`, each shaped like ``mu``."""
-    gap = mean_gap(mu, prior_mu)
+    """Analytic (dKL/dmu, dKL/dsigma) of :func:`kl_elementwise`, each shaped like ``mu`` (not differentiable)."""
+    return (
+        kl_grad_mu(mu, sigma, prior_mu, prior_sigma, kl_direction),
+        kl_grad_sigma(mu, sigma, prior_mu, prior_sigma, kl_direction),
+    )
+
+
+def _fresh_gap(mu, prior_mu):
+    """mu - prior mean in a new tensor (free to overwrite)."""
+    return mu.clone() if prior_mu is None else mu - prior_mu.to(mu.dtype)
+
+
+def kl_grad_mu(mu, sigma, prior_mu, prior_sigma: float, kl_direction: str = "qp"):
+    """dKL/dmu, one new tensor and no other temporary of mu's size beyond one (qp) or two (pq)."""
     if kl_direction == "qp":
-        inv_prior_var = 1.0 / prior_sigma**2
-        return gap * inv_prior_var, sigma * inv_prior_var - sigma.reciprocal()
-    inv_var = sigma.square().reciprocal()
-    return gap * inv_var, sigma.reciprocal() - (prior_sigma**2 + gap.square()) * inv_var / sigma
+        return _fresh_gap(mu, prior_mu).mul_(1.0 / prior_sigma**2)
+    return _fresh_gap(mu, prior_mu).mul_(sigma.square().reciprocal_())
+
+
+def kl_grad_sigma(mu, sigma, prior_mu, prior_sigma: float, kl_direction: str = "qp"):
+    """dKL/dsigma, one new tensor and at most two temporaries of mu's size alive at once."""
+    if kl_direction == "qp":
+        return (sigma * (1.0 / prior_sigma**2)).sub_(sigma.reciprocal())
+    gap_term = _fresh_gap(mu, prior_mu).square_().add_(prior_sigma**2)  # (s^2 + gap^2)
+    gap_term.mul_(sigma.square().reciprocal_()).div_(sigma)
+    return sigma.reciprocal().sub_(gap_term)

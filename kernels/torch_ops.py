@@ -6,11 +6,13 @@ the Triton and C++ kernels); the gradient pass regenerates it, so nothing but th
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from .kernel_ops import register_posterior_kernels
-from .posterior import kl_elementwise, kl_grads
+from .posterior import kl_elementwise, kl_grad_mu, kl_grad_sigma
 from .seeds import seed_tensor
 
 
@@ -51,28 +53,73 @@ def sample_weight_and_kl(
 
 
 def reparameterization_grad(
-    d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: float, kl_direction: str, w_dtype: torch.dtype | None = None
+    d_w,
+    mu,
+    rho,
+    prior_mu,
+    seed,
+    g_kl,
+    prior_sigma: float,
+    kl_direction: str,
+    w_dtype: torch.dtype | None = None,
+    d_w_is_d_mu: bool = False,
 ):
-    """``(d_mu, d_rho, w or None)``: d_mu = dW + g_kl dKL/dmu, d_rho = (dW eps + g_kl dKL/dsigma) sigmoid(rho)."""
+    """``(d_mu, d_rho, w or None)``: d_mu = dW + g_kl dKL/dmu, d_rho = (dW eps + g_kl dKL/dsigma) sigmoid(rho).
+
+    Each temporary is freed or overwritten as soon as it is used: besides the outputs and sigma, at most two
+    weight-sized temporaries are alive at once. ``d_w_is_d_mu``: d_mu is written over ``d_w`` (mu's dtype)."""
     sigma = F.softplus(rho)
-    d_mu = torch.zeros_like(mu)
-    d_sigma = torch.zeros_like(mu)
-    w = None
+    d_mu = d_sigma = w = None
     if d_w is not None or w_dtype is not None:
-        eps = torch_normal(seed, mu.shape, mu.device)
-        if d_w is not None:
-            d_mu = d_w.to(mu.dtype).clone()
-            d_sigma = d_mu * eps.to(mu.dtype)
+        eps = torch_normal(seed, mu.shape, mu.device).to(mu.dtype)
         if w_dtype is not None:
-            w = torch.addcmul(mu, sigma, eps.to(mu.dtype)).to(w_dtype)
+            w = torch.addcmul(mu, sigma, eps).to(w_dtype)
+        if d_w is not None:
+            d_mu = d_w if d_w_is_d_mu else d_w.to(mu.dtype, copy=True)
+            d_sigma = eps.mul_(d_mu)
+        del eps
     if g_kl is not None:
-        g_mu, g_sigma = kl_grads(mu, sigma, prior_mu, prior_sigma, kl_direction)
         g_kl = g_kl.to(mu.dtype)
-        d_mu = d_mu + g_kl * g_mu
-        d_sigma = d_sigma + g_kl * g_sigma
-    return d_mu, d_sigma * torch.sigmoid(rho), w
+        g_mu = kl_grad_mu(mu, sigma, prior_mu, prior_sigma, kl_direction).mul_(g_kl)
+        d_mu = g_mu if d_mu is None else d_mu.add_(g_mu)
+        del g_mu
+        g_sigma = kl_grad_sigma(mu, sigma, prior_mu, prior_sigma, kl_direction).mul_(g_kl)
+        d_sigma = g_sigma if d_sigma is None else d_sigma.add_(g_sigma)
+        del g_sigma
+    del sigma
+    if d_mu is None:  # neither a weight gradient nor a KL one
+        d_mu, d_sigma = torch.zeros_like(mu), torch.zeros_like(mu)
+    return d_mu, d_sigma.mul_(torch.sigmoid(rho)), w
+
+
+@torch.library.custom_op("bayeslayers::torch_reparameterization_grad_into_d_w", mutates_args=("d_w",))
+def reparameterization_grad_into_d_w(
+    d_w: torch.Tensor,
+    mu: torch.Tensor,
+    rho: torch.Tensor,
+    prior_mu: Optional[torch.Tensor],
+    seed: torch.Tensor,
+    g_kl: Optional[torch.Tensor],
+    prior_sigma: float,
+    kl_direction: str,
+    w_dtype: Optional[torch.dtype],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient pass with d_mu written over ``d_w`` (a temporary of the caller, mu's dtype): ``(d_rho, w or
+    an empty tensor)``."""
+    _, d_rho, w = reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype, True)
+    return d_rho, mu.new_empty(0) if w is None else w
+
+
+@reparameterization_grad_into_d_w.register_fake
+def _(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype):
+    w = mu.new_empty(0) if w_dtype is None else mu.new_empty(mu.shape, dtype=w_dtype)
+    return torch.empty_like(mu), w
 
 
 TORCH_KERNELS = register_posterior_kernels(
-    "torch_", sample_weight_and_kl, reparameterization_grad, param_dtypes=(torch.float32, torch.float64)
-)  # float64: gradcheck
+    "torch_",
+    sample_weight_and_kl,
+    reparameterization_grad,
+    reparameterization_grad_into_d_w_op=torch.ops.bayeslayers.torch_reparameterization_grad_into_d_w,
+    param_dtypes=(torch.float32, torch.float64),  # float64: gradcheck
+)
