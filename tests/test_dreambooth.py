@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import RECIPE_PROMPT as PROMPT
+from tiny_models import recipe_argv
 
 import bayeslayers
 from bayeslayers.integrations.dreambooth import main, parse_args
-
-PROMPT = "a sks star"
 
 
 @pytest.fixture(scope="module")
@@ -23,30 +23,7 @@ def workspace(tmp_path_factory):
 
 
 def _args(workspace, out, *extra):
-    root, pipe, images = workspace
-    return parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            pipe,
-            "--instance_data_dir",
-            images,
-            "--instance_prompt",
-            PROMPT,
-            "--output_dir",
-            str(root / out),
-            "--train_batch_size",
-            "2",
-            "--seed",
-            "0",
-            "--num_inference_steps",
-            "3",
-            "--report_to",
-            "none",
-            "--learning_rate",
-            "1e-3",
-            *extra,
-        ]
-    )
+    return parse_args(recipe_argv(workspace, out, "--num_inference_steps", "3", *extra))
 
 
 def _image(pipe, seed=0):

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import RECIPE_PROMPT as PROMPT
+from tiny_models import recipe_argv
 
 from bayeslayers.integrations.dreambooth import main, parse_args
 
-PROMPT = "a sks star"
 EVAL_PROMPTS = ["a sks star on a black background", "a sks star on a white background"]
 
 
@@ -24,34 +25,9 @@ def workspace(tmp_path_factory):
 
 
 def _args(workspace, out, *extra):
-    root, pipe, images, _ = workspace
-    return parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            pipe,
-            "--instance_data_dir",
-            images,
-            "--instance_prompt",
-            PROMPT,
-            "--output_dir",
-            str(root / out),
-            "--train_batch_size",
-            "2",
-            "--seed",
-            "0",
-            "--num_inference_steps",
-            "3",
-            "--report_to",
-            "none",
-            "--learning_rate",
-            "1e-3",
-            "--max_train_steps",
-            "4",
-            "--init_sigma",
-            "0.1",  # so that a sampled-weight generation would differ visibly from the mean model's
-            *extra,
-        ]
-    )
+    # init sigma 0.1: a sampled-weight generation would differ visibly from the mean model's
+    flags = ("--num_inference_steps", "3", "--max_train_steps", "4", "--init_sigma", "0.1")
+    return parse_args(recipe_argv(workspace, out, *flags, *extra))
 
 
 def _eval_flags(workspace, steps="2"):

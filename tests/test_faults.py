@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from tiny_models import recipe_argv
 
 import bayeslayers
 from bayeslayers.integrations.dreambooth import main, parse_args
 from bayeslayers.integrations.dreambooth.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 
-PROMPT = "a sks star"
 TESTS = Path(__file__).parent
 
 
@@ -31,28 +31,7 @@ def workspace(tmp_path_factory):
 
 
 def _argv(workspace, out, *extra):
-    root, pipe, images = workspace
-    return [
-        "--pretrained_model_name_or_path",
-        pipe,
-        "--instance_data_dir",
-        images,
-        "--instance_prompt",
-        PROMPT,
-        "--output_dir",
-        str(root / out),
-        "--train_batch_size",
-        "2",
-        "--seed",
-        "0",
-        "--report_to",
-        "none",
-        "--learning_rate",
-        "1e-3",
-        "--kl_weight",
-        "1e-2",
-        *extra,
-    ]
+    return recipe_argv(workspace, out, "--kl_weight", "1e-2", *extra)
 
 
 # The child process trains with a checkpoint every 2 steps and SIGKILLs itself in the middle of writing

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 from reference import check_layer
+from tiny_models import recipe_argv
 
 import bayeslayers
 
 BACKENDS = ["reference", "torch", "cpp", "triton"]
-PROMPT = "a sks star"
 
 
 def _randomize(module):
@@ -79,37 +79,9 @@ def _fresh_accelerate_state():
 def _run(workspace, out, *extra):
     from bayeslayers.integrations.dreambooth import main, parse_args
 
-    root, pipe, images = workspace
     _reset_accelerate()
-    return main(
-        parse_args(
-            [
-                "--pretrained_model_name_or_path",
-                pipe,
-                "--instance_data_dir",
-                images,
-                "--instance_prompt",
-                PROMPT,
-                "--output_dir",
-                str(root / out),
-                "--train_batch_size",
-                "2",
-                "--seed",
-                "0",
-                "--report_to",
-                "none",
-                "--learning_rate",
-                "1e-3",
-                "--kl_weight",
-                "1e-2",
-                "--init_sigma",
-                "0.02",
-                "--checkpointing_steps",
-                "1000",
-                *extra,
-            ]
-        )
-    )
+    flags = ("--kl_weight", "1e-2", "--init_sigma", "0.02", "--checkpointing_steps", "1000")
+    return main(parse_args(recipe_argv(workspace, out, *flags, *extra)))
 
 
 def _history(result):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import recipe_argv
 
 TESTS = Path(__file__).parent
-PROMPT = "a sks star"
 
 
 def _free_port() -> int:
@@ -82,34 +82,9 @@ def workspace(tmp_path_factory):
 
 
 def _recipe(workspace, out, *extra):
-    root, pipe, images = workspace
-    return launch(
-        "-m",
-        "bayeslayers.integrations.dreambooth",
-        "--pretrained_model_name_or_path",
-        pipe,
-        "--instance_data_dir",
-        images,
-        "--instance_prompt",
-        PROMPT,
-        "--output_dir",
-        str(root / out),
-        "--train_batch_size",
-        "1",
-        "--seed",
-        "0",
-        "--report_to",
-        "none",
-        "--learning_rate",
-        "1e-3",
-        "--kl_weight",
-        "1e-2",
-        "--checkpointing_steps",
-        "2",
-        "--checkpoints_total_limit",
-        "1",
-        *extra,
-    )
+    flags = ("--train_batch_size", "1", "--kl_weight", "1e-2", "--checkpointing_steps", "2")
+    flags += ("--checkpoints_total_limit", "1")
+    return launch("-m", "bayeslayers.integrations.dreambooth", *recipe_argv(workspace, out, *flags, *extra))
 
 
 @pytest.mark.slow

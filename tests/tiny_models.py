@@ -1,4 +1,6 @@
-"""Small diffusers models built from configs (random weights, no download)."""
+"""Small diffusers models built from configs (random weights, no download), and the recipe tests' workspace."""
+
+from pathlib import Path
 
 import torch
 
@@ -89,6 +91,35 @@ def save_tiny_pipeline(path, seed: int = 0) -> str:
     )
     pipe.save_pretrained(path)
     return path
+
+
+RECIPE_PROMPT = "a sks star"
+
+
+def recipe_argv(workspace, out, *extra) -> list[str]:
+    """The bayeslayers-dreambooth command line every recipe test starts from: the workspace's tiny pipeline and
+    instance images, ``RECIPE_PROMPT``, output in ``root / out``, batch 2, seed 0, lr 1e-3, no trackers; ``extra``
+    flags come last (a repeated flag overrides these)."""
+    root, pipe, images = workspace[:3]
+    return [
+        "--pretrained_model_name_or_path",
+        str(pipe),
+        "--instance_data_dir",
+        str(images),
+        "--instance_prompt",
+        RECIPE_PROMPT,
+        "--output_dir",
+        str(Path(root) / out),
+        "--train_batch_size",
+        "2",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+        "--learning_rate",
+        "1e-3",
+        *extra,
+    ]
 
 
 def recipe_workspace(root):
