@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -142,33 +141,4 @@ def reparameterization_grad(
     return d_mu, d_rho, w
 
 
-@torch.library.custom_op("bayeslayers::cpu_reparameterization_grad_into_d_w", mutates_args=("d_w",))
-def reparameterization_grad_into_d_w(
-    d_w: torch.Tensor,
-    mu: torch.Tensor,
-    rho: torch.Tensor,
-    prior_mu: Optional[torch.Tensor],
-    seed: torch.Tensor,
-    g_kl: Optional[torch.Tensor],
-    prior_sigma: float,
-    kl_direction: str,
-    w_dtype: Optional[torch.dtype],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient pass with d_mu written over ``d_w`` (contiguous float32, a temporary of the caller): one
-    weight-sized buffer fewer. Returns ``(d_rho, w or an empty tensor)``."""
-    _, d_rho, w = reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype, d_w)
-    return d_rho, mu.new_empty(0) if w is None else w
-
-
-@reparameterization_grad_into_d_w.register_fake
-def _(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype):
-    w = mu.new_empty(0) if w_dtype is None else mu.new_empty(mu.shape, dtype=w_dtype)
-    return mu.new_empty(mu.shape, dtype=torch.float32), w
-
-
-CPU_KERNELS = register_posterior_kernels(
-    "cpu_",
-    sample_weight_and_kl,
-    reparameterization_grad,
-    reparameterization_grad_into_d_w_op=torch.ops.bayeslayers.cpu_reparameterization_grad_into_d_w,
-)
+CPU_KERNELS = register_posterior_kernels("cpu_", sample_weight_and_kl, reparameterization_grad, grad_into_d_w=True)

@@ -72,9 +72,15 @@ class PosteriorKernels(NamedTuple):
 
 
 def register_posterior_kernels(
-    prefix: str, sample_weight_and_kl: Callable, reparameterization_grad: Callable, **fused_ops: Callable
+    prefix: str,
+    sample_weight_and_kl: Callable,
+    reparameterization_grad: Callable,
+    grad_into_d_w: bool = False,
+    **fused_ops: Callable,
 ) -> PosteriorKernels:
-    """Registers ``bayeslayers::{prefix}sample_weight`` and ``bayeslayers::{prefix}reparameterization_grad``.
+    """Registers ``bayeslayers::{prefix}sample_weight`` and ``bayeslayers::{prefix}reparameterization_grad``
+    (and ``{prefix}reparameterization_grad_into_d_w`` with ``grad_into_d_w``: ``reparameterization_grad`` then
+    takes ``d_mu=d_w`` to write d_mu over ``d_w``).
 
     ``sample_weight_and_kl(mu, rho, prior_mu, seed, prior_sigma, kl_direction, out_dtype, with_kl) -> (w, kl)``
     and ``reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype)
@@ -122,4 +128,29 @@ def register_posterior_kernels(
         grad_dtype = torch.promote_types(mu.dtype, torch.float32)
         return mu.new_empty(mu.shape, dtype=grad_dtype), mu.new_empty(mu.shape, dtype=grad_dtype), w
 
+    if grad_into_d_w:
+
+        @torch.library.custom_op(f"bayeslayers::{prefix}reparameterization_grad_into_d_w", mutates_args=("d_w",))
+        def grad_into_d_w_op(
+            d_w: Tensor,
+            mu: Tensor,
+            rho: Tensor,
+            prior_mu: Optional[Tensor],
+            seed: Tensor,
+            g_kl: Optional[Tensor],
+            prior_sigma: float,
+            kl_direction: str,
+            w_dtype: Optional[torch.dtype],
+        ) -> tuple[Tensor, Tensor]:
+            _, d_rho, w = reparameterization_grad(
+                d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype, d_mu=d_w
+            )
+            return d_rho, mu.new_empty(0) if w is None else w
+
+        @grad_into_d_w_op.register_fake
+        def _(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype):
+            w = mu.new_empty(0) if w_dtype is None else mu.new_empty(mu.shape, dtype=w_dtype)
+            return mu.new_empty(mu.shape, dtype=torch.promote_types(mu.dtype, torch.float32)), w
+
+        fused_ops["reparameterization_grad_into_d_w_op"] = grad_into_d_w_op
     return PosteriorKernels(sample_weight_op, reparameterization_grad_op, **fused_ops)

@@ -6,8 +6,6 @@ the Triton and C++ kernels); the gradient pass regenerates it, so nothing but th
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -62,12 +60,16 @@ def reparameterization_grad(
     prior_sigma: float,
     kl_direction: str,
     w_dtype: torch.dtype | None = None,
-    d_w_is_d_mu: bool = False,
+    d_mu: torch.Tensor | None = None,
 ):
     """``(d_mu, d_rho, w or None)``: d_mu = dW + g_kl dKL/dmu, d_rho = (dW eps + g_kl dKL/dsigma) sigmoid(rho).
 
     Each temporary is freed or overwritten as soon as it is used: besides the outputs and sigma, at most two
-    weight-sized temporaries are alive at once. ``d_w_is_d_mu``: d_mu is written over ``d_w`` (mu's dtype)."""
+    weight-sized temporaries are alive at once. ``d_mu``: None, or ``d_w`` itself (mu's dtype) to write d_mu over
+    it."""
+    if d_mu is not None and d_mu is not d_w:
+        raise ValueError("d_mu must be None or d_w itself")
+    over_d_w = d_mu is not None
     sigma = F.softplus(rho)
     d_mu = d_sigma = w = None
     if d_w is not None or w_dtype is not None:
@@ -75,7 +77,7 @@ def reparameterization_grad(
         if w_dtype is not None:
             w = torch.addcmul(mu, sigma, eps).to(w_dtype)
         if d_w is not None:
-            d_mu = d_w if d_w_is_d_mu else d_w.to(mu.dtype, copy=True)
+            d_mu = d_w if over_d_w else d_w.to(mu.dtype, copy=True)
             d_sigma = eps.mul_(d_mu)
         del eps
     if g_kl is not None:
@@ -92,34 +94,10 @@ def reparameterization_grad(
     return d_mu, d_sigma.mul_(torch.sigmoid(rho)), w
 
 
-@torch.library.custom_op("bayeslayers::torch_reparameterization_grad_into_d_w", mutates_args=("d_w",))
-def reparameterization_grad_into_d_w(
-    d_w: torch.Tensor,
-    mu: torch.Tensor,
-    rho: torch.Tensor,
-    prior_mu: Optional[torch.Tensor],
-    seed: torch.Tensor,
-    g_kl: Optional[torch.Tensor],
-    prior_sigma: float,
-    kl_direction: str,
-    w_dtype: Optional[torch.dtype],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient pass with d_mu written over ``d_w`` (a temporary of the caller, mu's dtype): ``(d_rho, w or
-    an empty tensor)``."""
-    _, d_rho, w = reparameterization_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype, True)
-    return d_rho, mu.new_empty(0) if w is None else w
-
-
-@reparameterization_grad_into_d_w.register_fake
-def _(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype):
-    w = mu.new_empty(0) if w_dtype is None else mu.new_empty(mu.shape, dtype=w_dtype)
-    return torch.empty_like(mu), w
-
-
 TORCH_KERNELS = register_posterior_kernels(
     "torch_",
     sample_weight_and_kl,
     reparameterization_grad,
-    reparameterization_grad_into_d_w_op=torch.ops.bayeslayers.torch_reparameterization_grad_into_d_w,
+    grad_into_d_w=True,
     param_dtypes=(torch.float32, torch.float64),  # float64: gradcheck
 )
