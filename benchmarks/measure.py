@@ -99,7 +99,9 @@ def peak_bytes(fn, device: torch.device) -> int:
     """Peak bytes allocated during one call above what was allocated before it.
 
     CUDA: the caching allocator's statistics. CPU: the allocation and free events torch's profiler records
-    (``profile_memory=True``) for every tensor allocation of the call, summed in time order.
+    (``profile_memory=True``) for every tensor allocation of the call, summed in time order. The profiler does
+    not see the frees of blocks allocated before it started (a training step frees the last step's gradients),
+    so ``fn`` runs once under a first profile and the second call is measured.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -110,8 +112,9 @@ def peak_bytes(fn, device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    for _ in range(2):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):

@@ -76,3 +76,22 @@ def test_unet_step_ratio_interleaves_both_presets(tmp_path):
         assert r["bayesian_weights"] > 0 and r["ratio"] == pytest.approx(r["bayesian_s"] / r["deterministic_s"], 1e-2)
     with open(tmp_path / "unet_step_cpu.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 2
+
+
+def test_cpu_peak_counts_the_frees_of_blocks_allocated_before_the_call():
+    """A step that drops a 4 MiB buffer from before the call, allocates its replacement and a 4 MiB temporary
+    peaks 4 MiB above the start (the profiler misses such frees in its first session)."""
+    import torch
+
+    from benchmarks.measure import peak_bytes
+
+    size = 1 << 20  # float32 elements: 4 MiB
+    state = {"buffer": torch.ones(size)}
+
+    def step():
+        state["buffer"] = None
+        state["buffer"] = torch.ones(size)
+        temporary = torch.ones(size)
+        del temporary
+
+    assert peak_bytes(step, torch.device("cpu")) == 4 * size
