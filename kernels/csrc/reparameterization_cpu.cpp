@@ -319,13 +319,19 @@ ALWAYS_INLINE float bits_float(uint32_t bits) {
   return x;
 }
 
-ALWAYS_INLINE float log_unit(float u) {  // log of a positive normal float (u in (0, 1] for eps), as philox.log_unit
-  const uint32_t bits = float_bits(u);
-  int32_t exponent = static_cast<int32_t>(bits >> 23) - 127;
-  float mantissa = bits_float((bits & 0x7FFFFFu) | 0x3F800000u);
+// x = 2^exponent m with m in [sqrt(1/2), sqrt(2)), for a positive normal float x (exact): the argument reduction
+// of both logs below.
+ALWAYS_INLINE float reduce_log_argument(float x, int32_t* exponent) {
+  const uint32_t bits = float_bits(x);
+  const float mantissa = bits_float((bits & 0x7FFFFFu) | 0x3F800000u);
   const bool high = mantissa > SQRT2;
-  mantissa = high ? mantissa * 0.5f : mantissa;
-  exponent = high ? exponent + 1 : exponent;
+  *exponent = static_cast<int32_t>(bits >> 23) - (high ? 126 : 127);
+  return high ? mantissa * 0.5f : mantissa;
+}
+
+ALWAYS_INLINE float log_unit(float u) {  // log of a positive normal float (u in (0, 1] for eps), as philox.log_unit
+  int32_t exponent;
+  const float mantissa = reduce_log_argument(u, &exponent);
   const float s = (mantissa - 1.0f) / (mantissa + 1.0f);
   const float z = s * s;
   float p = z * LOG_C11 + LOG_C9;
@@ -508,9 +514,9 @@ ALWAYS_INLINE float log1p_unit(float e, float q) {
 // softplus(rho) = max(rho, 0) + log(1 + exp(-|rho|)) (rho itself above 20, as F.softplus) and its derivative
 // sigmoid(rho), from one exp and one division (shared by the log and the sigmoid).
 ALWAYS_INLINE float softplus_sigmoid(float rho, float* sigmoid) {
-  const float e = exp_nonpositive(-__builtin_fabsf(rho)), one_plus_e = 1.0f + e;
-  const float q = 1.0f / ((2.0f + e) * one_plus_e);
-  *sigmoid = (rho >= 0.0f ? 1.0f : e) * ((2.0f + e) * q);
+  const float e = exp_nonpositive(-__builtin_fabsf(rho)), two_plus_e = 2.0f + e;
+  const float q = 1.0f / (two_plus_e * (1.0f + e));
+  *sigmoid = (rho >= 0.0f ? 1.0f : e) * (two_plus_e * q);
   return rho > 20.0f ? rho : (rho > 0.0f ? rho : 0.0f) + log1p_unit(e, q);
 }
 
@@ -522,13 +528,8 @@ ALWAYS_INLINE float softplus(float rho) {
 // log(x) of a positive normal float without a division: x = 2^k m, m in [sqrt(1/2), sqrt(2)), f = m - 1 (exact),
 // log(1 + f) = f - f^2 / 2 + f^3 P(f) (degree-7 least-squares fit, about 2 ulp). Exactly 0 at x = 1.
 ALWAYS_INLINE float log_positive(float x) {
-  const uint32_t bits = float_bits(x);
-  int32_t exponent = static_cast<int32_t>(bits >> 23) - 127;
-  float m = bits_float((bits & 0x7FFFFFu) | 0x3F800000u);
-  const bool high = m > SQRT2;
-  m = high ? m * 0.5f : m;
-  exponent = high ? exponent + 1 : exponent;
-  const float f = m - 1.0f, f2 = f * f;
+  int32_t exponent;
+  const float f = reduce_log_argument(x, &exponent) - 1.0f, f2 = f * f;
   float p = mul_add(f, -0.072297103703022f, 0.12446440011262894f);
   p = mul_add(p, f, -0.13166923820972443f);
   p = mul_add(p, f, 0.1424783170223236f);
