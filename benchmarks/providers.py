@@ -4,8 +4,8 @@ Providers: ``deterministic`` (nn.Linear / nn.Conv2d / peft LoRA / plain UNet: th
 (bayeslayers' naive eager backend: what a hand-written Bayesian layer does), ``bayesian-torch`` (the public
 package's LinearReparameterization / Conv2dReparameterization), then every other bayeslayers backend
 (``torch``: seed-regenerating autograd Function; ``triton``: GPU kernels; any backend registered later), then
-the Triton backend with one path forced (``triton:sample_then_gemm``, ``triton:sample_in_gemm`` and
-``triton:dw_epilogue`` for linear and the UNet, ``triton:fused_lora`` for lora) next to ``triton``, whose
+the Triton backend with one path forced (``triton:sample_then_map``, ``triton:sample_in_gemm`` and
+``triton:weight_grad_epilogue`` for linear and the UNet, ``triton:fused_lora`` for lora) next to ``triton``, whose
 paths are chosen by measurement on CUDA (kernels/fusion.py).
 
 Every Bayesian provider gets the same posterior and prior: mean = the plain layer's weight, sigma = 0.01
@@ -33,9 +33,9 @@ BAYESIAN_TORCH_OPS = ("linear", "conv2d", "unet")
 # on CUDA and keeps the fastest per shape (kernels/fusion.py), the others force one path. The linear paths also
 # apply to the UNet step.
 FUSED_PROVIDERS = {
-    "triton:sample_then_gemm": ("linear", {"sample_in_gemm_max_rows": 0}),
+    "triton:sample_then_map": ("linear", {"sample_in_gemm_max_rows": 0}),
     "triton:sample_in_gemm": ("linear", {"sample_in_gemm_max_rows": 2**31 - 1}),
-    "triton:dw_epilogue": ("linear", {"weight_grad_epilogue": True}),
+    "triton:weight_grad_epilogue": ("linear", {"weight_grad_epilogue": True}),
     "triton:fused_lora": ("lora", {"fused_lora": True}),
 }
 

@@ -183,7 +183,7 @@ def bayesian_linear(m, n, k, path, prior_bytes) -> list[Kernel]:
     nk = n * k
     forward_gemm = _gemm("y = x w^T", "forward", m, n, k, "x", "w", "y")
     dx_gemm = _gemm("dx = dy w", "backward", m, k, n, "dy", "w", "dx")
-    if path == "sample_then_gemm":
+    if path == "sample_then_map":
         return [
             sample_kl(nk, prior_bytes),
             forward_gemm,
@@ -192,7 +192,7 @@ def bayesian_linear(m, n, k, path, prior_bytes) -> list[Kernel]:
             dx_gemm,
             adam_posterior(nk),
         ]
-    if path == "dw_epilogue":
+    if path == "weight_grad_epilogue":
         return [
             sample_kl(nk, prior_bytes),
             forward_gemm,
@@ -367,7 +367,7 @@ def unet_layers(model: str, preset: str, resolution: int, batch: int) -> tuple[L
 # The table
 
 
-LINEAR_PATHS = ("sample_then_gemm", "dw_epilogue", "sample_in_gemm")
+LINEAR_PATHS = ("sample_then_map", "weight_grad_epilogue", "sample_in_gemm")
 LORA_PATHS = ("unfused_lora", "fused_lora")
 
 

@@ -28,6 +28,7 @@ Which path a Triton call takes:
 """
 
 import importlib
+import warnings
 
 # Run from the repository root, this folder is also visible as a top-level ``kernels`` package, and
 # transformers/diffusers import whatever ``kernels`` they find to read its version (the Hugging Face
@@ -44,7 +45,7 @@ _EXPORTS = {
     "SampleThenMap": ".reparameterized",
     "SampleInGemm": ".reparameterized",
     "reparameterize": ".reparameterized",
-    "sampled_weight": ".reparameterized",
+    "sample_weight": ".reparameterized",
     "PosteriorKernels": ".kernel_ops",
     "device_layer_seed": ".seeds",
     "mix_seed_tensor": ".seeds",
@@ -58,12 +59,17 @@ _TRITON_EXPORTS = {  # need the triton package (on CPU: TRITON_INTERPRET=1)
     "sample_weight_and_kl": ".triton.sample_kl",
     "reparameterization_grad": ".triton.reparam_grad",
     "TRITON_KERNELS": ".triton.triton_ops",
+    "TRITON_PATHS": ".paths.fused",
+    "choose_weight_path": ".paths.fused",
+    "choose_lora_path": ".paths.fused",
     "sampled_linear": ".paths.fused",
     "lora_linear": ".paths.fused",
 }
 
+_RENAMED = {"sampled_weight": "sample_weight"}  # old name -> new name, with a DeprecationWarning
+
 if __name__ == "bayeslayers.kernels":
-    # Eager: the function ``fusion`` shares its name with its module, which a lazy lookup would return instead.
+    # Eager: the fusion policy is light, and ``import bayeslayers`` reads it anyway.
     from .paths.fusion import FusionPolicy, fusion, fusion_policy, set_fusion_policy  # noqa: F401
 
     __all__ = sorted({*_EXPORTS, *_TRITON_EXPORTS, "FusionPolicy", "fusion", "fusion_policy", "set_fusion_policy"})
@@ -72,6 +78,9 @@ else:
 
 
 def __getattr__(name):
+    if __name__ == "bayeslayers.kernels" and name in _RENAMED:
+        warnings.warn(f"bayeslayers.kernels.{name} is deprecated; use {_RENAMED[name]}", DeprecationWarning, 2)
+        return __getattr__(_RENAMED[name])
     if __name__ == "bayeslayers.kernels" and name in _EXPORTS:
         module = importlib.import_module(_EXPORTS[name], __name__)
         return module if name == "cpu" else getattr(module, name)

@@ -179,7 +179,7 @@ def reparameterize(layer_map, x, posterior: Posterior, bias, seed, path: WeightP
     """Returns ``(y, kl)``: y = layer_map(x, w, bias) with w = mu + softplus(rho) * eps(seed) in x's dtype, and the
     summed closed-form KL (0-d float32, nats), computed along ``path``.
 
-    x: compute dtype; bias: x's dtype or None; seed: Python int or one-element int64 tensor (see ``philox.py``).
+    x: compute dtype; bias: x's dtype or None; seed: Python int or one-element int64 tensor (see ``triton/philox.py``).
     """
     mu, rho, prior_mu, prior_sigma, kl_direction = posterior.checked(path.kernels.param_dtypes)
     return ReparameterizedFunction.apply(
@@ -187,7 +187,7 @@ def reparameterize(layer_map, x, posterior: Posterior, bias, seed, path: WeightP
     )
 
 
-def sampled_weight(posterior: Posterior, seed, dtype: torch.dtype, kernels: PosteriorKernels):
+def sample_weight(posterior: Posterior, seed, dtype: torch.dtype, kernels: PosteriorKernels):
     """Returns ``(w, kl)``: w = mu + softplus(rho) * eps(seed) in ``dtype`` and the summed KL (0-d float32), both
     differentiable w.r.t. mu and rho; eps is regenerated in backward, never stored."""
     mu, rho, prior_mu, prior_sigma, kl_direction = posterior.checked(kernels.param_dtypes)

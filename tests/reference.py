@@ -13,7 +13,7 @@ from torch.func import functional_call
 import bayeslayers
 
 
-def sampled_weight(mu, rho, eps):
+def sample_weight(mu, rho, eps):
     """w = mu + softplus(rho) * eps in float64."""
     return mu.double() + F.softplus(rho.double()) * eps.double()
 
@@ -70,7 +70,7 @@ def kl_and_grads64(mu, rho, prior_mu, prior_sigma, direction, d_w, g_kl, eps):
     """float64 (w, kl, d_mu, d_rho) of L = sum(d_w * w) + g_kl * KL by autograd."""
     mu = mu.detach().double().requires_grad_(True)
     rho = rho.detach().double().requires_grad_(True)
-    w = sampled_weight(mu, rho, eps)
+    w = sample_weight(mu, rho, eps)
     kl = kl_reference(mu, rho, prior_mu, prior_sigma, direction)
     ((w * d_w.double()).sum() + g_kl * kl).backward()
     return w.detach(), kl.detach(), mu.grad, rho.grad
@@ -133,7 +133,7 @@ def _factor64(layer: nn.Module, backend: str, pairs: list, absolute: bool):
         mu = size(layer.weight_mu.detach().double()).requires_grad_(True)
         rho = layer.weight_rho.detach().double().requires_grad_(True)
         eps = bayeslayers.materialize_eps(layer.fixed_seed, tuple(mu.shape), backend=backend)
-        weights["weight"] = sampled_weight(mu, rho, size(eps))
+        weights["weight"] = sample_weight(mu, rho, size(eps))
         kl = kl_reference(mu, rho, layer.prior_mu, layer.prior_sigma, layer.kl_direction)
         pairs += [(mu, layer.weight_mu), (rho, layer.weight_rho)]
     else:

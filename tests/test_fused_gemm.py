@@ -1,5 +1,5 @@
 """The fused GEMM kernels (sample-in-GEMM, dW epilogue, LoRA in the base GEMM) against float64 references that
-use the same eps, and the layers on the fused paths against the sample-then-GEMM path.
+use the same eps, and the layers on the fused paths against the sample-then-map path.
 
 On CPU they run under TRITON_INTERPRET=1 with 32-wide blocks: the odd shapes below span several blocks in
 every dimension, none a multiple of the block.
@@ -11,7 +11,7 @@ import pytest
 import reference
 import torch
 import torch.nn as nn
-from reference import TOLERANCE, kl_and_grads64, kl_reference, relative_error, sampled_weight
+from reference import TOLERANCE, kl_and_grads64, kl_reference, relative_error, sample_weight
 
 import bayeslayers
 from bayeslayers import BayesLinear, BayesLoRALinear
@@ -83,7 +83,7 @@ def test_sampled_matmul_forward_and_kl(poisoned, dtype, shape, prior_dtype, dire
         kl_direction=direction,
         with_kl=True,
     )
-    w = sampled_weight(mu.cpu(), rho.cpu(), eps_of((n_out, n_in)))
+    w = sample_weight(mu.cpu(), rho.cpu(), eps_of((n_out, n_in)))
     expected = x.cpu().double() @ w.t() + (0 if bias is None else bias.cpu().double())
     assert y.dtype == dtype and y.shape == (rows, n_out)
     assert relative_error(y.cpu(), expected) < TOLERANCE[dtype]
@@ -97,7 +97,7 @@ def test_sampled_matmul_input_gradient_reads_the_weight_transposed(poisoned, dty
     mu, rho, _ = posterior(n_out, n_in)
     dy = randn(rows, n_out, dtype=dtype)
     dx, kl = sampled_matmul(dy, mu, rho, seed_tensor(SEED, DEVICE), transpose_weight=False)
-    w = sampled_weight(mu.cpu(), rho.cpu(), eps_of((n_out, n_in)))
+    w = sample_weight(mu.cpu(), rho.cpu(), eps_of((n_out, n_in)))
     assert dx.shape == (rows, n_in) and kl.numel() == 0
     assert relative_error(dx.cpu(), dy.cpu().double() @ w) < TOLERANCE[dtype]
 
@@ -222,7 +222,7 @@ def _assert_same_step(got, want, dtype):
         ({"weight_grad_epilogue": True}, ["reparameterized_weight_grad"]),
     ],
 )
-def test_bayes_linear_fused_paths_agree_with_sample_then_gemm(fused_calls, dtype, policy, kernels):
+def test_bayes_linear_fused_paths_agree_with_sample_then_map(fused_calls, dtype, policy, kernels):
     bayeslayers.set_backend("triton")
     layer = BayesLinear(67, 45, init_sigma=0.05, prior_sigma=0.1).to(DEVICE)
     x = randn(3, 13, 67, dtype=dtype)
@@ -236,17 +236,18 @@ def test_bayes_linear_fused_paths_agree_with_sample_then_gemm(fused_calls, dtype
 
 def test_heuristic_takes_sample_in_gemm_only_up_to_the_row_limit():
     from bayeslayers.kernels import SampleInGemm, SampleThenMap
-    from bayeslayers.kernels.paths.fusion import SAMPLE_IN_GEMM, SAMPLE_THEN_GEMM, choose_linear_path, weight_path
+    from bayeslayers.kernels.paths.fused import choose_weight_path
     from bayeslayers.layer_maps import Conv2dMap, LinearMap
 
     layer = BayesLinear(8, 8).to(DEVICE)
     posterior, seed = layer.posterior(), 1
     with fusion(sample_in_gemm_max_rows=77):
-        assert choose_linear_path(LinearMap(), randn(2, 77, 8)[:1], posterior, None, seed, True) == SAMPLE_IN_GEMM
-        assert choose_linear_path(LinearMap(), randn(2, 78, 8)[:1], posterior, None, seed, True) == SAMPLE_THEN_GEMM
-        assert choose_linear_path(Conv2dMap(), randn(1, 8, 2, 2), posterior, None, seed, False) == SAMPLE_THEN_GEMM
-    assert isinstance(weight_path(SAMPLE_IN_GEMM), SampleInGemm)
-    assert isinstance(weight_path(SAMPLE_THEN_GEMM), SampleThenMap)
+        in_gemm = choose_weight_path(LinearMap(), randn(2, 77, 8)[:1], posterior, None, seed, True)
+        then_map = choose_weight_path(LinearMap(), randn(2, 78, 8)[:1], posterior, None, seed, True)
+        conv = choose_weight_path(Conv2dMap(), randn(1, 8, 2, 2), posterior, None, seed, False)
+    assert isinstance(in_gemm, SampleInGemm)
+    assert isinstance(then_map, SampleThenMap) and not then_map.weight_grad_epilogue
+    assert conv is then_map
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -390,7 +391,7 @@ def test_sampled_linear_gradients_of_every_input(dtype):
     ((y.double() * upstream).sum() + 0.37 * kl).backward()
     leaves64 = [t.detach().cpu().double().requires_grad_(True) for t in (x, mu, rho, bias)]
     x64, mu64, rho64, bias64 = leaves64
-    y64 = x64 @ sampled_weight(mu64, rho64, eps_of((n_out, n_in))).t() + bias64
+    y64 = x64 @ sample_weight(mu64, rho64, eps_of((n_out, n_in))).t() + bias64
     kl64 = kl_reference(mu64, rho64, prior.cpu(), 0.07, "qp")
     ((y64 * upstream.cpu()).sum() + 0.37 * kl64).backward()
     for name, got, want in zip(("x", "mu", "rho", "bias"), (x, mu, rho, bias), leaves64):

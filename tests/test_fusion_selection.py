@@ -1,4 +1,4 @@
-"""The measured choice of fused path (kernels/fusion.py, kernels/path_timing.py), driven on CPU by an injected
+"""The measured choice of fused path (kernels/paths/: fused.py, timing.py), driven on CPU by an injected
 timer: the fastest candidate wins, choices are cached in the process and on disk, bad cache files are ignored
 with a warning, and nothing is timed without gradients or while torch.compile traces."""
 
@@ -13,17 +13,19 @@ import bayeslayers
 from bayeslayers import BayesLinear
 from bayeslayers.kernels.paths import timing as path_timing
 from bayeslayers.kernels.paths.fusion import (
-    DW_EPILOGUE,
     FUSED_LORA,
     SAMPLE_IN_GEMM,
-    SAMPLE_THEN_GEMM,
+    SAMPLE_THEN_MAP,
     UNFUSED_LORA,
+    WEIGHT_GRAD_EPILOGUE,
+    fuses_lora,
     fusion,
     fusion_mode,
 )
 from bayeslayers.kernels.paths.timing import PathSelector, shape_class, using_path_selector
 
-fusion_module = importlib.import_module("bayeslayers.kernels.paths.fusion")  # the package exports a fusion()
+fused = importlib.import_module("bayeslayers.kernels.paths.fused")
+PATH_NAMES = {id(path): name for name, path in fused.TRITON_PATHS.items()}
 
 
 class FakeTimer:
@@ -57,14 +59,14 @@ def auto(monkeypatch):
     monkeypatch.setenv("BAYESLAYERS_FUSION", "auto")
     bayeslayers.set_backend("triton")
     taken = []
-    choose = fusion_module.choose_linear_path
+    choose = fused.choose_weight_path
 
     def record(*args, **kwargs):
         path = choose(*args, **kwargs)
-        taken.append(path)
+        taken.append(PATH_NAMES[id(path)])
         return path
 
-    monkeypatch.setattr(fusion_module, "choose_linear_path", record)
+    monkeypatch.setattr(fused, "choose_weight_path", record)
     return taken
 
 
@@ -79,27 +81,27 @@ def _train_step(layer, rows, seed=3):
 
 def test_fastest_candidate_is_chosen_and_gives_the_same_step(auto):
     layer = BayesLinear(36, 40, init_sigma=0.05)
-    selector, timer = _selector({SAMPLE_THEN_GEMM: 3.0, DW_EPILOGUE: 1.0, SAMPLE_IN_GEMM: 2.0})
+    selector, timer = _selector({SAMPLE_THEN_MAP: 3.0, WEIGHT_GRAD_EPILOGUE: 1.0, SAMPLE_IN_GEMM: 2.0})
     rng_before = torch.random.get_rng_state()
     with using_path_selector(selector):
         got = _train_step(layer, 24)
-    assert sorted(timer.calls) == sorted([SAMPLE_THEN_GEMM, DW_EPILOGUE, SAMPLE_IN_GEMM])
-    assert auto == [DW_EPILOGUE]
+    assert sorted(timer.calls) == sorted([SAMPLE_THEN_MAP, WEIGHT_GRAD_EPILOGUE, SAMPLE_IN_GEMM])
+    assert auto == [WEIGHT_GRAD_EPILOGUE]
     key = shape_class("linear", 24, 40, 36, torch.float32, "Test GPU 80GB")
-    assert selector.choices == {key: DW_EPILOGUE}
-    assert selector.timings[key][DW_EPILOGUE] == 1.0
+    assert selector.choices == {key: WEIGHT_GRAD_EPILOGUE}
+    assert selector.timings[key][WEIGHT_GRAD_EPILOGUE] == 1.0
     # timing drew nothing from the generators beyond what the plain step draws
     torch.random.set_rng_state(rng_before)
-    with fusion():  # fixed sample-then-GEMM policy: nothing timed
+    with fusion():  # fixed sample-then-map policy: nothing timed
         want = _train_step(layer, 24)
-    assert auto[-1] == SAMPLE_THEN_GEMM and len(timer.calls) == 3
+    assert auto[-1] == SAMPLE_THEN_MAP and len(timer.calls) == 3
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_choice_is_cached_per_shape_class(auto):
     layer = BayesLinear(36, 40)
-    selector, timer = _selector({SAMPLE_THEN_GEMM: 1.0, DW_EPILOGUE: 2.0, SAMPLE_IN_GEMM: 3.0})
+    selector, timer = _selector({SAMPLE_THEN_MAP: 1.0, WEIGHT_GRAD_EPILOGUE: 2.0, SAMPLE_IN_GEMM: 3.0})
     with using_path_selector(selector):
         _train_step(layer, 20)
         assert len(timer.calls) == 3
@@ -107,19 +109,20 @@ def test_choice_is_cached_per_shape_class(auto):
         assert len(timer.calls) == 3
         _train_step(layer, 40)  # next bucket: timed again
         assert len(timer.calls) == 6
-    assert auto == [SAMPLE_THEN_GEMM] * 3
+    assert auto == [SAMPLE_THEN_MAP] * 3
     assert len(selector.choices) == 2
 
 
 def test_sample_in_gemm_is_not_a_candidate_for_many_rows():
-    assert SAMPLE_IN_GEMM in fusion_module.linear_candidates(1024, True)
-    assert fusion_module.linear_candidates(1025, True) == [SAMPLE_THEN_GEMM, DW_EPILOGUE]
-    assert fusion_module.linear_candidates(77, False) == [SAMPLE_THEN_GEMM, SAMPLE_IN_GEMM]
+    assert SAMPLE_IN_GEMM in fused.linear_candidates(1024, True)
+    assert list(fused.linear_candidates(1025, True)) == [SAMPLE_THEN_MAP, WEIGHT_GRAD_EPILOGUE]
+    assert list(fused.linear_candidates(77, False)) == [SAMPLE_THEN_MAP, SAMPLE_IN_GEMM]
+    assert all(fused.TRITON_PATHS[name] is path for name, path in fused.linear_candidates(8, True).items())
 
 
 def test_disk_cache_is_written_and_reused(auto, tmp_path):
     layer = BayesLinear(36, 40)
-    selector, _ = _selector({SAMPLE_THEN_GEMM: 3.0, DW_EPILOGUE: 2.0, SAMPLE_IN_GEMM: 1.0}, tmp_path)
+    selector, _ = _selector({SAMPLE_THEN_MAP: 3.0, WEIGHT_GRAD_EPILOGUE: 2.0, SAMPLE_IN_GEMM: 1.0}, tmp_path)
     with using_path_selector(selector):
         _train_step(layer, 8)
     (file,) = tmp_path.glob("fusion-paths-*.json")
@@ -150,26 +153,26 @@ def test_cache_dir_comes_from_the_environment(monkeypatch, tmp_path):
     "content", ["{not json", '{"format": 1}', "[1, 2]", "foreign-device", "old-triton", "bad-choices"]
 )
 def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(auto, tmp_path, content):
-    selector, timer = _selector({SAMPLE_THEN_GEMM: 1.0, DW_EPILOGUE: 2.0, SAMPLE_IN_GEMM: 3.0}, tmp_path)
+    selector, timer = _selector({SAMPLE_THEN_MAP: 1.0, WEIGHT_GRAD_EPILOGUE: 2.0, SAMPLE_IN_GEMM: 3.0}, tmp_path)
     file = selector.cache_file("Test GPU 80GB")
     key = shape_class("linear", 8, 40, 36, torch.float32, "Test GPU 80GB")
     header = {"format": 1, "device": "Test GPU 80GB", **path_timing.versions()}
     if content == "foreign-device":
-        content = json.dumps({**header, "device": "Other GPU", "choices": {key: DW_EPILOGUE}})
+        content = json.dumps({**header, "device": "Other GPU", "choices": {key: WEIGHT_GRAD_EPILOGUE}})
     elif content == "old-triton":
-        content = json.dumps({**header, "triton": "2.0.0", "choices": {key: DW_EPILOGUE}})
+        content = json.dumps({**header, "triton": "2.0.0", "choices": {key: WEIGHT_GRAD_EPILOGUE}})
     elif content == "bad-choices":
         content = json.dumps({**header, "choices": {key: 7}})
     file.write_text(content)
     with using_path_selector(selector), pytest.warns(UserWarning, match="ignoring the .*fusion path cache"):
         _train_step(BayesLinear(36, 40), 8)
-    assert len(timer.calls) == 3 and auto == [SAMPLE_THEN_GEMM]
-    assert json.loads(file.read_text())["choices"] == {key: SAMPLE_THEN_GEMM}  # replaced by a valid file
+    assert len(timer.calls) == 3 and auto == [SAMPLE_THEN_MAP]
+    assert json.loads(file.read_text())["choices"] == {key: SAMPLE_THEN_MAP}  # replaced by a valid file
 
 
 def test_nothing_is_timed_without_gradients(auto):
     layer = BayesLinear(36, 40)
-    selector, timer = _selector({SAMPLE_THEN_GEMM: 3.0, DW_EPILOGUE: 1.0, SAMPLE_IN_GEMM: 2.0})
+    selector, timer = _selector({SAMPLE_THEN_MAP: 3.0, WEIGHT_GRAD_EPILOGUE: 1.0, SAMPLE_IN_GEMM: 2.0})
     x = torch.randn(8, 36)
     with using_path_selector(selector), torch.no_grad(), bayeslayers.sampling(layer, seed=1):
         layer(x)
@@ -177,12 +180,12 @@ def test_nothing_is_timed_without_gradients(auto):
     with using_path_selector(selector):
         layer(x)
     assert timer.calls == [] and selector.choices == {}
-    assert auto == [SAMPLE_THEN_GEMM]  # the no-grad sampling forward; eval uses the means (no Bayesian op)
+    assert auto == [SAMPLE_THEN_MAP]  # the no-grad sampling forward; eval uses the means (no Bayesian op)
 
 
 def test_nothing_is_timed_while_torch_compile_traces(auto):
     layer = BayesLinear(36, 40)
-    selector, timer = _selector({SAMPLE_THEN_GEMM: 3.0, DW_EPILOGUE: 1.0, SAMPLE_IN_GEMM: 2.0})
+    selector, timer = _selector({SAMPLE_THEN_MAP: 3.0, WEIGHT_GRAD_EPILOGUE: 1.0, SAMPLE_IN_GEMM: 2.0})
     traced = []
 
     def step(x):
@@ -215,7 +218,7 @@ def test_default_may_time_needs_cuda_gradients_and_no_tracing(monkeypatch):
 
 def test_environment_overrides_measurement(auto, monkeypatch):
     layer = BayesLinear(36, 40)
-    selector, timer = _selector({SAMPLE_THEN_GEMM: 3.0, DW_EPILOGUE: 1.0, SAMPLE_IN_GEMM: 2.0})
+    selector, timer = _selector({SAMPLE_THEN_MAP: 3.0, WEIGHT_GRAD_EPILOGUE: 1.0, SAMPLE_IN_GEMM: 2.0})
     with using_path_selector(selector):
         monkeypatch.setenv("BAYESLAYERS_FUSION", "off")
         _train_step(layer, 8)
@@ -225,7 +228,7 @@ def test_environment_overrides_measurement(auto, monkeypatch):
         with fusion(weight_grad_epilogue=True):  # an explicit policy wins over auto
             assert fusion_mode() == "policy"
             _train_step(layer, 8)
-    assert auto == [SAMPLE_THEN_GEMM, SAMPLE_IN_GEMM, DW_EPILOGUE]
+    assert auto == [SAMPLE_THEN_MAP, SAMPLE_IN_GEMM, WEIGHT_GRAD_EPILOGUE]
     assert timer.calls == []
     monkeypatch.setenv("BAYESLAYERS_FUSION", "force:fastest")
     with pytest.raises(ValueError, match="BAYESLAYERS_FUSION must be 'auto', 'off' or 'force:<path>'"):
@@ -241,21 +244,21 @@ def test_lora_path_is_measured_and_matches(monkeypatch):
     b = torch.randn(40, 4, generator=g, requires_grad=True)
     selector, timer = _selector({FUSED_LORA: 1.0, UNFUSED_LORA: 2.0})
     with using_path_selector(selector):
-        y = fusion_module.apply_lora(x, w, bias, a, b, 0.5)
-        fusion_module.apply_lora(x, w, bias, a, b, 0.5)
+        y = fused.choose_lora_path(x, w, bias, a, b, 0.5)(x, w, bias, a, b, 0.5)
+        fused.choose_lora_path(x, w, bias, a, b, 0.5)(x, w, bias, a, b, 0.5)
     assert timer.calls == [FUSED_LORA, UNFUSED_LORA]
     assert list(selector.choices.values()) == [FUSED_LORA]
     assert a.grad is None and x.grad is None  # timing differentiated detached views
-    torch.testing.assert_close(y, fusion_module.unfused_lora(x, w, bias, a, b, 0.5), rtol=1e-5, atol=1e-5)
-    assert not fusion_module.fuses_lora(torch.device("cpu"))  # auto: measured only on CUDA
-    assert fusion_module.fuses_lora(torch.device("cuda"))
+    torch.testing.assert_close(y, fused.unfused_lora(x, w, bias, a, b, 0.5), rtol=1e-5, atol=1e-5)
+    assert not fuses_lora(torch.device("cpu"))  # auto: measured only on CUDA
+    assert fuses_lora(torch.device("cuda"))
     with fusion(fused_lora=False):
-        assert not fusion_module.fuses_lora(torch.device("cuda"))
+        assert not fuses_lora(torch.device("cuda"))
 
 
 def test_timing_does_not_touch_parameter_gradients(auto):
     layer = BayesLinear(36, 40)
-    selector, _ = _selector({SAMPLE_THEN_GEMM: 3.0, DW_EPILOGUE: 1.0, SAMPLE_IN_GEMM: 2.0})
+    selector, _ = _selector({SAMPLE_THEN_MAP: 3.0, WEIGHT_GRAD_EPILOGUE: 1.0, SAMPLE_IN_GEMM: 2.0})
     x = torch.randn(8, 36)
     with using_path_selector(selector), bayeslayers.sampling(layer, seed=1), warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -266,7 +269,7 @@ def test_timing_does_not_touch_parameter_gradients(auto):
 
 def test_first_call_inside_activation_checkpointing_is_timed_and_correct(auto):
     layer = BayesLinear(36, 40, init_sigma=0.05)
-    selector, timer = _selector({SAMPLE_THEN_GEMM: 3.0, DW_EPILOGUE: 2.0, SAMPLE_IN_GEMM: 1.0})
+    selector, timer = _selector({SAMPLE_THEN_MAP: 3.0, WEIGHT_GRAD_EPILOGUE: 2.0, SAMPLE_IN_GEMM: 1.0})
     x = torch.randn(8, 36, requires_grad=True)
     with using_path_selector(selector), bayeslayers.sampling(layer, seed=4):
         y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)

@@ -22,7 +22,7 @@ def test_dry_run_end_to_end(tmp_path):
     with open(tmp_path / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     full = {(r["op"], r["provider"]) for r in rows if r["mode"] == "full"}
-    for provider in ("triton", "triton:sample_then_gemm", "triton:sample_in_gemm", "triton:dw_epilogue"):
+    for provider in ("triton", "triton:sample_then_map", "triton:sample_in_gemm", "triton:weight_grad_epilogue"):
         assert ("linear", provider) in full
     assert ("lora", "triton:fused_lora") in full and ("conv2d", "bayesian-torch") in full
     assert {("unet", p) for p in gpu_check.DRY_RUN_UNET_PROVIDERS} <= full

@@ -13,7 +13,7 @@ from reference import (
     kl_reference,
     randomize_layer,
     relative_error,
-    sampled_weight,
+    sample_weight,
 )
 
 import bayeslayers
@@ -56,7 +56,7 @@ def test_layer_matches_float64_reference(poisoned, backend, dtype, tol, kind, di
     rho = layer.weight_rho.detach().double().requires_grad_(True)
     bias = layer.bias.detach().double().requires_grad_(True)
     x64 = x.detach().double().requires_grad_(True)
-    y64 = map64(x64, sampled_weight(mu, rho, eps), bias)
+    y64 = map64(x64, sample_weight(mu, rho, eps), bias)
     kl64 = kl_reference(mu, rho, layer.prior_mu, layer.prior_sigma, direction)
     ((y64 * upstream).sum() + KL_WEIGHT * kl64).backward()
 
@@ -101,7 +101,7 @@ def test_lora_matches_float64_reference(backend, kind, factors):
         mu = factor.weight_mu.detach().double().requires_grad_(True)
         rho = factor.weight_rho.detach().double().requires_grad_(True)
         eps = bayeslayers.materialize_eps(factor.fixed_seed, mu.shape)
-        return (mu, rho), sampled_weight(mu, rho, eps)
+        return (mu, rho), sample_weight(mu, rho, eps)
 
     (a_params, w_a), (b_params, w_b) = weight64(layer.lora_A), weight64(layer.lora_B)
     w_a = a_params if w_a is None else w_a

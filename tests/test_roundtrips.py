@@ -13,7 +13,7 @@ from reference import (
     randomize_bayesian_state,
     randomize_layer,
     relative_error,
-    sampled_weight,
+    sample_weight,
 )
 
 import bayeslayers
@@ -361,7 +361,7 @@ def test_to_deterministic_of_a_model_leaves_only_stock_modules():
 
 # sampling(seed)
 def _sample_of(layer, seed):
-    return sampled_weight(layer.weight_mu, layer.weight_rho, bayeslayers.materialize_eps(seed, layer.weight_mu.shape))
+    return sample_weight(layer.weight_mu, layer.weight_rho, bayeslayers.materialize_eps(seed, layer.weight_mu.shape))
 
 
 def test_sampling_gives_layers_of_one_shape_different_noise_and_each_the_same_across_calls():

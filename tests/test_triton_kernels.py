@@ -22,7 +22,7 @@ from reference import (
     randomize_layer,
     reference_normals,
     relative_error,
-    sampled_weight,
+    sample_weight,
 )
 
 import bayeslayers
@@ -215,7 +215,7 @@ def test_training_forward_uses_the_layer_seed_stream_and_frozen_posterior_still_
     y = layer(x)
     torch.manual_seed(31)
     seed = BACKENDS["triton"].layer_seed(layer.layer_id, torch.device("cpu"))
-    w = sampled_weight(layer.weight_mu, layer.weight_rho, philox_normal(seed, (7, 11)))
+    w = sample_weight(layer.weight_mu, layer.weight_rho, philox_normal(seed, (7, 11)))
     assert relative_error(y, F.linear(x.double(), w, layer.bias.double())) < 1e-5
     assert not torch.equal(layer(x), y)  # a fresh sample per training forward
 
@@ -296,7 +296,7 @@ def test_gpu_linear_at_sd_shapes_matches_float64(m, k, n, dtype):
     mu = layer.weight_mu.detach().double().requires_grad_(True)
     rho = layer.weight_rho.detach().double().requires_grad_(True)
     x64 = x.detach().double().requires_grad_(True)
-    y64 = F.linear(x64, sampled_weight(mu, rho, eps), layer.bias.detach().double())
+    y64 = F.linear(x64, sample_weight(mu, rho, eps), layer.bias.detach().double())
     kl64 = kl_reference(mu, rho, layer.prior_mu, layer.prior_sigma, "qp")
     ((y64 * upstream).sum() + KL_WEIGHT * kl64).backward()
     tol = 4 * TOLERANCE[dtype] if dtype != torch.float32 else 1e-3  # TF32 may be on for fp32 GEMMs

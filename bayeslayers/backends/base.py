@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_kernels = None
-
-
-def kernels_module():
-    """``bayeslayers.kernels``, imported on first use (``import bayeslayers`` stays light)."""
-    global _kernels
-    if _kernels is None:
-        import bayeslayers.kernels as kernels
-
-        _kernels = kernels
-    return _kernels
+import bayeslayers.kernels as kernels  # cheap: its names load on first use
 
 
 class Backend:
@@ -36,7 +26,7 @@ class Backend:
     def layer_seed(self, layer_id: int, device: torch.device) -> torch.Tensor:
         """A fresh seed (one-element int64 tensor on ``device``) for one sampling forward of layer ``layer_id``:
         a draw from ``device``'s default generator mixed with the id, so ``torch.manual_seed`` reproduces it."""
-        return kernels_module().device_layer_seed(layer_id, device)
+        return kernels.device_layer_seed(layer_id, device)
 
     def noise(self, seed, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """The float32 eps this backend draws for (seed, shape) on ``device``."""
@@ -67,19 +57,16 @@ class KernelBackend(Backend):
         """The backend's :class:`~bayeslayers.kernels.PosteriorKernels`."""
         raise NotImplementedError
 
-    def path(self, layer_map, x):
-        """The :class:`~bayeslayers.kernels.WeightPath` a call takes (sample-then-map unless overridden)."""
-        return self.sample_then_map()
-
-    def sample_then_map(self, weight_grad_epilogue: bool = False):
-        """The backend's sample-then-map path (one instance per option, built on first use)."""
-        paths = self.__dict__.setdefault("_sample_then_map", {})
-        if weight_grad_epilogue not in paths:
-            paths[weight_grad_epilogue] = kernels_module().SampleThenMap(self.kernels(), weight_grad_epilogue)
-        return paths[weight_grad_epilogue]
+    def weight_path(self, layer_map, x, posterior, bias, seed):
+        """The :class:`~bayeslayers.kernels.WeightPath` this call takes: sample-then-map over :meth:`kernels` (the
+        Triton backend chooses among its fused paths)."""
+        if "_sample_then_map" not in self.__dict__:  # one instance: compiled graphs guard on it
+            self._sample_then_map = kernels.SampleThenMap(self.kernels())
+        return self._sample_then_map
 
     def apply(self, layer_map, x, posterior, bias, seed):
-        return kernels_module().reparameterize(layer_map, x, posterior, bias, seed, self.path(layer_map, x))
+        path = self.weight_path(layer_map, x, posterior, bias, seed)
+        return kernels.reparameterize(layer_map, x, posterior, bias, seed, path)
 
     def sample_weight(self, posterior, seed, dtype):
-        return kernels_module().sampled_weight(posterior, seed, dtype, self.kernels())
+        return kernels.sample_weight(posterior, seed, dtype, self.kernels())

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import KernelBackend, kernels_module
+import bayeslayers.kernels as kernels
+
+from .base import KernelBackend
 
 
 class CppBackend(KernelBackend):
@@ -19,10 +21,10 @@ class CppBackend(KernelBackend):
     def unavailable_reason(self, device: torch.device) -> str:
         if device.type != "cpu":
             return "the C++ kernels run on CPU tensors only"
-        return kernels_module().cpu.unavailable_reason()
+        return kernels.cpu.unavailable_reason()
 
     def kernels(self):
-        return kernels_module().cpu.CPU_KERNELS
+        return kernels.cpu.CPU_KERNELS
 
     def noise(self, seed, shape, device):
-        return kernels_module().cpu.philox_normal(seed, shape).to(device)
+        return kernels.cpu.philox_normal(seed, shape).to(device)

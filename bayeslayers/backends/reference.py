@@ -9,15 +9,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import bayeslayers.kernels as kernels
+
 from ..kl import kl_elementwise
-from .base import Backend, kernels_module
+from .base import Backend
 
 
 class ReferenceBackend(Backend):
     name = "reference"
 
     def noise(self, seed, shape, device):
-        kernels = kernels_module()
         return kernels.torch_normal_op(kernels.seed_tensor(seed, torch.device("cpu")), list(shape), device)
 
     def sample_weight(self, posterior, seed, dtype):

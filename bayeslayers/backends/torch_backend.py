@@ -11,14 +11,16 @@ so eps, sigma and w never stay alive between forward and backward. Runs on any d
 
 from __future__ import annotations
 
-from .base import KernelBackend, kernels_module
+import bayeslayers.kernels as kernels
+
+from .base import KernelBackend
 
 
 class TorchBackend(KernelBackend):
     name = "torch"
 
     def kernels(self):
-        return kernels_module().TORCH_KERNELS
+        return kernels.TORCH_KERNELS
 
     def noise(self, seed, shape, device):
-        return kernels_module().torch_normal(seed, shape, device)
+        return kernels.torch_normal(seed, shape, device)

@@ -1,27 +1,29 @@
 """Triton backend: fused sample+KL and gradient kernels from ``bayeslayers.kernels``, and the fused GEMMs
-(sample-in-GEMM Linear, dW epilogue, LoRA in the base GEMM) where ``bayeslayers.kernels.paths.fusion`` chooses
-them (a fixed policy, ``BAYESLAYERS_FUSION``, or timed on the user's GPU).
+(sample-in-GEMM Linear, weight-gradient epilogue, LoRA in the base GEMM) where the fusion policy chooses them (a
+fixed policy, ``BAYESLAYERS_FUSION``, or timed on the user's GPU; ``bayeslayers/kernels/paths/``).
 
 Runs on CUDA, or on CPU when ``TRITON_INTERPRET=1`` was set before the kernels were imported. Seeds are
 one-element int64 tensors drawn on the weight's device (no host sync; CUDA-graph and torch.compile friendly;
 activation checkpointing restores the generator and so redraws the same seed). The eps stream is the Philox
-one documented in ``bayeslayers/kernels/philox.py``.
+one documented in ``bayeslayers/kernels/triton/philox.py``.
 """
 
 from __future__ import annotations
 
 import torch
 
+import bayeslayers.kernels as kernels
+from bayeslayers.kernels.paths.fusion import fuses_lora
+from bayeslayers.kernels.triton.interpreter import INTERPRETING, TRITON_INSTALLED
+
 from ..layer_maps import LinearMap
-from .base import KernelBackend, kernels_module
+from .base import KernelBackend
 
 
 class TritonBackend(KernelBackend):
     name = "triton"
 
     def unavailable_reason(self, device: torch.device) -> str:
-        from bayeslayers.kernels.triton.interpreter import INTERPRETING, TRITON_INSTALLED
-
         if not TRITON_INSTALLED:
             return "the 'triton' package is not installed"
         if device.type != "cuda" and not INTERPRETING:
@@ -29,23 +31,20 @@ class TritonBackend(KernelBackend):
         return ""
 
     def kernels(self):
-        return kernels_module().TRITON_KERNELS
+        return kernels.TRITON_KERNELS
 
     def noise(self, seed, shape, device):
-        return kernels_module().philox_normal(seed, shape, device)
+        return kernels.philox_normal(seed, shape, device)
 
-    def apply(self, layer_map, x, posterior, bias, seed):
-        # kernels/fusion.py picks the path (fixed policy, BAYESLAYERS_FUSION, or measured on CUDA) and runs it.
-        from bayeslayers.kernels.paths.fusion import apply_bayesian
+    def weight_path(self, layer_map, x, posterior, bias, seed):
+        from bayeslayers.kernels.paths.fused import choose_weight_path  # imports Triton: on first use
 
-        return apply_bayesian(layer_map, x, posterior, bias, seed, linear=isinstance(layer_map, LinearMap))
+        return choose_weight_path(layer_map, x, posterior, bias, seed, linear=isinstance(layer_map, LinearMap))
 
     def fuses_lora(self, device):
-        from bayeslayers.kernels.paths.fusion import fuses_lora
-
         return fuses_lora(device)
 
     def lora_linear(self, x, w, bias, a, b, scaling):
-        from bayeslayers.kernels.paths.fusion import apply_lora
+        from bayeslayers.kernels.paths.fused import choose_lora_path
 
-        return apply_lora(x, w, bias, a, b, scaling)
+        return choose_lora_path(x, w, bias, a, b, scaling)(x, w, bias, a, b, scaling)

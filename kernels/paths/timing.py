@@ -12,7 +12,7 @@ bayeslayers / Triton / torch versions; a corrupt or foreign file is ignored with
 
 Nothing is timed without gradients (eval), under torch.compile / jit tracing or CUDA-graph capture, or on
 devices other than CUDA (tests inject a timer and a device predicate through :class:`PathSelector`); such
-calls take a cached choice if there is one, else the sample-then-GEMM path.
+calls take a cached choice if there is one, else the sample-then-map path.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -34,6 +35,7 @@ CACHE_FORMAT = 1
 # do_bench budget per candidate (ms): a few ms each, once per shape class.
 WARMUP_MS, REPEAT_MS = 5, 20
 
+T = TypeVar("T")  # a path: a WeightPath, or a LoRA function
 Timer = Callable[[str, Callable[[], None]], float]  # (path name, one fwd+bwd step) -> seconds or ms
 
 
@@ -169,31 +171,31 @@ class PathSelector:
         dtype: torch.dtype,
         device: torch.device,
         needs_grad: bool,
-        candidates: Sequence[str],
-        make_step: Callable[[str], Callable[[], None]],
-        fallback: str,
-    ) -> str:
+        candidates: Mapping[str, T],
+        make_step: Callable[[T], Callable[[], None]],
+        fallback: T,
+    ) -> T:
         """The path for this call: the cached choice of its shape class; else, when the call may be timed,
-        the fastest of ``candidates`` (``make_step(path)`` returns one forward+backward on the real tensors);
-        else ``fallback`` (not cached)."""
+        the fastest of ``candidates`` (name -> path; ``make_step(path)`` returns one forward+backward on the real
+        tensors); else ``fallback`` (not cached). Choices are cached by name."""
         if torch.compiler.is_compiling():  # traced: no timing, no file access; the choice made in eager or none
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
             chosen = self.choices.get(shape_class(op, rows, n, k, dtype, name))
-            return chosen if chosen in candidates else fallback
+            return candidates.get(chosen, fallback)
         name = self.device_name(device)
         key = shape_class(op, rows, n, k, dtype, name)
         cached = self.cached(key, device)
         if cached in candidates:
-            return cached
+            return candidates[cached]
         if len(candidates) == 1:
-            return candidates[0]
+            return next(iter(candidates.values()))
         if not self.may_time(device, needs_grad):
             return fallback
-        times = {path: float(self.timer(path, make_step(path))) for path in candidates}
+        times = {path: float(self.timer(path, make_step(candidates[path]))) for path in candidates}
         best = min(candidates, key=lambda path: times[path])
         self.choices[key], self.timings[key] = best, times
         self._save(name)
-        return best
+        return candidates[best]
 
 
 _selector = PathSelector()
