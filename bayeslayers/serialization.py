@@ -83,7 +83,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     An unconverted model is first converted exactly as the saved one was (same layers, same options). A
     converted model must have the same Bayesian layers, types and shapes: the first mismatch raises a
-    ValueError naming it.
+    ValueError naming it, as does a tensor holding NaN or inf.
     """
     header = read_metadata(path)
     layers = header["layers"]
@@ -120,6 +120,12 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     )
             module.apply_options(entry["options"])  # first: the prior buffer takes the saved dtype, no rounding
             for key, target in _layer_state(module).items():
+                tensor = handle.get_tensor(f"{name}.{key}")
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ValueError(
+                        f"load: {os.fspath(path)!r} holds non-finite values (NaN or inf) in {name}.{key}; the "
+                        "checkpoint is corrupt or was saved from a diverged run"
+                    )
                 with torch.no_grad():
-                    target.copy_(handle.get_tensor(f"{name}.{key}"))
+                    target.copy_(tensor)
     return model

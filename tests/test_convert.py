@@ -1,8 +1,11 @@
-"""convert / to_deterministic / save / load on a diffusers UNet2DConditionModel, and target semantics."""
+"""convert: a diffusers UNet2DConditionModel trained, saved, restored and exported; target semantics; the
+argument checks; new layers starting like the plain layers they replace."""
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from mixed_model import Mixed
 from tiny_models import tiny_unet, unet_inputs
 
 import bayeslayers
@@ -72,46 +75,6 @@ def test_unet_training_export_and_checkpoint_round_trip(mode, tmp_path):
     assert all(type(m).__module__.startswith(("torch", "diffusers")) for m in plain.modules())
     with torch.no_grad():
         torch.testing.assert_close(_out(plain, inputs), bayes_eval, rtol=1e-5, atol=1e-6)
-
-
-def test_load_into_mismatched_model_names_the_first_mismatch(tmp_path):
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    bayeslayers.convert(model, target_modules=["0", "2"])
-    path = tmp_path / "m.safetensors"
-    bayeslayers.save(model, path)
-
-    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    bayeslayers.convert(other, target_modules=["0", "2"])
-    with pytest.raises(ValueError, match=r"2\.weight_mu has shape \(3, 8\) in the model but \(2, 8\)"):
-        bayeslayers.load(other, path)
-
-    partial = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    bayeslayers.convert(partial, target_modules=["0"])
-    with pytest.raises(ValueError, match="checkpoint layer '2' is not a Bayesian layer"):
-        bayeslayers.load(partial, path)
-
-    lora = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    bayeslayers.convert(lora, target_modules=["0", "2"], mode="lora")
-    with pytest.raises(ValueError, match="'lora_linear' in the model but 'linear'"):
-        bayeslayers.load(lora, path)
-
-    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.safetensors' is not a readable safetensors file"):
-        bayeslayers.load(model, tmp_path / "bad.safetensors")
-
-
-def test_save_keeps_the_previous_checkpoint_when_it_fails(tmp_path):
-    model = nn.Sequential(nn.Linear(4, 8))
-    bayeslayers.convert(model, target_modules=["0"])
-    path = tmp_path / "m.safetensors"
-    bayeslayers.save(model, path)
-    before = path.read_bytes()
-    with torch.no_grad():
-        model[0].weight_rho[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="weight_rho of layer '0' holds NaN"):
-        bayeslayers.save(model, path)
-    assert path.read_bytes() == before
-    assert list(tmp_path.iterdir()) == [path]
 
 
 class Net(nn.Module):
@@ -222,3 +185,56 @@ def test_layers_built_directly_get_distinct_noise_ids():
     assert len({a.layer_id, b.layer_id, lora.lora_A.layer_id, lora.lora_B.layer_id}) == 4
     with bayeslayers.sampling(nn.ModuleList([a, b]), seed=3):
         assert a.fixed_seed != b.fixed_seed
+
+
+def test_new_layers_start_like_the_plain_layers_they_replace():
+    torch.manual_seed(0)
+    for layer, fan_in in ((bayeslayers.BayesLinear(300, 200), 300), (bayeslayers.BayesConv2d(30, 200, 3), 270)):
+        bound = 1 / fan_in**0.5  # nn.Linear / nn.Conv2d: kaiming_uniform(a=sqrt(5)) and the same bias bound
+        for tensor in (layer.weight_mu, layer.bias):
+            assert 0.98 * bound < float(tensor.detach().abs().max()) <= bound
+    lora = bayeslayers.BayesLoRALinear(nn.Linear(300, 20), rank=64, bayesian_factors="AB", prior_sigma=0.2)
+    assert 0.98 / 300**0.5 < float(lora.lora_A.weight_mu.detach().abs().max()) <= 1 / 300**0.5
+    torch.testing.assert_close(lora.lora_A.prior_mu, lora.lora_A.weight_mu, rtol=0, atol=0)  # prior at A's start
+    assert lora.lora_B.prior_mu is None and not bool(lora.lora_B.weight_mu.any())
+    assert lora.lora_alpha == 64.0 and lora.scaling == 1.0
+    assert not any(p.requires_grad for p in lora.base_layer.parameters())
+    frozen_bias = nn.Linear(4, 3)
+    frozen_bias.bias.requires_grad_(False)
+    converted = bayeslayers.BayesLinear.from_module(frozen_bias)
+    assert not converted.bias.requires_grad and converted.weight_mu.requires_grad
+    assert not bayeslayers.BayesConv2d.from_module(nn.Conv2d(2, 2, 1, bias=False)).bias
+    one_d = bayeslayers.BayesLinear(4, 3).eval()
+    x = torch.randn(4)
+    torch.testing.assert_close(one_d(x), F.linear(x, one_d.weight_mu, one_d.bias))
+    conv = bayeslayers.BayesConv2d(2, 4, 3, stride=2, padding=1, dilation=2, groups=2, bias=False)
+    assert repr(conv).startswith(
+        "BayesConv2d(2, 4, kernel_size=(3, 3), stride=(2, 2), padding=1, dilation=(2, 2), "
+        "groups=2, padding_mode=zeros, bias=False, prior_mean=zero, prior_sigma=0.01"
+    )
+    assert "in_features=4, out_features=3, bias=True, prior_mean=zero" in repr(one_d)
+    assert "rank=64, lora_alpha=64.0, bayesian_factors='AB'" in repr(lora)
+
+
+def test_convert_checks_its_arguments():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        bayeslayers.convert({"a": 1}, target_modules=["a"])
+    with pytest.raises(ValueError, match="convert needs target_modules or a preset"):
+        bayeslayers.convert(Mixed())
+    with pytest.raises(TypeError, match="config must be a bayeslayers.BayesConfig, got dict"):
+        bayeslayers.convert(Mixed(), config={"target_modules": ["a"]})
+    many = nn.Sequential(*[nn.Linear(2, 2) for _ in range(10)])
+    with pytest.raises(ValueError, match=r"candidates include: '0', '1', '2', '3', '4', '5', '6', '7'$"):
+        bayeslayers.convert(many, target_modules=["x"])
+    with pytest.raises(ValueError, match=r"matched no convertible module \(Linear/Conv2d\) in mode 'full'"):
+        bayeslayers.convert(many, target_modules=["x"])
+    model = bayeslayers.convert(
+        Mixed(),
+        target_modules=["a"],
+        exclude_modules=["b"],
+        config=bayeslayers.BayesConfig(target_modules=["b"], prior_sigma=0.3),
+    )
+    assert [n for n, _ in bayeslayers.bayesian_modules(model)] == ["a"] and model.a.prior_sigma == 0.3
+    layer = bayeslayers.BayesLinear.from_module(nn.Linear(3, 2))
+    plain = bayeslayers.to_deterministic(layer)
+    assert type(plain) is nn.Linear and torch.equal(plain.weight, layer.weight_mu)
