@@ -3,7 +3,7 @@
     python -m benchmarks.kernel_throughput [--sizes 1638400,6553600] [--repeats 15] [--out benchmarks/results/]
 
 A stream probe (torch copy of a 256 MiB float32 array: read + write) gives the bandwidth; each kernel of the
-``cpp`` backend (``kernels/cpu.py``) is timed on preallocated tensors and reported in ns per weight, next to the
+``cpp`` backend (``kernels/cpu/``) is timed on preallocated tensors and reported in ns per weight, next to the
 floor its bytes set at that bandwidth (``floor_fraction`` = floor / time: 1.0 is memory-bound at the probe's
 speed). Bytes per weight: sample + KL reads mu, rho, prior and writes w (16); the gradient pass reads d_w, mu,
 rho, prior and writes d_mu, d_rho, w (28); eps alone writes 4. Medians of ``--repeats`` calls, probe and kernels

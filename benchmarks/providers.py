@@ -6,7 +6,7 @@ package's LinearReparameterization / Conv2dReparameterization), then every other
 (``torch``: seed-regenerating autograd Function; ``triton``: GPU kernels; any backend registered later), then
 the Triton backend with one path forced (``triton:sample_then_map``, ``triton:sample_in_gemm`` and
 ``triton:weight_grad_epilogue`` for linear and the UNet, ``triton:fused_lora`` for lora) next to ``triton``, whose
-paths are chosen by measurement on CUDA (kernels/fusion.py).
+paths are chosen by measurement on CUDA (kernels/paths/fusion.py).
 
 Every Bayesian provider gets the same posterior and prior: mean = the plain layer's weight, sigma = 0.01
 (softplus(rho)), prior N(plain weight, 0.01^2) (LoRA factors: bayeslayers' defaults). A step module returns
@@ -30,7 +30,7 @@ SIGMA = 0.01
 RHO = math.log(math.expm1(SIGMA))
 BAYESIAN_TORCH_OPS = ("linear", "conv2d", "unet")
 # provider -> (op it applies to, fixed fusion policy of the triton backend); plain ``triton`` measures the paths
-# on CUDA and keeps the fastest per shape (kernels/fusion.py), the others force one path. The linear paths also
+# on CUDA and keeps the fastest per shape (kernels/paths/fusion.py), the others force one path. The linear paths also
 # apply to the UNet step.
 FUSED_PROVIDERS = {
     "triton:sample_then_map": ("linear", {"sample_in_gemm_max_rows": 0}),

@@ -56,7 +56,7 @@ OPS_SAMPLE_KL = OPS_SAMPLE + 45
 OPS_GRAD = OPS_EPS + 20 + 14 + 35 + 6
 ADAM_BYTES = 28  # AdamW per fp32 parameter: read p, grad, m, v; write p, m, v
 ADAM_OPS = 12
-SAMPLE_IN_GEMM_BLOCK_M = 128  # largest BLOCK_M of kernels/config.SAMPLED_GEMM_SHAPES: fewest weight regenerations
+SAMPLE_IN_GEMM_BLOCK_M = 128  # largest BLOCK_M of triton/config.SAMPLED_GEMM_SHAPES: fewest weight regenerations
 COMPUTE = 2  # bf16 autocast
 
 
@@ -179,7 +179,7 @@ def adam_posterior(nk) -> Kernel:
 
 
 def bayesian_linear(m, n, k, path, prior_bytes) -> list[Kernel]:
-    """Kernels of a Bayesian Linear's training step on ``path`` (kernels/fusion.py's names)."""
+    """Kernels of a Bayesian Linear's training step on ``path`` (kernels/paths/fusion.py's names)."""
     nk = n * k
     forward_gemm = _gemm("y = x w^T", "forward", m, n, k, "x", "w", "y")
     dx_gemm = _gemm("dx = dy w", "backward", m, k, n, "dy", "w", "dx")

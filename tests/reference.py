@@ -35,7 +35,7 @@ def relative_error(actual, expected):
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 
 
-# Philox4x32-10 and the eps stream of the RNG contract (kernels/philox.py), independently in numpy.
+# Philox4x32-10 and the eps stream of the RNG contract (kernels/triton/philox.py), independently in numpy.
 MASK32 = np.uint64(0xFFFFFFFF)
 
 
@@ -52,7 +52,7 @@ def philox4x32_10(counters, key):
 
 
 def reference_normals(seed, numel):
-    """eps per the RNG contract in kernels/philox.py, in numpy (float32 uniforms, float64 transcendentals)."""
+    """eps per the RNG contract in kernels/triton/philox.py, in numpy (float32 uniforms, float64 transcendentals)."""
     seed &= (1 << 64) - 1
     groups = (numel + 3) // 4
     counters = np.zeros((groups, 4), dtype=np.uint64)

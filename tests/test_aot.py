@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the Triton kernels for real GPU targets (no GPU needed).
 
-``bayeslayers.kernels.aot`` runs in a subprocess without TRITON_INTERPRET (conftest sets it for this process,
+``tools/aot.py`` runs in a subprocess without TRITON_INTERPRET (conftest sets it for this process,
 and the interpreter replaces ``@triton.jit``). The default run compiles one launch per kernel with every
 autotune config for sm_80 and sm_90; ``-m aot_full`` compiles the whole matrix for the four targets.
 """

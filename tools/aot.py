@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every Triton kernel for real GPU targets, on any machine (no GPU needed).
 
-    python -m bayeslayers.kernels.aot [--subset default|full] [--targets sm_80,sm_90] [--csv PATH]
+    python -m tools.aot [--subset default|full] [--targets sm_80,sm_90] [--csv PATH]
 
 The launches come from the library itself: each kernel wrapper (``sample_weight_and_kl``, ``sampled_matmul``,
 ...) is called on meta tensors with the options the layers pass, and the kernel launch it makes is captured

@@ -60,17 +60,12 @@ def _gemm_config_list(shapes) -> list[triton.Config]:
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Every config the autotuner may pick compiles for sm_80, sm_86,
-# sm_89 and sm_90 without local memory and within each target's shared memory (``python -m
-# bayeslayers.kernels.aot``; benchmarks/results/aot_compile.csv). Each GEMM has a list for bf16/fp16 operands
-# and one for float32 operands (IEEE dots run on FMA units with every operand in registers, TF32 tiles take
-# twice the shared memory), chosen per launch by ``prune_gemm_configs``.
-#
-# Sample-in-GEMM (sampled_matmul.py): each weight tile [BLOCK_N, BLOCK_K] is drawn in registers (Philox +
-# Box-Muller per element) every K step, so the tile holds at most 8 elements per thread: 16 and more spilled
-# 0.3-2.4 KB per thread at 255 registers (e.g. 64x128x32 / 4 warps, 32x128x64 / 4 warps). At most 3 stages:
-# the float32 mu and rho tiles are pipelined through shared memory, and 4 stages of 128x64 fp32 tiles needed
-# 220-245 KB (over every target's limit). BLOCK_M is the few rows of x this path is for. float32: 64x64x32 and
-# 128x64x32 spilled 8-40 B on sm_80.
+# sm_89 and sm_90 without local memory and within each target's shared memory (``make aot``); each GEMM has one
+# list for bf16/fp16 operands and one for float32, chosen per launch by ``prune_gemm_configs``. The compile
+# results behind each list are in docs/kernels.md ("Autotune configs: why these").
+
+# Sample-in-GEMM: at most 8 weight elements per thread and 3 stages (larger tiles spilled or overflowed shared
+# memory).
 SAMPLED_GEMM_SHAPES = [
     (16, 64, 32, 8, 3),
     (32, 64, 32, 8, 3),
@@ -80,8 +75,7 @@ SAMPLED_GEMM_SHAPES = [
     (64, 128, 16, 8, 3),
     (16, 64, 16, 4, 3),
 ]
-# 16x128x16 / 8 warps spilled 8 B on sm_80 in the input gradient at unaligned sizes: not used there.
-SAMPLED_UNALIGNED_EXCLUDED = [(16, 128, 16, 8, 3)]
+SAMPLED_UNALIGNED_EXCLUDED = [(16, 128, 16, 8, 3)]  # spilled in the input gradient at unaligned sizes
 FP32_SAMPLED_GEMM_SHAPES = [
     (16, 64, 32, 8, 3),
     (32, 64, 32, 8, 3),
@@ -89,12 +83,7 @@ FP32_SAMPLED_GEMM_SHAPES = [
     (64, 128, 16, 8, 3),
     (16, 64, 16, 4, 3),
 ]
-# dW GEMM with the reparameterization epilogue (weight_grad_gemm.py): BLOCK_M is the reduction; the epilogue
-# holds dW, mu, rho, sigma and eps of a [BLOCK_N, BLOCK_K] tile at once, so the tile is at most 16 elements per
-# thread (32 spilled: 64x128x32 / 4 warps, 64x64x64 / 4 warps; 64 per thread spilled 2.5-6.9 KB; 64x128x32 /
-# 8 warps still spilled 32 B on sm_86/sm_89). 128x128x32 spilled 8 B on sm_90 when N or K is not a multiple of
-# 16 (unaligned loads): not used there. float32: every tile of 64x64 and more spilled 24 B-6.4 KB or needed
-# 128-240 KB of shared memory (TF32): small tiles only.
+# Weight-gradient GEMM with the reparameterization epilogue: at most 16 epilogue elements per thread.
 WEIGHT_GRAD_GEMM_SHAPES = [
     (128, 128, 32, 8, 3),
     (128, 64, 32, 4, 4),
@@ -103,11 +92,8 @@ WEIGHT_GRAD_GEMM_SHAPES = [
     (64, 64, 32, 4, 3),
 ]
 FP32_WEIGHT_GRAD_GEMM_SHAPES = [(64, 64, 32, 8, 2), (32, 64, 32, 8, 3), (64, 32, 32, 4, 3), (32, 32, 64, 4, 3)]
-WEIGHT_GRAD_UNALIGNED_EXCLUDED = [(128, 128, 32, 8, 3)]
-# Plain GEMM tiles (lora_matmul.py): no generated operand. With 4 warps, 64x64 and larger tiles spilled 8-376 B
-# at unaligned sizes (masked scalar loads; 128x64x32, 64x128x32, 64x64x64, 32x128x64, 16x128x64, 16x64x128),
-# and 4 stages of 128-wide fp32 tiles needed 121-134 KB of shared memory (over sm_86/sm_89's 99 KB): 8 warps
-# for the large tiles, 3 stages. float32: every tile of 64x64 and more spilled 16-784 B.
+WEIGHT_GRAD_UNALIGNED_EXCLUDED = [(128, 128, 32, 8, 3)]  # spilled on sm_90 at unaligned sizes
+# Plain GEMM tiles (LoRA): 8 warps for the large tiles, 3 stages (4 warps spilled, 4 stages overflowed sm_86/89).
 GEMM_SHAPES = [
     (128, 128, 32, 8, 3),
     (128, 64, 32, 8, 3),
