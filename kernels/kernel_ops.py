@@ -27,14 +27,14 @@ Tensor = torch.Tensor
 class PosteriorKernels(NamedTuple):
     """The operators of one implementation, called with a :class:`Posterior` by ``reparameterized.py``.
 
-    ``linear_weight_grad`` (the dW GEMM with the reparameterization epilogue) and ``sampled_matmul``
+    ``weight_grad_gemm`` (the dW GEMM with the reparameterization epilogue) and ``sampled_matmul``
     (sample-in-GEMM) exist for the Triton kernels only; ``reparameterization_grad_into_d_w`` (the gradient pass
     writing d_mu over a d_w of d_mu's dtype, returning ``(d_rho, w)``) for the C++ and plain-torch kernels.
     """
 
     sample_weight_op: Callable
     reparameterization_grad_op: Callable
-    linear_weight_grad_op: Optional[Callable] = None
+    weight_grad_gemm_op: Optional[Callable] = None
     sampled_matmul_op: Optional[Callable] = None
     reparameterization_grad_into_d_w_op: Optional[Callable] = None
     param_dtypes: tuple = (torch.float32,)  # dtypes of mu and rho the kernels take

@@ -58,8 +58,8 @@ class SampleThenMap(WeightPath):
     """Sample the weight in one pass, then the deterministic map (see the module docstring)."""
 
     def __init__(self, kernels: PosteriorKernels, weight_grad_epilogue: bool = False):
-        if weight_grad_epilogue and kernels.linear_weight_grad_op is None:
-            raise ValueError("weight_grad_epilogue=True needs kernels with a linear_weight_grad operator")
+        if weight_grad_epilogue and kernels.weight_grad_gemm_op is None:
+            raise ValueError("weight_grad_epilogue=True needs kernels with a weight_grad_gemm operator")
         self.kernels, self.weight_grad_epilogue = kernels, weight_grad_epilogue
 
     def forward(self, layer_map, x, posterior, bias, seed):
@@ -73,9 +73,7 @@ class SampleThenMap(WeightPath):
         if self.weight_grad_epilogue and dy is not None and need_weight:
             dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
             mu, rho, prior_mu, prior_sigma, kl_direction = posterior
-            d_mu, d_rho = kernels.linear_weight_grad_op(
-                dy2, x2, mu, rho, prior_mu, seed, dkl, prior_sigma, kl_direction
-            )
+            d_mu, d_rho = kernels.weight_grad_gemm_op(dy2, x2, mu, rho, prior_mu, seed, dkl, prior_sigma, kl_direction)
             d_bias = dy2.sum(0) if need_bias else None
             need_weight = need_bias = False  # done
         if dy is not None and (need_weight or need_bias):
@@ -97,8 +95,8 @@ class SampleInGemm(WeightPath):
     """Linear only: weight tiles built inside the forward and dx GEMMs, d_mu / d_rho in the dW epilogue."""
 
     def __init__(self, kernels: PosteriorKernels):
-        if kernels.sampled_matmul_op is None or kernels.linear_weight_grad_op is None:
-            raise ValueError("SampleInGemm needs kernels with sampled_matmul and linear_weight_grad operators")
+        if kernels.sampled_matmul_op is None or kernels.weight_grad_gemm_op is None:
+            raise ValueError("SampleInGemm needs kernels with sampled_matmul and weight_grad_gemm operators")
         self.kernels = kernels
 
     def forward(self, layer_map, x, posterior, bias, seed):
@@ -115,7 +113,7 @@ class SampleInGemm(WeightPath):
             dx = self.kernels.sampled_matmul_op(dy2, mu, rho, None, seed, None, False, 1.0, "qp", False)[0]
             dx = dx.reshape(x.shape)
         if needs.weight and dy is not None:
-            d_mu, d_rho = self.kernels.linear_weight_grad_op(
+            d_mu, d_rho = self.kernels.weight_grad_gemm_op(
                 dy2, x.reshape(-1, x.shape[-1]), mu, rho, prior_mu, seed, dkl, prior_sigma, kl_direction
             )
         elif needs.weight and dkl is not None:  # only the KL was used

@@ -19,7 +19,7 @@ from bayeslayers.kernels import FusionPolicy, fusion, fusion_policy, philox_norm
 from bayeslayers.kernels.triton.gemm_tiles import tile_layout
 from bayeslayers.kernels.triton.lora_matmul import lora_matmul
 from bayeslayers.kernels.triton.sampled_matmul import sampled_matmul
-from bayeslayers.kernels.triton.weight_grad_gemm import reparameterized_weight_grad
+from bayeslayers.kernels.triton.weight_grad_gemm import weight_grad_gemm
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -130,7 +130,7 @@ def test_weight_grad_epilogue_matches_float64_autograd(poisoned, dtype, shape, p
     mu, rho, prior = posterior(n_out, n_in, prior_dtype)
     dy, x = randn(rows, n_out, dtype=dtype), randn(rows, n_in, dtype=dtype, seed=3)
     g = None if g_kl is None else torch.tensor([g_kl], device=DEVICE)
-    d_mu, d_rho = reparameterized_weight_grad(dy, x, mu, rho, prior, seed_tensor(SEED, DEVICE), g, 0.07, direction)
+    d_mu, d_rho = weight_grad_gemm(dy, x, mu, rho, prior, seed_tensor(SEED, DEVICE), g, 0.07, direction)
     d_w = dy.cpu().double().t() @ x.cpu().double()
     prior64 = None if prior is None else prior.cpu()
     _, _, d_mu64, d_rho64 = kl_and_grads64(
@@ -145,8 +145,8 @@ def test_weight_grad_epilogue_reads_strided_inputs():
     rows, n_out, n_in = GEMM_SHAPES[0]
     mu, rho, prior = posterior(n_out, n_in)
     dy, x = randn(n_out, rows).t(), randn(n_in, rows, seed=3).t()  # column-major views
-    got = reparameterized_weight_grad(dy, x, mu, rho, prior, seed_tensor(SEED, DEVICE), None, 0.07, "qp")
-    want = reparameterized_weight_grad(
+    got = weight_grad_gemm(dy, x, mu, rho, prior, seed_tensor(SEED, DEVICE), None, 0.07, "qp")
+    want = weight_grad_gemm(
         dy.contiguous(), x.contiguous(), mu, rho, prior, seed_tensor(SEED, DEVICE), None, 0.07, "qp"
     )
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -184,7 +184,7 @@ def fused_calls(monkeypatch):
     import bayeslayers.kernels.triton.triton_ops as triton_ops
 
     calls = []
-    for name in ("sampled_matmul", "reparameterized_weight_grad", "lora_matmul"):
+    for name in ("sampled_matmul", "weight_grad_gemm", "lora_matmul"):
         launch = getattr(triton_ops, name)
         monkeypatch.setattr(
             triton_ops, name, lambda *a, _launch=launch, _name=name, **k: calls.append(_name) or _launch(*a, **k)
@@ -218,8 +218,8 @@ def _assert_same_step(got, want, dtype):
 @pytest.mark.parametrize(
     "policy,kernels",
     [
-        ({"sample_in_gemm_max_rows": 10**9}, ["sampled_matmul", "sampled_matmul", "reparameterized_weight_grad"]),
-        ({"weight_grad_epilogue": True}, ["reparameterized_weight_grad"]),
+        ({"sample_in_gemm_max_rows": 10**9}, ["sampled_matmul", "sampled_matmul", "weight_grad_gemm"]),
+        ({"weight_grad_epilogue": True}, ["weight_grad_gemm"]),
     ],
 )
 def test_bayes_linear_fused_paths_agree_with_sample_then_map(fused_calls, dtype, policy, kernels):

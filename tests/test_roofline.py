@@ -73,7 +73,7 @@ def test_byte_model_matches_the_kernel_arguments(layers, name):
     from bayeslayers.kernels.triton.reparam_grad import reparameterization_grad
     from bayeslayers.kernels.triton.sample_kl import sample_weight_and_kl
     from bayeslayers.kernels.triton.sampled_matmul import sampled_matmul
-    from bayeslayers.kernels.triton.weight_grad_gemm import reparameterized_weight_grad
+    from bayeslayers.kernels.triton.weight_grad_gemm import weight_grad_gemm
 
     layer = next(layer for layer in layers if layer.name == name)
     m, n, k, prior_bytes = layer.m, layer.n, layer.k, layer.prior_bytes
@@ -103,7 +103,7 @@ def test_byte_model_matches_the_kernel_arguments(layers, name):
     _assert_model_matches(
         kernels["weight_grad (dW epilogue)"],
         _launch_bytes(
-            lambda: reparameterized_weight_grad(
+            lambda: weight_grad_gemm(
                 _meta(m, n, dtype=BF16), _meta(m, k, dtype=BF16), mu, mu, p, seed, _meta(1), 0.01, "qp"
             )
         ),

@@ -274,11 +274,11 @@ class _GemmCase:
             sampled_matmul(self._t(self.m, self.n), mu, mu, seed, transpose_weight=False)
 
     def weight_grad(self):
-        from bayeslayers.kernels.triton.weight_grad_gemm import reparameterized_weight_grad
+        from bayeslayers.kernels.triton.weight_grad_gemm import weight_grad_gemm
 
         mu, prior, seed = self._weights()
         with _tf32(self.tf32):
-            reparameterized_weight_grad(
+            weight_grad_gemm(
                 self._t(self.m, self.n), self._t(self.m, self.k), mu, mu, prior, seed, _meta(1), 0.01, self.direction
             )
 

@@ -4,7 +4,7 @@ The sample/gradient pair follows the schemas of ``kernel_ops.py``; the fused GEM
 
   sampled_matmul(a, mu, rho, prior_mu?, seed, bias?, transpose_weight, prior_sigma, kl_direction, with_kl)
       -> (out [M, N or K] a.dtype, kl [] float32, or [0] when with_kl is False)
-  reparameterized_weight_grad(dy, x, mu, rho, prior_mu?, seed, g_kl?, prior_sigma, kl_direction)
+  weight_grad_gemm(dy, x, mu, rho, prior_mu?, seed, g_kl?, prior_sigma, kl_direction)
       -> (d_mu [N, K] float32, d_rho [N, K] float32)
   lora_matmul(x, w, a, b, scaling, bias?) -> out [M, N] x.dtype
 
@@ -24,7 +24,7 @@ from .lora_matmul import lora_matmul
 from .reparam_grad import reparameterization_grad
 from .sample_kl import sample_weight_and_kl
 from .sampled_matmul import sampled_matmul
-from .weight_grad_gemm import reparameterized_weight_grad
+from .weight_grad_gemm import weight_grad_gemm
 
 Tensor = torch.Tensor
 
@@ -62,8 +62,8 @@ def _(a, mu, rho, prior_mu, seed, bias, transpose_weight, prior_sigma, kl_direct
     return out, mu.new_empty(() if with_kl else (0,), dtype=torch.float32)
 
 
-@torch.library.custom_op("bayeslayers::reparameterized_weight_grad", mutates_args=())
-def reparameterized_weight_grad_op(
+@torch.library.custom_op("bayeslayers::weight_grad_gemm", mutates_args=())
+def weight_grad_gemm_op(
     dy: Tensor,
     x: Tensor,
     mu: Tensor,
@@ -74,10 +74,10 @@ def reparameterized_weight_grad_op(
     prior_sigma: float,
     kl_direction: str,
 ) -> tuple[Tensor, Tensor]:
-    return reparameterized_weight_grad(dy, x, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction)
+    return weight_grad_gemm(dy, x, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction)
 
 
-@reparameterized_weight_grad_op.register_fake
+@weight_grad_gemm_op.register_fake
 def _(dy, x, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction):
     return torch.empty_like(mu, dtype=torch.float32), torch.empty_like(mu, dtype=torch.float32)
 
@@ -96,6 +96,6 @@ TRITON_KERNELS = register_posterior_kernels(
     "",
     sample_weight_and_kl,
     reparameterization_grad,
-    linear_weight_grad_op=reparameterized_weight_grad_op,
+    weight_grad_gemm_op=weight_grad_gemm_op,
     sampled_matmul_op=sampled_matmul_op,
 )

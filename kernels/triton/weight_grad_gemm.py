@@ -106,7 +106,7 @@ def _weight_grad_kernel(
     )
 
 
-def reparameterized_weight_grad(dy, x, mu, rho, prior_mu, seed, g_kl, prior_sigma: float, kl_direction: str):
+def weight_grad_gemm(dy, x, mu, rho, prior_mu, seed, g_kl, prior_sigma: float, kl_direction: str):
     """Returns ``(d_mu, d_rho)`` (float32, mu's shape [N, K]) for y = x @ w^T, w = mu + softplus(rho) * eps(seed).
 
     dy: [M, N] and x: [M, K] in the compute dtype, any strides; g_kl: the KL's upstream gradient (one
