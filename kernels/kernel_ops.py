@@ -1,8 +1,8 @@
 """The two posterior kernels of one implementation as ``torch.library`` operators (``torch.ops.bayeslayers.*``).
 
 torch.compile treats each operator as one opaque call with known output shapes, so converted layers trace
-without graph breaks. The Triton kernels (``triton_ops.py``), their C++ CPU twins (``cpu.py``) and the
-plain-torch implementation (``torch_ops.py``) register the same two schemas under different prefixes:
+without graph breaks. The Triton kernels (``triton/triton_ops.py``), their C++ CPU twins (``cpu/``) and the
+plain-torch implementation (``torch_impl.py``) register the same two schemas under different prefixes:
 
   {prefix}sample_weight(mu, rho, prior_mu?, seed, prior_sigma, kl_direction, out_dtype, with_kl)
       -> (w [W] out_dtype, kl [] float32, or [0] when with_kl is False)

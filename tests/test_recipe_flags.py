@@ -8,6 +8,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from tiny_models import recipe_argv
 
 from bayeslayers.integrations.dreambooth import args as recipe_args
 from bayeslayers.integrations.dreambooth import main, parse_args, recipe
@@ -183,26 +184,10 @@ def workspace(tmp_path_factory):
     return recipe_workspace(tmp_path_factory.mktemp("flags"))
 
 
-def _base(workspace, out="out"):
-    root, pipe, images = workspace
-    return [
-        "--pretrained_model_name_or_path",
-        pipe,
-        "--instance_data_dir",
-        images,
-        "--instance_prompt",
-        "a sks star",
-        "--output_dir",
-        str(root / out),
-        "--report_to",
-        "none",
-    ]
-
-
 def test_a_diffusers_readme_command_line_is_accepted(workspace):
     # The diffusers DreamBooth README's commands, `=` syntax and all.
     args = parse_args(
-        _base(workspace)
+        recipe_argv(workspace, "out")
         + [
             "--resolution=16",
             "--train_batch_size=1",
@@ -247,24 +232,25 @@ def test_a_diffusers_readme_command_line_is_accepted(workspace):
 )
 def test_bad_flag_combinations_fail_before_training(workspace, extra, message):
     with pytest.raises(ValueError, match=message):
-        parse_args(_base(workspace) + extra)
+        parse_args(recipe_argv(workspace, "out") + extra)
 
 
 def test_training_length_from_epochs_and_validation_epochs(workspace):
-    args = parse_args(_base(workspace) + ["--num_train_epochs", "3", "--validation_epochs", "2"])
+    args = parse_args(recipe_argv(workspace, "out") + ["--num_train_epochs", "3", "--validation_epochs", "2"])
     recipe.resolve_training_length(args, steps_per_epoch=5)
     assert (args.max_train_steps, args.num_train_epochs, args.validation_steps) == (15, 3, 10)
-    args = parse_args(_base(workspace) + ["--num_train_epochs", "3", "--max_train_steps", "7"])
+    args = parse_args(recipe_argv(workspace, "out") + ["--num_train_epochs", "3", "--max_train_steps", "7"])
     recipe.resolve_training_length(args, steps_per_epoch=5)
     assert (args.max_train_steps, args.num_train_epochs) == (7, 2)  # max_train_steps overrides epochs
-    args = parse_args(_base(workspace))
+    args = parse_args(recipe_argv(workspace, "out"))
     recipe.resolve_training_length(args, steps_per_epoch=5)
     assert args.max_train_steps == recipe_args.DEFAULT_MAX_TRAIN_STEPS
 
 
 def test_scale_lr_multiplies_by_accumulation_batch_and_processes(workspace):
     args = parse_args(
-        _base(workspace) + ["--learning_rate", "1e-4", "--gradient_accumulation_steps", "3", "--train_batch_size", "2"]
+        recipe_argv(workspace, "out")
+        + ["--learning_rate", "1e-4", "--gradient_accumulation_steps", "3", "--train_batch_size", "2"]
     )
     assert recipe.scaled_learning_rate(args, num_processes=4) == 1e-4
     args.scale_lr = True
@@ -273,7 +259,7 @@ def test_scale_lr_multiplies_by_accumulation_batch_and_processes(workspace):
 
 def test_lr_num_cycles_and_lr_power_reach_the_diffusers_schedulers(workspace):
     def lrs(*extra):
-        args = parse_args(_base(workspace) + ["--learning_rate", "1.0", "--max_train_steps", "8", *extra])
+        args = parse_args(recipe_argv(workspace, "out") + ["--learning_rate", "1.0", "--max_train_steps", "8", *extra])
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
         scheduler = recipe.build_lr_scheduler(args, optimizer, num_processes=1)
         values = []
@@ -291,7 +277,7 @@ def test_lr_num_cycles_and_lr_power_reach_the_diffusers_schedulers(workspace):
 
 
 def test_8bit_adam_is_bitsandbytes_adamw8bit(workspace, monkeypatch):
-    args = parse_args(_base(workspace) + ["--use_8bit_adam"])
+    args = parse_args(recipe_argv(workspace, "out") + ["--use_8bit_adam"])
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
     with pytest.raises(ImportError, match="--use_8bit_adam needs the bitsandbytes package"):
         recipe.build_optimizer([torch.nn.Parameter(torch.zeros(2))], args, 1)
@@ -392,7 +378,7 @@ def test_one_run_with_diffusers_flags_and_a_mocked_hub_upload(workspace, monkeyp
     out = root / "many-flags"
     result = main(
         parse_args(
-            _base(workspace, "many-flags")
+            recipe_argv(workspace, "many-flags")
             + [
                 "--num_train_epochs",
                 "2",
@@ -508,7 +494,7 @@ def test_model_card_embeds_the_final_grid_and_the_exact_command(workspace, tmp_p
     from bayeslayers.integrations.dreambooth.export import write_model_card
 
     args = parse_args(
-        _base(workspace)
+        recipe_argv(workspace, "out")
         + [
             "--output_dir",
             str(tmp_path),

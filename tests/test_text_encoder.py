@@ -8,6 +8,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from tiny_models import run_argv
 
 import bayeslayers
 from bayeslayers.integrations import tiny_sd
@@ -17,27 +18,8 @@ PROMPT = "a sks star on a black background"
 
 
 def _args(tmp, out, *extra):
-    return parse_args(
-        [
-            "--output_dir",
-            str(tmp / out),
-            "--train_batch_size",
-            "1",
-            "--seed",
-            "0",
-            "--report_to",
-            "none",
-            "--learning_rate",
-            "1e-3",
-            "--num_inference_steps",
-            "3",
-            "--kl_weight",
-            "1e-3",
-            "--train_text_encoder",
-            "--bayes_text_encoder",
-            *extra,
-        ]
-    )
+    flags = ["--train_batch_size", "1", "--num_inference_steps", "3", "--kl_weight", "1e-3"]
+    return parse_args(run_argv(tmp / out, *flags, "--train_text_encoder", "--bayes_text_encoder", *extra))
 
 
 def _image(pipe, seed=0):

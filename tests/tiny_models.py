@@ -96,30 +96,20 @@ def save_tiny_pipeline(path, seed: int = 0) -> str:
 RECIPE_PROMPT = "a sks star"
 
 
+def run_argv(output_dir, *extra) -> list[str]:
+    """The flags every recipe test runs with: output in ``output_dir``, batch 2, seed 0, lr 1e-3, no trackers;
+    ``extra`` flags come last (a repeated flag overrides these)."""
+    common = ["--output_dir", str(output_dir), "--train_batch_size", "2", "--seed", "0", "--report_to", "none"]
+    return [*common, "--learning_rate", "1e-3", *extra]
+
+
 def recipe_argv(workspace, out, *extra) -> list[str]:
-    """The bayeslayers-dreambooth command line every recipe test starts from: the workspace's tiny pipeline and
-    instance images, ``RECIPE_PROMPT``, output in ``root / out``, batch 2, seed 0, lr 1e-3, no trackers; ``extra``
-    flags come last (a repeated flag overrides these)."""
+    """The bayeslayers-dreambooth command line every recipe test on a workspace starts from: its tiny pipeline
+    and instance images, ``RECIPE_PROMPT``, output in ``root / out``, then :func:`run_argv`'s flags and
+    ``extra``."""
     root, pipe, images = workspace[:3]
-    return [
-        "--pretrained_model_name_or_path",
-        str(pipe),
-        "--instance_data_dir",
-        str(images),
-        "--instance_prompt",
-        RECIPE_PROMPT,
-        "--output_dir",
-        str(Path(root) / out),
-        "--train_batch_size",
-        "2",
-        "--seed",
-        "0",
-        "--report_to",
-        "none",
-        "--learning_rate",
-        "1e-3",
-        *extra,
-    ]
+    model = ["--pretrained_model_name_or_path", str(pipe), "--instance_data_dir", str(images)]
+    return [*model, "--instance_prompt", RECIPE_PROMPT, *run_argv(Path(root) / out, *extra)]
 
 
 def recipe_workspace(root):

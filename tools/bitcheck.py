@@ -30,8 +30,8 @@ PATHS = [
     ("reference", None),
     ("torch", None),
     ("cpp", None),
-    ("triton", dict()),  # sample-then-GEMM
-    ("triton", dict(weight_grad_epilogue=True)),  # dW epilogue
+    ("triton", dict()),  # sample-then-map
+    ("triton", dict(weight_grad_epilogue=True)),  # weight-gradient epilogue
     ("triton", dict(sample_in_gemm_max_rows=2**31 - 1)),  # sample-in-GEMM
     ("triton", dict(fused_lora=True)),  # LoRA in the base GEMM
 ]
