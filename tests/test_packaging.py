@@ -135,6 +135,7 @@ print("flow ok")
 """
 
 
+@pytest.mark.slow
 def test_wheel_in_a_clean_venv_with_only_torch_runs_the_whole_flow(wheel, tmp_path):
     """The wheel's install_requires are enough: a venv holding torch (with its own requirements) and the wheel's
     declared requirements, nothing else, runs convert -> train step -> save -> load -> to_deterministic."""
