@@ -43,7 +43,7 @@ gpu-check: $(STAMP)
 
 # Ahead-of-time compile of every Triton kernel for sm_80/86/89/90 (no GPU needed; ~30 min on 2 cores).
 aot: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) -m bayeslayers.kernels.aot --subset full --csv benchmarks/results/aot_compile.csv
+	env -u TRITON_INTERPRET $(PY) -m tools.aot --subset full --csv benchmarks/results/aot_compile.csv
 
 # Mutation testing of the core's model-level modules (not in CI; about 20 minutes on 2 cores). Runs in a copy of the
 # tree under build/mutation (config: [tool.mutmut] in pyproject.toml); the per-module summary goes to

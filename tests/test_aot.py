@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from bayeslayers.kernels import aot
+from tools import aot
 
 KERNELS = {
     "philox_normal_kernel",
@@ -31,7 +31,7 @@ def _compile(tmp_path, subset, targets):
         [
             sys.executable,
             "-m",
-            "bayeslayers.kernels.aot",
+            "tools.aot",
             "--subset",
             subset,
             "--targets",
@@ -132,7 +132,7 @@ def test_launches_cover_the_library_options():
 def test_gemm_configs_are_chosen_per_operand_dtype_and_alignment():
     import triton
 
-    from bayeslayers.kernels import config
+    from bayeslayers.kernels.triton import config
 
     def configs(shapes):
         return [

@@ -29,7 +29,7 @@ def test_wheel_has_no_top_level_kernels_or_integrations(wheel):
     assert top_level == {"bayeslayers"}
     assert "bayeslayers/kernels/__init__.py" in names
     assert "bayeslayers/integrations/presets.py" in names
-    assert "bayeslayers/kernels/csrc/reparameterization_cpu.cpp" in names  # the C++ kernels build from the wheel
+    assert "bayeslayers/kernels/cpu/csrc/reparameterization_cpu.cpp" in names  # the C++ kernels build from the wheel
 
 
 def test_import_from_installed_wheel(wheel, tmp_path):

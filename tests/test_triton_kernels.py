@@ -37,10 +37,10 @@ from bayeslayers.kernels import (
     sample_weight_and_kl,
     seed_tensor,
 )
-from bayeslayers.kernels.config import EXACT
-from bayeslayers.kernels.philox import _philox_normal_kernel
-from bayeslayers.kernels.sample_kl import _sample_weight_kl_kernel
-from bayeslayers.kernels.triton_ops import TRITON_KERNELS
+from bayeslayers.kernels.triton.config import EXACT
+from bayeslayers.kernels.triton.philox import _philox_normal_kernel
+from bayeslayers.kernels.triton.sample_kl import _sample_weight_kl_kernel
+from bayeslayers.kernels.triton.triton_ops import TRITON_KERNELS
 from bayeslayers.layer_maps import Conv2dMap, LinearMap
 from bayeslayers.rng import mix_seed
 
