@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS ?= -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench wheel clean gpu-check aot mutation
+.PHONY: install demo test test-all lint bench wheel clean gpu-check aot mutation
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m bayeslayers.integrations.demo
 
+# `make test`: the fast tier (about 5 min on 2 cores); `make test-all`: every test, as CI runs it (about 25 min).
+# Slow tests (SD1.5 scale, multi-process, long recipe runs, the AOT compile, end-to-end harness runs) carry
+# @pytest.mark.slow.
 test: $(STAMP) lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)

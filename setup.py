@@ -41,6 +41,7 @@ setup(
         "triton>=3.4,<3.10; platform_system == 'Linux'",
         "numpy",
         "ninja",  # builds the C++ CPU kernels on first use
+        "safetensors",  # save() / load()
     ],
     extras_require={
         "diffusers": [

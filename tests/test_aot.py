@@ -70,6 +70,7 @@ def _check(results, targets):
             assert len({r.config for r in results if r.kernel == kernel and r.target == target}) >= 4, (kernel, target)
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     results, run = _compile(tmp_path, "default", "sm_80,sm_90")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

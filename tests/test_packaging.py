@@ -78,3 +78,89 @@ def test_top_level_kernels_probe_from_the_repo_root_registers_nothing():
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+
+
+def _distribution_closure(names):
+    """The installed distributions ``names`` need, transitively (markers evaluated, extras left out)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen, todo = {}, list(names)
+    while todo:
+        requirement = Requirement(todo.pop())
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        key = requirement.name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        seen[key] = metadata.distribution(requirement.name)
+        todo.extend(seen[key].requires or [])
+    return seen.values()
+
+
+def _site_with_only(distributions, site):
+    """Links the top-level files of ``distributions`` (their code and .dist-info) into ``site``."""
+    site.mkdir(parents=True)
+    for distribution in distributions:
+        base = Path(distribution.locate_file(""))
+        for top in {Path(f).parts[0] for f in distribution.files or ()}:
+            if top in ("..", "bin") or (site / top).exists() or not (base / top).exists():
+                continue
+            (site / top).symlink_to(base / top)
+
+
+CLEAN_VENV_FLOW = """
+import os, sys, torch, bayeslayers
+from torch import nn
+assert bayeslayers.__file__.startswith(sys.prefix), bayeslayers.__file__
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+before = [p.detach().clone() for p in model.parameters()]
+bayeslayers.convert(model, target_modules=r".*", init_sigma=0.02, prior_dtype="bfloat16")
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+loss = model(torch.randn(4, 6)).square().mean() + 1e-3 * bayeslayers.kl_loss(model)
+loss.backward(); optimizer.step()
+path = os.path.join(sys.argv[1], "posterior.safetensors")
+bayeslayers.save(model, path)
+fresh = bayeslayers.convert(nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)), target_modules=r".*")
+bayeslayers.load(fresh, path)
+x = torch.randn(5, 6)
+model.eval(); fresh.eval()
+assert torch.equal(model(x), fresh(x))
+plain = bayeslayers.to_deterministic(fresh)
+assert not bayeslayers.posterior_layers(plain) and torch.equal(plain(x), model(x))
+assert not torch.equal(plain[0].weight, before[0])
+print("flow ok")
+"""
+
+
+@pytest.mark.slow
+def test_wheel_in_a_clean_venv_with_only_torch_runs_the_whole_flow(wheel, tmp_path):
+    """The wheel's install_requires are enough: a venv holding torch (with its own requirements) and the wheel's
+    declared requirements, nothing else, runs convert -> train step -> save -> load -> to_deterministic."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    with zipfile.ZipFile(wheel) as archive:
+        text = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    declared = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Requires-Dist:")]
+    declared = [r for r in declared if "extra ==" not in r]
+    assert any(r.startswith("safetensors") for r in declared), declared
+    _site_with_only(_distribution_closure(["torch", *declared]), tmp_path / "deps")
+    (site / "deps.pth").write_text(str(tmp_path / "deps") + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    result = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", CLEAN_VENV_FLOW, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "flow ok" in result.stdout
