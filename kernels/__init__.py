@@ -22,8 +22,8 @@ Three implementations of the posterior kernels:
   cpu/                C++ CPU twins of the Triton kernels (csrc/), same eps bit for bit, built on first use
   torch_impl.py       the kernels in plain torch (any device)
 Which path a Triton call takes:
-  paths/fusion.py     which path a call takes (fixed policy, BAYESLAYERS_FUSION, or measured) and running it
-  paths/fused.py      host functions of the fused paths: ``sampled_linear``, ``lora_linear``
+  paths/fusion.py     the fusion policy: a fixed policy, BAYESLAYERS_FUSION, or measured (imported with bayeslayers)
+  paths/fused.py      the Triton paths (``TRITON_PATHS``) and the choice among them; ``sampled_linear``, ``lora_linear``
   paths/timing.py     timing the eligible paths on the user's GPU; the in-process and on-disk choice cache
 """
 

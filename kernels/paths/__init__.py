@@ -1,2 +1,2 @@
-"""Which path a Triton call takes (a fixed policy, ``BAYESLAYERS_FUSION``, or timed on the GPU), and the fused
-paths' host functions."""
+"""Which path a Triton call takes: the fusion policy (``fusion.py``), the Triton paths and the choice among them
+(``fused.py``), timing them on the user's GPU (``timing.py``)."""
