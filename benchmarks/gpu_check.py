@@ -281,7 +281,8 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; it needs one (make gpu-check DRY_RUN=1 checks the script on CPU)")
         return 2
-    if args.dry_run and "bayeslayers.kernels.philox" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if args.dry_run and "bayeslayers.kernels.triton.philox" in sys.modules and not interpreted:
         print("gpu-check --dry-run: the kernels were imported without TRITON_INTERPRET=1")
         return 2
 
@@ -390,7 +391,7 @@ def _interpreted(args):
 
 
 def _micro(phase, state, args, device, deadline, out):
-    from bayeslayers.kernels import path_timing
+    from bayeslayers.kernels.paths import timing as path_timing
 
     from .providers import COMPILED_PROVIDERS, providers
 
@@ -417,7 +418,7 @@ def path_selector(args, cache: Path):
     """The measured fusion policy's selector: CUDA events on the GPU, the wall clock in a dry run."""
     import torch
 
-    from bayeslayers.kernels import path_timing
+    from bayeslayers.kernels.paths import timing as path_timing
 
     if not args.dry_run:
         return path_timing.path_selector()
@@ -435,7 +436,7 @@ def path_selector(args, cache: Path):
 
 
 def _unet(phase, state, args, device, deadline, out):
-    from bayeslayers.kernels import path_timing
+    from bayeslayers.kernels.paths import timing as path_timing
 
     from .run import add_ratios
 

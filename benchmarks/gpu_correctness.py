@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import bayeslayers
 from bayeslayers.backends import BACKENDS
-from bayeslayers.kernels.fusion import set_fusion_policy
+from bayeslayers.kernels.paths.fusion import set_fusion_policy
 
 from .providers import FUSED_PROVIDERS
 
@@ -198,7 +198,7 @@ def run_philox_check(device: torch.device, dry_run: bool = False) -> list[dict]:
         return [
             _row("philox", "", "", "triton vs cpp", "", "float32", None, 0, "skipped", 0.0, cpu.unavailable_reason())
         ]
-    from bayeslayers.kernels.philox import philox_normal
+    from bayeslayers.kernels.triton.philox import philox_normal
 
     mismatched, sizes = [], PHILOX_SIZES[:4] if dry_run else PHILOX_SIZES
     for seed in PHILOX_SEEDS:

@@ -1,4 +1,4 @@
-"""The C++ extension build (kernels/cpu_build.py): one folder per hash of sources, flags and toolchain, and a
+"""The C++ extension build (kernels/cpu/build.py): one folder per hash of sources, flags and toolchain, and a
 lock that lets concurrent first builds compile once. A tiny pybind11 source keeps each build to seconds."""
 
 import os
@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from bayeslayers.kernels import cpu, cpu_build
+from bayeslayers.kernels import cpu
+from bayeslayers.kernels.cpu import build as cpu_build
 
 PROBE = """#include <pybind11/pybind11.h>
 int answer() { return ANSWER; }
@@ -52,7 +53,7 @@ def test_two_processes_building_at_once_compile_once(tmp_path):
     source = _source(tmp_path, 42)
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     code = (
-        "import sys; from bayeslayers.kernels import cpu_build; print('ready', flush=True); "
+        "import sys; from bayeslayers.kernels.cpu import build as cpu_build; print('ready', flush=True); "
         f"b = cpu_build.load('probe', [{str(source)!r}]); print(b.compiled, b.module.answer(), b.module.__file__)"
     )
     key = cpu_build.build_key([source], [], [])

@@ -69,7 +69,7 @@ run_stack() {  # stack python [PYTHONPATH]
   local pytest=(env ${path:+PYTHONPATH=$path} "$py" -m pytest -q -p no:cacheprovider -m "not slow and not gpu")
   check "$stack" "$py" triton-interpreter "${pytest[@]}" "${TESTS_TRITON[@]}"
   check "$stack" "$py" cpp-kernels "${pytest[@]}" "${TESTS_CPP[@]}"
-  check "$stack" "$py" aot-sm90 env -u TRITON_INTERPRET ${path:+PYTHONPATH=$path} "$py" -m bayeslayers.kernels.aot \
+  check "$stack" "$py" aot-sm90 env -u TRITON_INTERPRET ${path:+PYTHONPATH=$path} "$py" -m tools.aot \
     --subset default --targets sm_90 --csv "$OUT/$stack/aot_sm90.csv" --quiet
   check "$stack" "$py" recipe-smoke "${pytest[@]}" "${TESTS_RECIPE[@]}"
 }

@@ -3,7 +3,7 @@
 Same RNG contract as ``philox.py``: one seed gives the same eps bit for bit on CPU and GPU. Built with
 ``torch.utils.cpp_extension`` (ninja, the C++ compiler torch was built with) into a folder of torch's extension
 cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) keyed by a hash of the sources, flags,
-compiler and torch (``cpu_build.py``); later imports load the cached library.
+compiler and torch (``build.py``); later imports load the cached library.
 Threads: ATen's pool (``torch.set_num_threads``); results do not depend on the thread count. Instruction set:
 the kernels are compiled for AVX-512, AVX2 and baseline x86-64 (baseline only elsewhere) and the best one the
 CPU supports runs (:func:`instruction_set`; ``BAYESLAYERS_CPU_ISA=avx2|baseline`` or
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .kernel_ops import register_posterior_kernels
-from .posterior import KL_DIRECTION_CODES
-from .seeds import seed_tensor
+from ..kernel_ops import register_posterior_kernels
+from ..posterior import KL_DIRECTION_CODES
+from ..seeds import seed_tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "reparameterization_cpu.cpp"
 EXTENSION_NAME = "bayeslayers_cpu_kernels"
@@ -33,7 +33,7 @@ CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "
 @functools.cache
 def extension():
     """The compiled extension module (built on the first call of the process if not cached on disk)."""
-    from .cpu_build import load
+    from .build import load
 
     return load(EXTENSION_NAME, [SOURCE], CFLAGS, ["-fopenmp"]).module
 
