@@ -30,6 +30,7 @@ def test_the_cpu_kernels_load_from_the_folder_named_by_their_sources_and_flags()
     assert os.path.dirname(os.path.dirname(path)) == str(cpu_build.build_root())
 
 
+@pytest.mark.slow
 def test_a_changed_source_gives_another_build_and_both_load(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     source = _source(tmp_path, 1)
