@@ -53,6 +53,7 @@ setup(
             "safetensors",
             "pillow",
             "tqdm",
+            "matplotlib",  # the recipes' training-curve and std-map images
         ],
         "bench": ["matplotlib"],
         "test": ["pytest", "build", "wheel", "ruff==0.17.6", "hypothesis>=6.100"],

@@ -44,7 +44,7 @@ make_torch211() {
   "$(python312)" -m venv "$venv" || return 1
   "$venv/bin/python" -m pip install -q ${COMPAT_FIND_LINKS:+--find-links "$COMPAT_FIND_LINKS"} \
     -c tools/compat/torch2.11.txt torch triton numpy transformers accelerate huggingface_hub safetensors diffusers \
-    peft pillow tqdm pytest hypothesis ninja || return 1
+    peft pillow tqdm matplotlib pytest hypothesis ninja || return 1
   touch "$venv/.installed"
 }
 
