@@ -28,7 +28,7 @@ setup(
     description="Triton-fused Bayesian neural-network layers for fine-tuning diffusion models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tested: 3.11, 3.12 (make compat)
     packages=_packages(),
     package_dir=PACKAGE_DIRS,
     package_data={
@@ -37,21 +37,23 @@ setup(
     },
     include_package_data=True,
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.4,<3.10; platform_system == 'Linux'",
+        # Ranges span the versions `make compat` tests (docs/requirements.md): torch 2.11 and 2.13, triton 3.6 and 3.9.
+        "torch>=2.11,<2.14",
+        "triton>=3.6,<3.10; platform_system == 'Linux'",
         "numpy",
         "ninja",  # builds the C++ CPU kernels on first use
         "safetensors",  # save() / load()
     ],
     extras_require={
         "diffusers": [
-            "diffusers>=0.30",
-            "transformers>=4.40",
-            "accelerate>=0.30",
-            "peft>=0.12",
+            "diffusers>=0.42,<0.43",
+            "transformers>=5.17,<5.24",
+            "accelerate>=1.15,<1.16",
+            "peft>=0.21,<0.22",
             "safetensors",
             "pillow",
             "tqdm",
+            "matplotlib",  # the recipes' training-curve and std-map images
         ],
         "bench": ["matplotlib"],
         "test": ["pytest", "build", "wheel", "ruff==0.17.6", "hypothesis>=6.100"],

@@ -9,6 +9,7 @@ pretrained weight, and a prior centred on the pretrained weight. Training draws 
     loss = diffusion_loss + kl_weight * bayeslayers.kl_loss(unet)
 """
 
+import bayeslayers._source_tree  # noqa: F401  (run from a checkout: maps kernels/ and integrations/ in)
 from bayeslayers.kernels.paths.fusion import FusionPolicy, fusion, fusion_policy, set_fusion_policy
 
 from .backends import get_backend, materialize_eps, set_backend

@@ -20,6 +20,7 @@ Three implementations of the posterior kernels:
     triton_ops.py       the Triton kernels as torch.library operators (``TRITON_KERNELS``)
     config.py           autotune configs and limits (reshaped where a real compile spilled)
   cpu/                C++ CPU twins of the Triton kernels (csrc/), same eps bit for bit, built on first use
+    build.py            the build: one folder per hash of sources, flags, compiler and torch; a file lock
   torch_impl.py       the kernels in plain torch (any device)
 Which path a Triton call takes:
   paths/fusion.py     the fusion policy: a fixed policy, BAYESLAYERS_FUSION, or measured (imported with bayeslayers)

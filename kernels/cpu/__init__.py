@@ -1,8 +1,9 @@
 """C++ CPU twins of the Triton kernels (``csrc/reparameterization_cpu.cpp``), built on first use and cached.
 
 Same RNG contract as ``philox.py``: one seed gives the same eps bit for bit on CPU and GPU. Built with
-``torch.utils.cpp_extension`` (ninja, the C++ compiler torch was built with) into torch's extension cache
-(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later imports load the cached library.
+``torch.utils.cpp_extension`` (ninja, the C++ compiler torch was built with) into a folder of torch's extension
+cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) keyed by a hash of the sources, flags,
+compiler and torch (``build.py``); later imports load the cached library.
 Threads: ATen's pool (``torch.set_num_threads``); results do not depend on the thread count. Instruction set:
 the kernels are compiled for AVX-512, AVX2 and baseline x86-64 (baseline only elsewhere) and the best one the
 CPU supports runs (:func:`instruction_set`; ``BAYESLAYERS_CPU_ISA=avx2|baseline`` or
@@ -32,11 +33,9 @@ CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "
 @functools.cache
 def extension():
     """The compiled extension module (built on the first call of the process if not cached on disk)."""
-    from torch.utils.cpp_extension import load
+    from .build import load
 
-    return load(
-        name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False
-    )
+    return load(EXTENSION_NAME, [SOURCE], CFLAGS, ["-fopenmp"]).module
 
 
 @functools.cache
