@@ -269,7 +269,7 @@ def test_peft_mode_errors_name_the_argument():
 # ------------------------------------------------------------------------------------------- the fused LoRA path
 @pytest.fixture
 def lora_calls(monkeypatch):
-    import bayeslayers.kernels.triton_ops as triton_ops
+    import bayeslayers.kernels.triton.triton_ops as triton_ops
 
     calls, launch = [], triton_ops.lora_matmul
     monkeypatch.setattr(triton_ops, "lora_matmul", lambda *a, **k: calls.append("lora_matmul") or launch(*a, **k))

@@ -15,6 +15,7 @@ from .base import KernelBackend, kernels_module
 
 class CppBackend(KernelBackend):
     name = "cpp"
+    priorities = {"cpu": 100}
 
     def unavailable_reason(self, device: torch.device) -> str:
         if device.type != "cpu":

@@ -16,6 +16,7 @@ from .base import KernelBackend, kernels_module
 
 class TorchBackend(KernelBackend):
     name = "torch"
+    priorities = {"*": 0}
 
     def kernels(self):
         return kernels_module().TORCH_KERNELS

@@ -18,6 +18,7 @@ from .base import KernelBackend, kernels_module
 
 class TritonBackend(KernelBackend):
     name = "triton"
+    priorities = {"cuda": 100}
 
     def unavailable_reason(self, device: torch.device) -> str:
         from bayeslayers.kernels.triton.interpreter import INTERPRETING, TRITON_INSTALLED
