@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from peft.tuners.lora import layer as peft_lora
 
-from .config import DEFAULTS, PEFT_FIELDS, POSTERIOR_FIELDS, check_choice
+from .config import DEFAULTS, FACTOR_PRIORS, PEFT_FIELDS, POSTERIOR_FIELDS, check_choice
 from .layers import BayesConv2d, BayesianLayer, BayesLinear
 from .layers.lora import fused_lora_linear
 from .registry import register_layer_type
@@ -125,7 +125,7 @@ class _BayesPeftLayer:
     ):
         if type(module) is not cls.PEFT_CLASS:
             raise TypeError(f"{cls.__name__} converts a peft {cls.PEFT_CLASS.__name__}, got {type(module).__name__}")
-        check_choice(factor_prior, ("current", "zero"), "factor_prior")
+        check_choice(factor_prior, FACTOR_PRIORS, "factor_prior")
         adapter = active_adapter(module, adapter_name)
         if adapter not in module.lora_A:
             raise ValueError(f"adapter_name {adapter!r} is not an adapter of this layer; it has {list(module.lora_A)}")
