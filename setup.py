@@ -63,6 +63,8 @@ setup(
             "dreambooth-bnn=bayeslayers.integrations.presets:DREAMBOOTH_BNN",
             "dreambooth-bnn-lora=bayeslayers.integrations.presets:DREAMBOOTH_BNN_LORA",
             "clip-text-bnn=bayeslayers.integrations.presets:CLIP_TEXT_BNN",
+            "dreambooth-bnn-peft=bayeslayers.integrations.presets:DREAMBOOTH_BNN_PEFT",
+            "causal-lm-bnn-peft=bayeslayers.integrations.presets:CAUSAL_LM_BNN_PEFT",
         ],
         "console_scripts": [
             "bayeslayers-dreambooth=bayeslayers.integrations.dreambooth:cli",

@@ -10,9 +10,10 @@ pretrained weight, and a prior centred on the pretrained weight. Training draws 
 """
 
 import bayeslayers._source_tree  # noqa: F401  (run from a checkout: maps kernels/ and integrations/ in)
+from bayeslayers.kernels.kernel_ops import PosteriorKernels, register_posterior_kernels
 from bayeslayers.kernels.paths.fusion import FusionPolicy, fusion, fusion_policy, set_fusion_policy
 
-from .backends import get_backend, materialize_eps, set_backend
+from .backends import KernelBackend, get_backend, materialize_eps, register_backend, set_backend
 from .config import BayesConfig
 from .convert import bayesian_modules, convert, posterior_layers, to_deterministic
 from .diagnostics import LayerStats, Summary, saved_tensor_bytes, summary
@@ -33,7 +34,9 @@ __all__ = [
     "BayesLoRAConv2d",
     "BayesLoRALinear",
     "FusionPolicy",
+    "KernelBackend",
     "LayerStats",
+    "PosteriorKernels",
     "Summary",
     "available_presets",
     "bayesian_modules",
@@ -47,7 +50,9 @@ __all__ = [
     "materialize_eps",
     "posterior_layers",
     "read_metadata",
+    "register_backend",
     "register_layer_type",
+    "register_posterior_kernels",
     "register_preset",
     "sampling",
     "save",

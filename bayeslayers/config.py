@@ -19,11 +19,13 @@ import torch
 from .kl import KL_DIRECTIONS
 from .targets import check_targets
 
-MODES = ("full", "lora")
+MODES = ("full", "lora", "peft")
 FACTOR_CHOICES = ("AB", "A", "B", "")  # "": a plain (deterministic) LoRA, for baselines
 PRIOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 POSTERIOR_FIELDS = ("init_sigma", "prior_sigma", "kl_direction", "prior_dtype")  # every Bayesian layer's options
 LORA_FIELDS = ("rank", "lora_alpha", "bayesian_factors")  # the LoRA layers' options on top
+PEFT_FIELDS = ("adapter_name", "bayesian_factors", "factor_prior")  # a peft adapter's options on top
+FACTOR_PRIORS = ("current", "zero")
 
 
 def _option(default, help_text: str, **metadata):
@@ -39,7 +41,10 @@ class BayesConfig:
     )
     exclude_modules: str | tuple[str, ...] | None = _option(None, "same forms; checked before target_modules")
     mode: str = _option(
-        "full", "'full': the weight becomes Bayesian; 'lora': a Bayesian LoRA adapter is added", choices=MODES
+        "full",
+        "'full': the weight becomes Bayesian; 'lora': a Bayesian LoRA adapter is added; "
+        "'peft': the model's peft LoRA adapter becomes Bayesian in place",
+        choices=MODES,
     )
     init_sigma: float = _option(0.01, "initial posterior std of every Bayesian weight (> 0)")
     prior_sigma: float = _option(0.01, "prior std (> 0); the prior mean is the pretrained weight")
@@ -53,6 +58,12 @@ class BayesConfig:
     lora_alpha: float | None = _option(None, "LoRA alpha (mode 'lora'); None: = rank (scaling 1)")
     bayesian_factors: str = _option(
         "AB", "LoRA factors that are Bayesian: 'AB', 'A', 'B' or '' (plain LoRA)", choices=FACTOR_CHOICES
+    )
+    adapter_name: str | None = _option(None, "peft adapter made Bayesian (mode 'peft'); None: the active one")
+    factor_prior: str = _option(
+        "current",
+        "prior mean of a peft factor (mode 'peft'): 'current' (its value at convert) or 'zero'",
+        choices=FACTOR_PRIORS,
     )
 
     def __post_init__(self):
@@ -78,6 +89,11 @@ class BayesConfig:
         ):
             raise ValueError(f"lora_alpha must be a positive number or None, got {self.lora_alpha!r}")
         check_choice(self.bayesian_factors, FACTOR_CHOICES, "bayesian_factors")
+        if self.adapter_name is not None and (not isinstance(self.adapter_name, str) or not self.adapter_name):
+            raise ValueError(f"adapter_name must be a non-empty string or None, got {self.adapter_name!r}")
+        check_choice(self.factor_prior, FACTOR_PRIORS, "factor_prior")
+        if self.mode == "peft" and not self.bayesian_factors:
+            raise ValueError("bayesian_factors must name at least one factor ('AB', 'A' or 'B') in mode 'peft'")
 
     def replace(self, **changes) -> BayesConfig:
         """A copy with ``changes``; unknown names raise a TypeError listing the options."""

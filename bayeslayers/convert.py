@@ -38,7 +38,39 @@ def assign_layer_ids(model: nn.Module) -> None:
         layer.layer_id = layer_id_for(name)
 
 
-def _select(model, targets, excludes, mode):
+ALL_ADAPTER_LAYERS = ".*"  # mode 'peft' without target_modules: every peft LoRA layer holding the adapter
+
+
+def _accepts(module: nn.Module, config: BayesConfig) -> bool:
+    """Whether the layer type converting ``module`` takes it with these options (a peft layer must hold the
+    adapter); a type without an ``accepts`` classmethod takes every module of its source class."""
+    accepts = getattr(layer_type_for_source(module, config.mode).layer, "accepts", None)
+    return accepts is None or accepts(module, **config.layer_options(("adapter_name",)))
+
+
+def _adapter_clause(config) -> str:
+    if config.mode != "peft":
+        return ""
+    return f" holding the adapter {config.adapter_name!r}" if config.adapter_name else " holding the active adapter"
+
+
+def _peft_hint(model, targets, excludes, mode) -> str:
+    """The advice for a selection that found nothing because the targeted modules are peft LoRA layers."""
+    if mode == "peft":
+        return ""
+    peft_layers = source_types("peft")
+    for name, module in model.named_modules():
+        if peft_layers and isinstance(module, peft_layers) and name_matches(name, targets):
+            if not name_matches(name, excludes):
+                return (
+                    f"; {name!r} is a peft LoRA layer: make its adapter Bayesian with mode='peft' "
+                    "(presets 'dreambooth-bnn-peft', 'causal-lm-bnn-peft')"
+                )
+    return ""
+
+
+def _select(model, targets, excludes, config):
+    mode = config.mode
     sources = source_types(mode)
     converted = [name for name, _ in bayesian_modules(model)]
     selected, candidates = [], []
@@ -46,17 +78,20 @@ def _select(model, targets, excludes, mode):
         if not name or not isinstance(module, sources):
             continue
         inside = next((c for c in converted if name == c or name.startswith(c + ".")), None)
-        if inside is None:
+        accepted = inside is not None or _accepts(module, config)
+        if inside is None and accepted:
             candidates.append(name)
-        if name_matches(name, excludes) or not name_matches(name, targets):
+        if name_matches(name, excludes) or not name_matches(name, targets) or not accepted:
             continue
+        if inside is not None and targets is ALL_ADAPTER_LAYERS:
+            continue  # the default selection of mode 'peft' takes the layers not yet converted
         if inside is not None:
-            raise ValueError(
-                f"module {name!r} is already part of the Bayesian layer {inside!r}; "
-                "converting it again is not supported"
-            )
+            what = "a Bayesian layer" if inside == name else f"part of the Bayesian layer {inside!r}"
+            raise ValueError(f"module {name!r} is already {what}; converting it again is not supported")
         selected.append(name)
     for name, module in model.named_modules():
+        if targets is ALL_ADAPTER_LAYERS:
+            break  # the default selection of mode 'peft' skips converted layers
         if name in converted and name_matches(name, targets) and not name_matches(name, excludes):
             raise ValueError(
                 f"module {name!r} is already a Bayesian layer ({type(module).__name__}); "
@@ -66,8 +101,9 @@ def _select(model, targets, excludes, mode):
         shown = ", ".join(repr(c) for c in candidates[:8]) or "none"
         raise ValueError(
             f"target_modules {targets!r} matched no convertible module "
-            f"({'/'.join(t.__name__ for t in sources)}) in mode {mode!r}; "
-            f"candidates include: {shown}"
+            f"({'/'.join(t.__name__ for t in sources) or 'none registered'}) in mode {mode!r}"
+            f"{_adapter_clause(config)}; "
+            f"candidates include: {shown}{_peft_hint(model, targets, excludes, mode)}"
         )
     return selected
 
@@ -109,8 +145,11 @@ def convert(
             ``prior_dtype``, ``rank``, ``lora_alpha``, ``bayesian_factors``), overriding the preset / config.
 
     In mode "full" the weight becomes Bayesian and other parameters keep ``requires_grad``; in mode "lora" a
-    Bayesian LoRA adapter is added and every other parameter of ``model`` is frozen. Each new layer takes over
-    the ``training`` flag of the module it replaces.
+    Bayesian LoRA adapter is added and every other parameter of ``model`` is frozen; in mode "peft" the factors
+    (``bayesian_factors``) of the peft LoRA adapter ``adapter_name`` (default: the active one) become Bayesian in
+    place, in every targeted peft LoRA layer holding it (all of them when ``target_modules`` is None), and
+    ``requires_grad`` stays as peft set it (see ``docs/peft.md``). Each new layer takes over the ``training`` flag
+    of the module it replaces.
 
     Returns:
         ``model`` itself, converted.
@@ -120,10 +159,12 @@ def convert(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     targets = check_targets(config.target_modules, "target_modules")
     excludes = check_targets(config.exclude_modules, "exclude_modules")
+    if targets is None and config.mode == "peft":
+        targets = ALL_ADAPTER_LAYERS
     if targets is None:
         raise ValueError("convert needs target_modules or a preset naming the modules to make Bayesian")
 
-    selected = _select(model, targets, excludes, config.mode)
+    selected = _select(model, targets, excludes, config)
     if config.mode == "lora":  # freeze the model, but not the adapters of earlier lora conversions
         adapters = [p for _, m in bayesian_modules(model) for p in m.parameters() if p.requires_grad]
         model.requires_grad_(False)
@@ -141,7 +182,8 @@ def convert(
 def to_deterministic(model: nn.Module) -> nn.Module:
     """Replaces every Bayesian layer by the plain module holding its posterior mean (LoRA merged).
 
-    The result contains only stock torch modules and runs at the original model's cost. Returns ``model``
+    The result contains only stock torch modules and runs at the original model's cost (a peft LoRA layer stays
+    a stock peft layer, its factors holding the means). Returns ``model``
     (or the replacement when ``model`` itself is a Bayesian layer).
     """
     if layer_type_of(model) is not None:

@@ -7,7 +7,9 @@ its ``from_module`` accepts. Registered classes implement ``from_module(module, 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from importlib import import_module
 
 import torch.nn as nn
 
@@ -34,22 +36,40 @@ def register_layer_type(name: str, mode: str, source: type, layer: type, options
     """
     check_choice(mode, MODES, "mode")
     layer_type = LayerType(name, mode, source, layer, tuple(options))
+    _TYPES.pop(name, None)  # a re-registered name moves to the end: the latest registration
     _TYPES[name] = layer_type
     return layer_type
 
 
+# Layer types of optional packages, registered by their module on first need (``import bayeslayers`` stays light).
+_OPTIONAL_TYPES = {"peft_lora_linear": "bayeslayers.peft_lora", "peft_lora_conv2d": "bayeslayers.peft_lora"}
+_OPTIONAL_PACKAGES = {"peft": "bayeslayers.peft_lora"}
+
+
+def _load_optional_types() -> None:
+    """Registers the optional packages' layer types once the package is imported (a model holding their
+    modules implies it is)."""
+    for package, module in _OPTIONAL_PACKAGES.items():
+        if package in sys.modules and module not in sys.modules:
+            import_module(module)
+
+
 def layer_type_by_name(name: str) -> LayerType:
+    if name not in _TYPES and name in _OPTIONAL_TYPES:
+        import_module(_OPTIONAL_TYPES[name])
     if name not in _TYPES:
         raise ValueError(f"unknown Bayesian layer type {name!r}; registered: {sorted(_TYPES)}")
     return _TYPES[name]
 
 
 def layer_type_for_source(module: nn.Module, mode: str) -> LayerType | None:
-    """The registered type that converts ``module`` in ``mode`` (the most specific source class wins)."""
+    """The registered type that converts ``module`` in ``mode``: the most specific source class wins, and of
+    equally specific ones the latest registered."""
+    _load_optional_types()
     matches = [t for t in _TYPES.values() if t.mode == mode and isinstance(module, t.source)]
     if not matches:
         return None
-    return max(matches, key=lambda t: len(t.source.__mro__))
+    return max(reversed(matches), key=lambda t: len(t.source.__mro__))  # max keeps the first of equal keys
 
 
 def layer_type_of(module: nn.Module) -> LayerType | None:
@@ -61,6 +81,7 @@ def layer_type_of(module: nn.Module) -> LayerType | None:
 
 
 def source_types(mode: str) -> tuple[type, ...]:
+    _load_optional_types()
     return tuple(t.source for t in _TYPES.values() if t.mode == mode)
 
 

@@ -19,6 +19,10 @@ _FROZEN_PREFIX = "base_layer."  # LoRA base weights belong to the base model, no
 
 
 def _layer_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds for a Bayesian layer: its ``bayes_state()`` where it defines one (a peft
+    layer: its adapter's factors, rho included), else its state dict without the frozen LoRA base."""
+    if hasattr(module, "bayes_state"):
+        return module.bayes_state()
     return {k: v for k, v in module.state_dict().items() if not k.startswith(_FROZEN_PREFIX)}
 
 

@@ -256,3 +256,54 @@ def assert_same_tensors(actual: dict, expected: dict):
     for key, tensor in expected.items():
         assert actual[key].dtype == tensor.dtype, key
         torch.testing.assert_close(actual[key], tensor, rtol=0, atol=0, msg=key)
+
+
+# ---------------------------------------------------------------------------------- a user-defined backend
+def _user_noise(seed, shape, device):
+    """eps of the user backend: torch's CPU generator seeded with the (int64) seed, drawn in float64."""
+    seed = int(seed.reshape(-1)[0]) if torch.is_tensor(seed) else int(seed)
+    generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float64).float().to(device)
+
+
+def _user_sample(mu, rho, prior_mu, seed, prior_sigma, kl_direction, out_dtype, with_kl):
+    w = sampled_weight(mu, rho, _user_noise(seed, mu.shape, mu.device)).to(out_dtype)
+    kl = kl_reference(mu, rho, prior_mu, prior_sigma, kl_direction).float() if with_kl else mu.new_empty(0)
+    return w, kl
+
+
+def _user_grad(d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype):
+    """d_mu = dW + g_kl dKL/dmu, d_rho = (dW eps + g_kl dKL/dsigma) sigmoid(rho), in float64; eps drawn again."""
+    mu64, rho64 = mu.double(), rho.double()
+    eps = _user_noise(seed, mu.shape, mu.device).double()
+    sigma, diff = F.softplus(rho64), mu64 - (0.0 if prior_mu is None else prior_mu.double())
+    d_w = torch.zeros_like(mu64) if d_w is None else d_w.double()
+    g = 0.0 if g_kl is None else g_kl.double()
+    if kl_direction == "qp":  # KL(q || p)
+        dkl_dmu, dkl_dsigma = diff / prior_sigma**2, sigma / prior_sigma**2 - 1 / sigma
+    else:  # KL(p || q)
+        dkl_dmu, dkl_dsigma = diff / sigma**2, 1 / sigma - (prior_sigma**2 + diff**2) / sigma**3
+    d_mu = d_w + g * dkl_dmu
+    d_rho = (d_w * eps + g * dkl_dsigma) * torch.sigmoid(rho64)
+    w = None if w_dtype is None else (mu64 + sigma * eps).to(w_dtype)
+    return d_mu.float(), d_rho.float(), w
+
+
+USER_KERNELS = bayeslayers.register_posterior_kernels("user_test_", _user_sample, _user_grad)
+
+
+class UserBackend(bayeslayers.KernelBackend):
+    """A backend written outside the library from its public names: float64 kernels on torch's CPU generator."""
+
+    name = "user"
+    priorities = {}  # never chosen by 'auto' unless a test claims a priority
+
+    def kernels(self):
+        return USER_KERNELS
+
+    def noise(self, seed, shape, device):
+        return _user_noise(seed, shape, device)
+
+
+bayeslayers.register_backend(UserBackend())
+LAYER_BACKENDS = [*BACKENDS, "user"]  # the layer-vs-float64 tests run the user-defined backend too

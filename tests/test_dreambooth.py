@@ -86,6 +86,35 @@ def test_exported_model_loads_in_stock_diffusers_and_matches_the_mean_model(work
     assert np.abs(ours - base).max() > 1e-4  # training changed the model
 
 
+def test_use_peft_trains_a_peft_adapter_that_stock_diffusers_and_peft_tools_read(workspace):
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    root, pipe_path, _ = workspace
+    with pytest.raises(ValueError, match="--use_peft needs --train_mode lora"):
+        _args(workspace, "out-peft-full", "--use_peft")
+    flags = ("--train_mode", "lora", "--use_peft", "--max_train_steps", "3", "--kl_weight", "1e-3")
+    result = main(_args(workspace, "out-peft", *flags))
+    header = bayeslayers.read_metadata(result["bayesian_state"])
+    assert {entry["type"] for entry in header["layers"].values()} == {"peft_lora_linear"}
+    assert all(entry["options"]["bayesian_factors"] == "B" for entry in header["layers"].values())
+
+    stock = StableDiffusionPipeline.from_pretrained(pipe_path, safety_checker=None)
+    stock.load_lora_weights(str(root / "out-peft"))
+    in_library = StableDiffusionPipeline.from_pretrained(pipe_path, safety_checker=None)
+    targets = bayeslayers.get_preset("dreambooth-bnn-lora").target_modules
+    in_library.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    bayeslayers.load(in_library.unet, result["bayesian_state"])
+    assert len(bayeslayers.bayesian_modules(in_library.unet)) == len(header["layers"])
+    in_library.unet.eval()
+    base = _image(StableDiffusionPipeline.from_pretrained(pipe_path, safety_checker=None))
+    ours, theirs = _image(in_library), _image(stock)
+    np.testing.assert_allclose(theirs, ours, atol=2e-5)
+    assert np.abs(ours - base).max() > 1e-4  # training changed the model
+    in_library.unet.disable_adapters()  # a peft tool on the Bayesian UNet: back to the base model
+    np.testing.assert_allclose(_image(in_library), base, atol=2e-5)
+
+
 def test_interrupted_run_resumes_to_the_same_weights(workspace):
     from safetensors.torch import load_file
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from reference import (
-    BACKENDS,
     DTYPE_TOLERANCES,
     KL_WEIGHT,
+    LAYER_BACKENDS,
     kl_reference,
     randomize_layer,
     relative_error,
@@ -34,7 +34,7 @@ def _make(kind, direction, prior_dtype):
     return layer, torch.randn(2, 6, 11, 9), (lambda x, w, b: F.conv2d(x, w, b, 2, 1, 1, 2))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LAYER_BACKENDS)
 @pytest.mark.parametrize(("dtype", "tol"), DTYPE_TOLERANCES)
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 @pytest.mark.parametrize(("direction", "prior_dtype"), [("qp", None), ("pq", torch.bfloat16)])
@@ -71,7 +71,7 @@ def test_layer_matches_float64_reference(poisoned, backend, dtype, tol, kind, di
         assert relative_error(actual, expected) < tol
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LAYER_BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 @pytest.mark.parametrize("factors", ["AB", "B"])
 def test_lora_matches_float64_reference(backend, kind, factors):

@@ -204,3 +204,20 @@ def save_tiny_vit(path, seed: int = 0) -> str:
         image_std=[0.229, 0.224, 0.225],
     ).save_pretrained(path)
     return path
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 64):
+    """A random-weight 2-layer LlamaForCausalLM (hidden 32, 4 heads, 2 KV heads, MLP 64), no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()

@@ -8,9 +8,11 @@
 - ``triton``: fused Triton kernels (``bayeslayers.kernels``); the CUDA default when available.
 
 ``cpp`` and ``triton`` draw the same eps for a seed, as do ``reference`` and ``torch``. Choose with
-:func:`set_backend` or the ``BAYESLAYERS_BACKEND`` environment variable; ``auto`` picks triton on CUDA and cpp
-on CPU when they are usable, torch otherwise (with one warning saying why). A resolution is computed once per
-(selection, device type) and cached, so forwards (and torch.compile traces) never re-run availability checks.
+:func:`set_backend` or the ``BAYESLAYERS_BACKEND`` environment variable; ``auto`` picks, per device type, the
+usable backend claiming the highest priority (``Backend.priorities``: triton on CUDA, cpp on CPU, torch anywhere
+below them), with one warning saying why when a higher one is unusable; :func:`register_backend` adds one. A
+resolution is computed once per (selection, device type) and cached, so forwards (and torch.compile traces) never
+re-run availability checks.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import warnings
 
 import torch
 
-from .base import Backend
+from .base import Backend, KernelBackend
 from .cpp_backend import CppBackend
 from .reference import ReferenceBackend
 from .torch_backend import TorchBackend
@@ -36,6 +38,32 @@ _resolved: dict[tuple[str, str], Backend] = {}
 _warned: set[str] = set()
 
 
+def register_backend(backend: Backend) -> Backend:
+    """Adds ``backend`` (a :class:`Backend`, typically a ``KernelBackend`` whose ``kernels()`` come from
+    :func:`bayeslayers.register_posterior_kernels`) under ``backend.name``, replacing one of that name.
+
+    ``set_backend(backend.name)`` selects it; ``auto`` also picks it on the device types where its
+    ``priorities`` claim more than every other usable backend. Returns ``backend``.
+    """
+    global BACKEND_CHOICES, _selection_count
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a bayeslayers.backends.Backend, got {type(backend).__name__}")
+    name = backend.name
+    if not isinstance(name, str) or not name.isidentifier() or name in ("auto", "base"):
+        raise ValueError(f"backend.name must be an identifier other than 'auto' and 'base', got {name!r}")
+    priorities = backend.priorities
+    if not isinstance(priorities, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in priorities.items()
+    ):
+        raise TypeError(f"backend.priorities must map device types to int priorities, got {priorities!r}")
+    BACKENDS.pop(name, None)  # a replaced name counts as the latest registration (ties go to the latest)
+    BACKENDS[name] = backend
+    BACKEND_CHOICES = ("auto", *BACKENDS)
+    _selection_count += 1  # compiled graphs retrace; every device resolves again
+    _resolved.clear()
+    return backend
+
+
 def _check_name(name: str, argument: str) -> str:
     if name not in BACKEND_CHOICES:
         raise ValueError(f"{argument} must be one of {BACKEND_CHOICES}, got {name!r}")
@@ -43,7 +71,8 @@ def _check_name(name: str, argument: str) -> str:
 
 
 def set_backend(name: str | None) -> None:
-    """Selects the backend for all Bayesian layers: 'auto', 'reference', 'torch', 'cpp' or 'triton'.
+    """Selects the backend for all Bayesian layers: 'auto', 'reference', 'torch', 'cpp', 'triton' or a
+    registered one (:func:`register_backend`).
 
     ``None`` clears the selection (back to $BAYESLAYERS_BACKEND, else 'auto').
     """
@@ -92,16 +121,23 @@ def _resolve(name: str, device_type: str) -> Backend:
 
 
 def _auto(device: torch.device) -> Backend:
-    preferred = {"cuda": BACKENDS["triton"], "cpu": BACKENDS["cpp"]}.get(device.type)
-    if preferred is None:
-        return BACKENDS["torch"]
-    reason = preferred.unavailable_reason(device)
-    if not reason:
-        return preferred
-    if preferred.name not in _warned:
-        _warned.add(preferred.name)
-        warnings.warn(f"bayeslayers: using the 'torch' backend on {device.type}: {reason}", stacklevel=4)
-    return BACKENDS["torch"]
+    """The usable backend claiming the highest priority for ``device``'s type (of equal ones the latest
+    registered); one warning per skipped preferred backend."""
+    claims = [(b.priority(device.type), i, b) for i, b in enumerate(BACKENDS.values())]
+    candidates = [b for p, i, b in sorted((c for c in claims if c[0] is not None), reverse=True)]
+    skipped = []
+    for backend in candidates:
+        reason = backend.unavailable_reason(device)
+        if not reason:
+            if skipped and skipped[0][0].name not in _warned:
+                _warned.add(skipped[0][0].name)
+                warnings.warn(
+                    f"bayeslayers: using the {backend.name!r} backend on {device.type}: {skipped[0][1]}", stacklevel=4
+                )
+            return backend
+        skipped.append((backend, reason))
+    tried = "; ".join(f"{b.name}: {r}" for b, r in skipped) or "no backend claims it"
+    raise RuntimeError(f"no backend can run on device {device} ({tried})")
 
 
 def materialize_eps(seed: int, shape, device="cpu", backend: str | None = None) -> torch.Tensor:
@@ -114,4 +150,13 @@ def materialize_eps(seed: int, shape, device="cpu", backend: str | None = None) 
     return resolve_backend(device, backend).noise(seed, tuple(shape), device)
 
 
-__all__ = ["Backend", "BACKENDS", "get_backend", "materialize_eps", "resolve_backend", "set_backend"]
+__all__ = [
+    "Backend",
+    "BACKENDS",
+    "KernelBackend",
+    "get_backend",
+    "materialize_eps",
+    "register_backend",
+    "resolve_backend",
+    "set_backend",
+]

@@ -16,6 +16,13 @@ class Backend:
     """
 
     name = "base"
+    # What the backend claims under 'auto': device type ("*": any) -> priority, the highest available one serves
+    # the device; a device type it does not name (and no "*") never gets it from 'auto'.
+    priorities: dict[str, int] = {}
+
+    def priority(self, device_type: str) -> int | None:
+        """The priority this backend claims for ``device_type`` under 'auto', or None."""
+        return self.priorities.get(device_type, self.priorities.get("*"))
 
     def is_available(self, device: torch.device) -> bool:
         return self.unavailable_reason(device) == ""

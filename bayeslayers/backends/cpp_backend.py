@@ -17,6 +17,7 @@ from .base import KernelBackend
 
 class CppBackend(KernelBackend):
     name = "cpp"
+    priorities = {"cpu": 100}
 
     def unavailable_reason(self, device: torch.device) -> str:
         if device.type != "cpu":

@@ -18,6 +18,7 @@ from .base import KernelBackend
 
 class TorchBackend(KernelBackend):
     name = "torch"
+    priorities = {"*": 0}
 
     def kernels(self):
         return kernels.TORCH_KERNELS

@@ -22,6 +22,7 @@ from .base import KernelBackend
 
 class TritonBackend(KernelBackend):
     name = "triton"
+    priorities = {"cuda": 100}
 
     def unavailable_reason(self, device: torch.device) -> str:
         if not TRITON_INSTALLED:

@@ -154,6 +154,30 @@ def _factor_draw(factor: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return factor.draw_weight(dtype) if isinstance(factor, BayesLinear) else factor.weight.to(dtype)
 
 
+def fused_lora_linear(x, base: nn.Module, lora_A: nn.Module, lora_B: nn.Module, scaling: float):
+    """base(x) + scaling * B(A(x)) as one kernel (the backend's fused LoRA GEMM), each factor a posterior draw or
+    its plain weight; None where the backend does not fuse on ``x``'s device or ``base`` is not a plain nn.Linear.
+
+    x (..., in) in any float dtype, computed in its compute dtype; base (out, in); A (rank, in); B (out, rank).
+    """
+    if type(base) is not nn.Linear or not x.is_floating_point():
+        return None
+    backend = resolve_backend(x.device)
+    if not backend.fuses_lora(x.device):
+        return None
+    dtype = compute_dtype(x)
+    a, b = _factor_draw(lora_A, dtype), _factor_draw(lora_B, dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return backend.lora_linear(
+            x.to(dtype),
+            base.weight.to(dtype),
+            None if base.bias is None else base.bias.to(dtype),
+            a,
+            b,
+            scaling,
+        )
+
+
 class BayesLoRALinear(_BayesLoRA):
     """Bayesian LoRA on an nn.Linear: A (rank, in) and B (out, rank)."""
 
@@ -180,23 +204,7 @@ class BayesLoRALinear(_BayesLoRA):
         return self.scaling * (_factor_weight(self.lora_B) @ _factor_weight(self.lora_A))
 
     def _fused_forward(self, x):
-        base = self.base_layer
-        if type(base) is not nn.Linear or not x.is_floating_point():
-            return None
-        backend = resolve_backend(x.device)
-        if not backend.fuses_lora(x.device):
-            return None
-        dtype = compute_dtype(x)
-        a, b = _factor_draw(self.lora_A, dtype), _factor_draw(self.lora_B, dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return backend.lora_linear(
-                x.to(dtype),
-                base.weight.to(dtype),
-                None if base.bias is None else base.bias.to(dtype),
-                a,
-                b,
-                self.scaling,
-            )
+        return fused_lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling)
 
 
 class BayesLoRAConv2d(_BayesLoRA):

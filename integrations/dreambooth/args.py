@@ -188,6 +188,12 @@ def _bayesian_flags(add) -> None:
         default=True,
         help="--no-bayesian trains the plain baseline with the same script",
     )
+    add(
+        "--use_peft",
+        action="store_true",
+        help="lora mode: add the LoRA with peft (unet.add_adapter) and make its factors Bayesian in place, so the "
+        "trained UNet is a peft model (disable_adapter, merging, get_peft_model_state_dict work on it)",
+    )
     add("--bayes_preset", type=str, default=None, help="default: dreambooth-bnn (full) / dreambooth-bnn-lora")
     add("--bayes_target_modules", type=str, default=None, help="regex or comma-separated names; overrides preset")
     add(
@@ -280,6 +286,10 @@ def _check_combinations(args) -> None:
         _fail("--bayes_text_encoder needs --train_text_encoder (a frozen text encoder has no posterior to learn)")
     if args.bayes_text_encoder and not args.bayesian:
         _fail("--bayes_text_encoder cannot be used with --no-bayesian")
+    if args.use_peft and args.train_mode != "lora":
+        _fail("--use_peft needs --train_mode lora (it adds the LoRA adapter with peft)")
+    if args.use_peft and args.train_text_encoder:
+        _fail("--use_peft trains the UNet's adapter only; drop --train_text_encoder or --use_peft")
     if args.validation_images is not None:
         _fail(
             "--validation_images is for image-conditioned pipelines (e.g. DeepFloyd IF super-resolution); "

@@ -31,6 +31,14 @@ def lora_layers_state(unet) -> dict[str, torch.Tensor]:
     return state
 
 
+def peft_lora_state(unet) -> dict[str, torch.Tensor]:
+    """The peft adapter's state in diffusers' key format (``--use_peft``), the posterior means as its weights."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
 def export_model(unet, args, text_encoder=None) -> dict[str, str]:
     """Saves the Bayesian state, then the mean model: a UNet folder (full) or LoRA weights (lora).
 
@@ -52,7 +60,7 @@ def export_model(unet, args, text_encoder=None) -> dict[str, str]:
         text_layers = lora_layers_state(text_encoder) if text_encoder is not None else None
         StableDiffusionPipeline.save_lora_weights(
             out,
-            unet_lora_layers=lora_layers_state(unet),
+            unet_lora_layers=peft_lora_state(unet) if getattr(args, "use_peft", False) else lora_layers_state(unet),
             text_encoder_lora_layers=text_layers or None,
             safe_serialization=True,
         )

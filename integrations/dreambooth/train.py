@@ -99,13 +99,33 @@ def make_bayesian(unet, args) -> None:
         rank=args.rank,
         **posterior_options(args),
     )
-    if args.train_mode == "lora":
+    if args.train_mode == "lora" and args.use_peft:
+        add_peft_adapter(unet, args, targets)
+        if args.bayesian:
+            preset = bayeslayers.get_preset(args.bayes_preset)
+            options.update(preset=None, mode="peft", bayesian_factors=preset.bayesian_factors, factor_prior="current")
+            options["target_modules"] = preset.target_modules if targets is None else targets
+            options.pop("rank")
+            bayeslayers.convert(unet, **options)
+    elif args.train_mode == "lora":
         options["bayesian_factors"] = (
             bayeslayers.get_preset(args.bayes_preset).bayesian_factors if args.bayesian else ""
         )
         bayeslayers.convert(unet, **options)
     elif args.bayesian:
         bayeslayers.convert(unet, **options)
+
+
+def add_peft_adapter(unet, args, targets) -> None:
+    """``--use_peft``: a rank ``--rank`` peft LoRA adapter (alpha = rank; A Kaiming-uniform, B zero, as the
+    library's LoRA layer) on the preset's (or ``--bayes_target_modules``') layers, the rest of the UNet frozen."""
+    from peft import LoraConfig
+
+    if targets is None:
+        targets = bayeslayers.get_preset(args.bayes_preset).target_modules
+    targets = list(targets) if isinstance(targets, tuple) else targets
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights=True, target_modules=targets))
 
 
 def validation_pipeline(args, unet, text_encoder, vae, tokenizer, weight_dtype):
