@@ -353,7 +353,9 @@ def main(args, step_callback=None) -> dict:
             with accelerator.autocast(), steerer.conditioned(condition):
                 prediction = pipe.unet(noisy, timesteps, text).sample
             loss = F.mse_loss(prediction.float(), target.float())
-            kl = bayeslayers.kl_loss(model) / len(latents) if args.bayesian else torch.zeros(())
+            # --store_prior false (for --kl_weight 0): no prior, no KL
+            has_kl = args.bayesian and args.store_prior
+            kl = bayeslayers.kl_loss(model) / len(latents) if has_kl else torch.zeros(())
             accelerator.backward(loss + args.kl_weight * kl)
             accelerator.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()

@@ -201,7 +201,8 @@ def _bayesian_flags(add) -> None:
         default=DEFAULT_TEXT_ENCODER_PRESET,
         help="full mode: which text-encoder layers become Bayesian (lora mode: its LoRA up factors)",
     )
-    BayesConfig.add_arguments(add, POSTERIOR_FIELDS)  # --init_sigma, --prior_sigma, --kl_direction, --prior_dtype
+    # --init_sigma, --prior_sigma, --kl_direction, --prior_dtype, --store_prior (default: only with --kl_weight > 0)
+    BayesConfig.add_arguments(add, POSTERIOR_FIELDS, defaults={"store_prior": None})
     add("--kl_weight", type=float, default=0.0)
 
 
@@ -231,6 +232,15 @@ def tiny_sd_defaults() -> dict:
         "validation_prompt": prompts["validation_prompt"],
         "eval_prompts": prompts.get("eval_prompts"),
     }
+
+
+def posterior_options(args) -> dict:
+    """The posterior's ``BayesConfig`` options as the flags set them (``--init_sigma`` ... ``--store_prior``;
+    ``--store_prior`` unset: a prior only with ``--kl_weight`` > 0, since nothing else reads it)."""
+    options = {name: getattr(args, name) for name in POSTERIOR_FIELDS}
+    if options["store_prior"] is None:
+        options["store_prior"] = args.kl_weight > 0
+    return options
 
 
 def _fail(message: str):
@@ -267,6 +277,8 @@ def _check_ranges(args) -> None:
     for flag in ("lr_warmup_steps", "dataloader_num_workers"):
         if getattr(args, flag) < 0:
             _fail(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.store_prior is False and args.kl_weight > 0:
+        _fail(f"--store_prior false needs --kl_weight 0 (the KL reads the prior), got --kl_weight {args.kl_weight}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         _fail(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.resolution is not None and args.resolution < 8:

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 import bayeslayers
-from bayeslayers.config import POSTERIOR_FIELDS
 
+from .args import posterior_options
 from .checkpoints import (
     check_finite_metrics,
     check_finite_parameters,
@@ -80,11 +80,6 @@ def load_components(args, device, weight_dtype):
     else:
         text_encoder.requires_grad_(False).to(device, dtype=weight_dtype).eval()
     return tokenizer, text_encoder, vae, unet.to(device), noise_scheduler
-
-
-def posterior_options(args) -> dict:
-    """The posterior's ``BayesConfig`` options as the flags set them (``--init_sigma`` ... ``--prior_dtype``)."""
-    return {name: getattr(args, name) for name in POSTERIOR_FIELDS}
 
 
 def make_bayesian(unet, args) -> None:
@@ -304,6 +299,8 @@ def main(args, step_callback=None) -> dict:
         if step == 0:  # the base model: where the curves start
             evaluator(0)
     evaluated = step
+    # False: the Bayesian layers store no prior (--kl_weight 0), so no KL exists and none is logged
+    has_prior = not args.bayesian or posterior_options(args)["store_prior"]
     progress = tqdm(
         range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process
     )
@@ -337,8 +334,10 @@ def main(args, step_callback=None) -> dict:
                 loss = diffusion_loss(pred, target, timesteps, noise_scheduler, args)
                 zero = torch.zeros((), device=loss.device)
                 # divergence (NaN/Inf loss or KL) is reported after the step by check_finite_metrics
-                kl_unet = bayeslayers.kl_loss(raw_unet, check_finite=False) if bayesian else zero
-                kl_text = bayeslayers.kl_loss(raw_text_encoder, check_finite=False) if text_bayesian else zero
+                kl_unet = bayeslayers.kl_loss(raw_unet, check_finite=False) if bayesian and has_prior else zero
+                kl_text = (
+                    bayeslayers.kl_loss(raw_text_encoder, check_finite=False) if text_bayesian and has_prior else zero
+                )
                 kl = kl_unet + kl_text
                 total = loss + args.kl_weight * kl if args.kl_weight > 0 else loss
                 accelerator.backward(total)
@@ -353,16 +352,17 @@ def main(args, step_callback=None) -> dict:
             progress.update(1)
             logs = {
                 "loss": loss.item(),
-                "kl": kl.item(),
+                "kl": kl.item() if has_prior else None,
                 "mean_sigma": mean_sigma(raw_unet),
                 "lr": lr_scheduler.get_last_lr()[0],
             }
             if text_bayesian:
                 logs.update(
-                    kl_unet=kl_unet.item(),
-                    kl_text_encoder=kl_text.item(),
+                    kl_unet=kl_unet.item() if has_prior else None,
+                    kl_text_encoder=kl_text.item() if has_prior else None,
                     mean_sigma_text_encoder=mean_sigma(raw_text_encoder),
                 )
+            logs = {key: value for key, value in logs.items() if value is not None}
             check_finite_metrics(logs, out, step)
             for key in HISTORY_KEYS:
                 if key in logs:
@@ -370,7 +370,7 @@ def main(args, step_callback=None) -> dict:
             history["step"].append(step)
             shown = {"loss": f"{logs['loss']:.4f}"}
             if args.bayesian:
-                shown.update(kl=f"{logs['kl']:.3g}", sigma=f"{logs['mean_sigma']:.3g}")
+                shown.update(kl=f"{logs['kl']:.3g}" if has_prior else "-", sigma=f"{logs['mean_sigma']:.3g}")
             progress.set_postfix(**shown)
             accelerator.log(logs, step=step)
             if step_callback is not None:
@@ -416,14 +416,14 @@ def main(args, step_callback=None) -> dict:
         "steps": step,
         "epochs": args.num_train_epochs,
         "final_loss": history["loss"][-1],
-        "final_kl": history["kl"][-1],
+        "final_kl": history["kl"][-1] if history["kl"] else None,
         "final_mean_sigma": history["mean_sigma"][-1],
         "train_seconds": round(seconds, 2),
     }
     if text_bayesian:
         metrics.update(
-            final_kl_unet=history["kl_unet"][-1],
-            final_kl_text_encoder=history["kl_text_encoder"][-1],
+            final_kl_unet=history["kl_unet"][-1] if history.get("kl_unet") else None,
+            final_kl_text_encoder=history["kl_text_encoder"][-1] if history.get("kl_text_encoder") else None,
             final_mean_sigma_text_encoder=history["mean_sigma_text_encoder"][-1],
         )
     result = dict(metrics)
