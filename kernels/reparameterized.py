@@ -125,10 +125,42 @@ class SampleInGemm(WeightPath):
         return dx, d_mu, d_rho, d_bias
 
 
+STEP_IN_BACKWARD = "_bayeslayers_step_in_backward"  # attribute an optimizer sets on a parameter it updates in
+# backward: a weakref.WeakMethod of step(param, grad); the parameter's gradient then never reaches .grad
+
+
+def steps_in_backward(*params):
+    """``(step, param)`` per parameter: the in-backward optimizer step registered on it (None where none is) and
+    the parameter itself, read when the forward runs (backward may see a detached alias of it, e.g. under
+    activation checkpointing)."""
+    steps = tuple((getattr(p, STEP_IN_BACKWARD, None), p) for p in params)
+    if any(s is not None for s, _ in steps) and torch.compiler.is_compiling():
+        raise RuntimeError(
+            "an optimizer that updates Bayesian parameters in backward (bayeslayers.optim.FusedBayesAdamW) cannot "
+            "run under torch.compile: compile with a stock optimizer (torch.optim.AdamW, or fused=False)"
+        )
+    return steps
+
+
+def apply_steps_in_backward(steps, grads):
+    """Hands each gradient to its parameter's in-backward step (which consumes it: None is returned in its place);
+    gradients of parameters without one pass through."""
+    out = []
+    for (step_ref, param), grad in zip(steps, grads):
+        step = None if step_ref is None else step_ref()  # None once the optimizer is gone
+        if step is None or grad is None:
+            out.append(grad)
+        else:
+            step(param, grad)
+            out.append(None)
+    return out
+
+
 class ReparameterizedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mu, rho, bias, prior_mu, seed, prior_sigma, kl_direction, layer_map, path):
         y, kl = path.forward(layer_map, x, Posterior(mu, rho, prior_mu, prior_sigma, kl_direction), bias, seed)
+        ctx.steps = steps_in_backward(mu, rho)
         ctx.save_for_backward(x, mu, rho, prior_mu, seed)
         ctx.prior_sigma, ctx.kl_direction, ctx.layer_map, ctx.path = prior_sigma, kl_direction, layer_map, path
         ctx.has_bias = bias is not None
@@ -142,10 +174,12 @@ class ReparameterizedFunction(torch.autograd.Function):
         needs = Needs(need_x, need_mu, need_rho, need_bias and ctx.has_bias)
         posterior = Posterior(mu, rho, prior_mu, ctx.prior_sigma, ctx.kl_direction)
         dx, d_mu, d_rho, d_bias = ctx.path.backward(ctx.layer_map, dy, dkl, x, posterior, seed, needs)
+        d_mu, d_rho = d_mu if need_mu else None, d_rho if need_rho else None
+        d_mu, d_rho = apply_steps_in_backward(ctx.steps, (d_mu, d_rho))
         return (
             dx,
-            d_mu if need_mu else None,
-            d_rho if need_rho else None,
+            d_mu,
+            d_rho,
             d_bias if needs.bias else None,
             None,
             None,
@@ -160,6 +194,7 @@ class SampledWeightFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, rho, prior_mu, seed, prior_sigma, kl_direction, dtype, kernels):
         w, kl = kernels.sample_weight(Posterior(mu, rho, prior_mu, prior_sigma, kl_direction), seed, dtype)
+        ctx.steps = steps_in_backward(mu, rho)
         ctx.save_for_backward(mu, rho, prior_mu, seed)
         ctx.prior_sigma, ctx.kl_direction, ctx.kernels = prior_sigma, kl_direction, kernels
         ctx.set_materialize_grads(False)
@@ -172,6 +207,8 @@ class SampledWeightFunction(torch.autograd.Function):
         if d_w is not None or dkl is not None:
             posterior = Posterior(mu, rho, prior_mu, ctx.prior_sigma, ctx.kl_direction)
             d_mu, d_rho, _ = ctx.kernels.reparameterization_grad(posterior, seed, d_w, dkl)
+            d_mu, d_rho = d_mu if ctx.needs_input_grad[0] else None, d_rho if ctx.needs_input_grad[1] else None
+            d_mu, d_rho = apply_steps_in_backward(ctx.steps, (d_mu, d_rho))
         return d_mu, d_rho, None, None, None, None, None, None
 
 
