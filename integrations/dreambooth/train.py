@@ -12,7 +12,7 @@ import torch
 
 import bayeslayers
 
-from .args import posterior_options
+from .args import fused_optimizer_blocker, posterior_options, use_fused_optimizer
 from .checkpoints import (
     check_finite_metrics,
     check_finite_parameters,
@@ -257,7 +257,12 @@ def main(args, step_callback=None) -> dict:
     named_params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     if args.train_text_encoder:  # checkpoint names: UNet parameters as they are, text encoder ones prefixed
         named_params.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
-    optimizer = build_optimizer(list(named_params.values()), args, accelerator.num_processes)
+    fused = use_fused_optimizer(args, accelerator.num_processes)
+    if args.bayesian and not fused:
+        reason = fused_optimizer_blocker(args, accelerator.num_processes) or "--no-fused_optimizer"
+        accelerator.print(f"optimizer: torch AdamW, not the fused one ({reason})")
+    optimizer = build_optimizer(list(named_params.values()), args, accelerator.num_processes, fused)
+    optimizer_name = type(optimizer).__name__
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
     if args.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
@@ -341,7 +346,7 @@ def main(args, step_callback=None) -> dict:
                 kl = kl_unet + kl_text
                 total = loss + args.kl_weight * kl if args.kl_weight > 0 else loss
                 accelerator.backward(total)
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and args.max_grad_norm > 0:  # 0: no clipping
                     accelerator.clip_grad_norm_(list(named_params.values()), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
@@ -419,6 +424,7 @@ def main(args, step_callback=None) -> dict:
         "final_kl": history["kl"][-1] if history["kl"] else None,
         "final_mean_sigma": history["mean_sigma"][-1],
         "train_seconds": round(seconds, 2),
+        "optimizer": optimizer_name,
     }
     if text_bayesian:
         metrics.update(
