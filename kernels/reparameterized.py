@@ -132,14 +132,10 @@ STEP_IN_BACKWARD = "_bayeslayers_step_in_backward"  # attribute an optimizer set
 def steps_in_backward(*params):
     """``(step, param)`` per parameter: the in-backward optimizer step registered on it (None where none is) and
     the parameter itself, read when the forward runs (backward may see a detached alias of it, e.g. under
-    activation checkpointing)."""
-    steps = tuple((getattr(p, STEP_IN_BACKWARD, None), p) for p in params)
-    if any(s is not None for s, _ in steps) and torch.compiler.is_compiling():
-        raise RuntimeError(
-            "an optimizer that updates Bayesian parameters in backward (bayeslayers.optim.FusedBayesAdamW) cannot "
-            "run under torch.compile: compile with a stock optimizer (torch.optim.AdamW, or fused=False)"
-        )
-    return steps
+    activation checkpointing). A compiled graph reads none: its gradients reach ``.grad`` as usual."""
+    if torch.compiler.is_compiling():
+        return tuple((None, p) for p in params)
+    return tuple((getattr(p, STEP_IN_BACKWARD, None), p) for p in params)
 
 
 def apply_steps_in_backward(steps, grads):

@@ -1,6 +1,7 @@
 """FusedBayesAdamW against torch.optim.AdamW on the same weight samples: the same training, state and resume."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -35,8 +36,7 @@ def _backend_reset():
     bayeslayers.set_backend(None)
 
 
-@pytest.fixture(scope="module")
-def converted():
+def convert_net(net):
     torch.manual_seed(0)
     net = Net()
     bayeslayers.convert(net, target_modules=["conv", "proj"], init_sigma=0.05)
@@ -44,6 +44,11 @@ def converted():
     for module in (net.conv, net.proj):  # LoRA mode froze the rest: train these in full
         module.requires_grad_(True)
     return randomize_bayesian_state(net, seed=3)
+
+
+@pytest.fixture(scope="module")
+def converted():
+    return convert_net(Net())
 
 
 def _trainable(model):
@@ -192,3 +197,50 @@ def test_a_dropped_optimizer_leaves_plain_gradients():
     FusedBayesAdamW(model.parameters(), lr=1e-3)  # not kept
     model(torch.randn(3, 6)).square().sum().backward()
     assert model[0].weight_mu.grad is not None and model[0].weight_rho.grad is not None
+
+
+def test_two_ddp_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    """DDP leaves mu and rho to the optimizer (exclude_from_ddp), which averages their gradients in backward."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from multiprocess_fused_optim import batches, train
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).parent / "multiprocess_fused_optim.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    out = tmp_path / "ddp.pt"
+    ranks = [
+        subprocess.Popen([sys.executable, str(script), str(r), "2", str(port), str(out)], env=env) for r in range(2)
+    ]
+    assert [p.wait(timeout=300) for p in ranks] == [0, 0]
+    single = convert_net(Net())
+    optimizer = torch.optim.AdamW([p for p in single.parameters() if p.requires_grad], lr=1e-2, foreach=False)
+    train(single, optimizer, *batches())
+    distributed = torch.load(out)
+    moved = 0.0
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(distributed[name], p.detach(), rtol=1e-5, atol=1e-7, msg=name)
+        moved = max(moved, float((p.detach() - convert_net(Net()).get_parameter(name).detach()).abs().max()))
+    assert moved > 1e-3  # it trained
+
+
+def test_under_torch_compile_gradients_reach_step_and_training_equals_adamw(converted):
+    """A compiled graph does not update in backward: the gradients are materialised and step() applies AdamW."""
+    bayeslayers.set_backend("cpp")
+    fused_model, plain_model = copy.deepcopy(converted), copy.deepcopy(converted)
+    fused = FusedBayesAdamW([p for _, p in _trainable(fused_model)], lr=1e-3)
+    plain = torch.optim.AdamW([p for _, p in _trainable(plain_model)], lr=1e-3, foreach=False)
+    compiled = torch.compile(fused_model)
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    for step, (model, optimizer) in enumerate([(compiled, fused), (plain_model, plain)] * 2):
+        torch.manual_seed(step // 2)
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert _max_relative_difference(fused_model, plain_model) <= 1e-5
+    assert _max_relative_difference(fused_model, converted) > 1e-5

@@ -51,6 +51,8 @@ class FusedBayesAdamW(torch.optim.AdamW):
         if all_reduce is None:
             all_reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.all_reduce = bool(all_reduce)
+        # a group of its own: its reductions never interleave with DDP's bucket reductions on the default group
+        self._process_group = dist.new_group() if self.all_reduce else None
         self._step_supports_amp_scaling = True  # GradScaler hands step() its scale: refused there, clearly
         self._stepped_in_backward: set[int] = set()
         self._groups_by_param: dict[int, dict] = {}
@@ -106,8 +108,8 @@ class FusedBayesAdamW(torch.optim.AdamW):
             raise RuntimeError("FusedBayesAdamW: step_in_backward got a parameter that is in none of its groups")
         if self.all_reduce:
             grad = grad.contiguous()
-            dist.all_reduce(grad)
-            grad.div_(dist.get_world_size())
+            dist.all_reduce(grad, group=self._process_group)
+            grad.div_(dist.get_world_size(self._process_group))
         state = self.state[param]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
