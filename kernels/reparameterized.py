@@ -66,7 +66,19 @@ class SampleThenMap(WeightPath):
         w, kl = self.kernels.sample_weight(posterior, seed, x.dtype)
         return layer_map.forward(x, w, bias), kl
 
-    def backward(self, layer_map, dy, dkl, x, posterior, seed, needs):
+    def fuses_adamw(self, dy, needs) -> bool:
+        """True when this backward can run AdamW inside its gradient pass (C++ kernels, no dW epilogue)."""
+        return (
+            self.kernels.reparameterization_grad_adamw_fn is not None
+            and not self.weight_grad_epilogue
+            and dy is not None
+            and needs.mu
+            and needs.rho
+        )
+
+    def backward(self, layer_map, dy, dkl, x, posterior, seed, needs, adamw=None):
+        """``adamw``: :class:`AdamWArguments` when :meth:`fuses_adamw`: mu, rho and the moments are updated in the
+        gradient pass and (None, None) is returned for d_mu, d_rho."""
         kernels = self.kernels
         need_weight, need_bias = needs.weight, needs.bias
         dx = d_w = d_bias = d_mu = d_rho = w = None
@@ -83,7 +95,12 @@ class SampleThenMap(WeightPath):
             shape_only = torch.empty(posterior.mu.shape, dtype=x.dtype, device=x.device)
             _, d_w, d_bias = layer_map.backward(dy, x, shape_only, (False, need_weight, need_bias))
         write_w = needs.x and dy is not None
-        if need_weight and (d_w is not None or dkl is not None):
+        if adamw is not None:
+            w_dtype = x.dtype if write_w else None
+            w = kernels.reparameterization_grad_adamw(
+                d_w, *posterior, w_dtype=w_dtype, adamw=adamw, seed=seed, g_kl=dkl
+            )
+        elif need_weight and (d_w is not None or dkl is not None):
             w_dtype = x.dtype if write_w else None
             d_mu, d_rho, w = kernels.reparameterization_grad(posterior, seed, d_w, dkl, w_dtype, d_w_is_temporary=True)
         if write_w:
@@ -152,6 +169,18 @@ def apply_steps_in_backward(steps, grads):
     return out
 
 
+def fused_adamw_arguments(steps):
+    """:class:`AdamWArguments` for one gradient pass with AdamW fused in, from the optimizer that registered the
+    in-backward steps of mu and rho (``fused_adamw_arguments(mu, rho)``: it counts the step as taken), or None
+    when there is none or it cannot fuse this update."""
+    (mu_step, mu), (rho_step, rho) = steps
+    optimizer = None if mu_step is None or rho_step is None else getattr(mu_step(), "__self__", None)
+    if optimizer is None or getattr(rho_step(), "__self__", None) is not optimizer:
+        return None
+    request = getattr(optimizer, "fused_adamw_arguments", None)
+    return None if request is None else request(mu, rho)
+
+
 class ReparameterizedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mu, rho, bias, prior_mu, seed, prior_sigma, kl_direction, layer_map, path):
@@ -169,7 +198,13 @@ class ReparameterizedFunction(torch.autograd.Function):
         need_x, need_mu, need_rho, need_bias = ctx.needs_input_grad[:4]
         needs = Needs(need_x, need_mu, need_rho, need_bias and ctx.has_bias)
         posterior = Posterior(mu, rho, prior_mu, ctx.prior_sigma, ctx.kl_direction)
-        dx, d_mu, d_rho, d_bias = ctx.path.backward(ctx.layer_map, dy, dkl, x, posterior, seed, needs)
+        adamw = None
+        if isinstance(ctx.path, SampleThenMap) and ctx.path.fuses_adamw(dy, needs):
+            adamw = fused_adamw_arguments(ctx.steps)
+        if adamw is not None:
+            dx, d_mu, d_rho, d_bias = ctx.path.backward(ctx.layer_map, dy, dkl, x, posterior, seed, needs, adamw)
+        else:
+            dx, d_mu, d_rho, d_bias = ctx.path.backward(ctx.layer_map, dy, dkl, x, posterior, seed, needs)
         d_mu, d_rho = d_mu if need_mu else None, d_rho if need_rho else None
         d_mu, d_rho = apply_steps_in_backward(ctx.steps, (d_mu, d_rho))
         return (

@@ -87,11 +87,9 @@ class FusedBayesAdamW(torch.optim.AdamW):
             for param in group["params"]:
                 self._groups_by_param[id(param)] = group
 
-    @torch.no_grad()
-    def step_in_backward(self, param: torch.Tensor, grad: torch.Tensor) -> None:
-        """AdamW on ``param`` with ``grad`` (consumed), called by a Bayesian layer's gradient pass."""
-        key = id(param)
-        if key in self._stepped_in_backward:
+    def _check_first_gradient(self, param: torch.Tensor) -> dict:
+        """The group of ``param``, after checking that it takes its first gradient of this step."""
+        if id(param) in self._stepped_in_backward:
             raise RuntimeError(
                 "FusedBayesAdamW: a Bayesian parameter received a second gradient before step() (gradient "
                 "accumulation, or a layer used twice in one step); it updates in backward, so each parameter "
@@ -103,18 +101,54 @@ class FusedBayesAdamW(torch.optim.AdamW):
                 "KL computed apart from the sampling forward, or a gradient not cleared by zero_grad): use "
                 "torch.optim.AdamW for such a loss"
             )
-        group = self._groups_by_param.get(key)
+        group = self._groups_by_param.get(id(param))
         if group is None:
-            raise RuntimeError("FusedBayesAdamW: step_in_backward got a parameter that is in none of its groups")
+            raise RuntimeError("FusedBayesAdamW: a gradient pass handed it a parameter that is in none of its groups")
+        return group
+
+    def _state(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if not state:  # as torch.optim.AdamW initialises it
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def fused_adamw_arguments(self, mu: torch.Tensor, rho: torch.Tensor):
+        """What a gradient pass needs to run this step's AdamW on ``mu`` and ``rho`` itself (``AdamWArguments``:
+        moments and scalars), counting the step as taken; None when it cannot (gradients to all-reduce first,
+        moments not contiguous float32)."""
+        from bayeslayers.kernels.kernel_ops import AdamWArguments
+
+        if self.all_reduce:
+            return None
+        groups = [self._check_first_gradient(p) for p in (mu, rho)]
+        states = [self._state(p) for p in (mu, rho)]
+        tensors = [t for state in states for t in (state["exp_avg"], state["exp_avg_sq"])]
+        if not all(t.dtype == torch.float32 and t.is_contiguous() and t.device == mu.device for t in tensors):
+            return None
+        scalars = []
+        for group, state in zip(groups, states):
+            state["step"] += 1
+            step = float(state["step"])
+            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
+            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+            step_size = lr / (1 - beta1**step)
+            scalars.append((1 - lr * decay, 1 - beta1, beta2, 1 - beta2, bias_correction2_sqrt, eps, -step_size))
+        self._stepped_in_backward.update((id(mu), id(rho)))
+        return AdamWArguments(tuple(tensors), *scalars)
+
+    @torch.no_grad()
+    def step_in_backward(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """AdamW on ``param`` with ``grad`` (consumed), called by a Bayesian layer's gradient pass."""
+        group = self._check_first_gradient(param)
         if self.all_reduce:
             grad = grad.contiguous()
             dist.all_reduce(grad, group=self._process_group)
             grad.div_(dist.get_world_size(self._process_group))
-        state = self.state[param]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state = self._state(param)
         beta1, beta2 = group["betas"]
         adamw(
             [param],
@@ -132,7 +166,7 @@ class FusedBayesAdamW(torch.optim.AdamW):
             eps=group["eps"],
             maximize=False,
         )
-        self._stepped_in_backward.add(key)
+        self._stepped_in_backward.add(id(param))
 
     def step(self, closure=None):
         """AdamW on every parameter holding a ``.grad`` (those not updated in backward); ends the step."""
