@@ -22,7 +22,8 @@ from .targets import check_targets
 MODES = ("full", "lora", "peft")
 FACTOR_CHOICES = ("AB", "A", "B", "")  # "": a plain (deterministic) LoRA, for baselines
 PRIOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-POSTERIOR_FIELDS = ("init_sigma", "prior_sigma", "kl_direction", "prior_dtype")  # every Bayesian layer's options
+# every Bayesian layer's options
+POSTERIOR_FIELDS = ("init_sigma", "prior_sigma", "kl_direction", "prior_dtype", "store_prior")
 LORA_FIELDS = ("rank", "lora_alpha", "bayesian_factors")  # the LoRA layers' options on top
 PEFT_FIELDS = ("adapter_name", "bayesian_factors", "factor_prior")  # a peft adapter's options on top
 FACTOR_PRIORS = ("current", "zero")
@@ -53,6 +54,11 @@ class BayesConfig:
     )
     prior_dtype: torch.dtype | None = _option(
         None, "dtype of the stored prior mean (bfloat16 halves its memory); None: float32"
+    )
+    store_prior: bool = _option(
+        True,
+        "False: store no prior (one weight's worth of memory less per Bayesian weight); only for training "
+        "without the KL term (KL weight 0): kl_loss then raises",
     )
     rank: int = _option(4, "LoRA rank (mode 'lora')")
     lora_alpha: float | None = _option(None, "LoRA alpha (mode 'lora'); None: = rank (scaling 1)")
@@ -94,6 +100,7 @@ class BayesConfig:
         check_choice(self.factor_prior, FACTOR_PRIORS, "factor_prior")
         if self.mode == "peft" and not self.bayesian_factors:
             raise ValueError("bayesian_factors must name at least one factor ('AB', 'A' or 'B') in mode 'peft'")
+        check_bool(self.store_prior, "store_prior")
 
     def replace(self, **changes) -> BayesConfig:
         """A copy with ``changes``; unknown names raise a TypeError listing the options."""
@@ -138,6 +145,12 @@ def check_positive(value, argument: str) -> float:
     return float(value)
 
 
+def check_bool(value, argument: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{argument} must be True or False, got {value!r}")
+    return value
+
+
 def check_choice(value, choices, argument: str):
     if value not in choices:
         raise ValueError(f"{argument} must be one of {choices}, got {value!r}")
@@ -166,12 +179,21 @@ def _optional_dtype(text: str):
     return None if text.lower() in ("none", "float32") else dtype_name(dtype_from_name(text, "--prior_dtype"))
 
 
+def _bool(text: str) -> bool:
+    """'true'/'false' (any case; also 1/0, yes/no) as a bool."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 _ARGUMENT_TYPES = {
     "init_sigma": float,
     "prior_sigma": float,
     "rank": int,
     "lora_alpha": _optional_float,
     "prior_dtype": _optional_dtype,
+    "store_prior": _bool,
 }
 
 DEFAULTS = BayesConfig()  # the one place every default is read from

@@ -46,7 +46,11 @@ def summary(model: nn.Module) -> Summary:
     rows = Summary()
     for name, layer in posterior_layers(model):
         mu, sigma = layer.weight_mu, layer.weight_sigma
-        kl = kl_elementwise(mu, sigma, layer.prior_mu, layer.prior_sigma, layer.kl_direction).sum()
+        kl = (
+            kl_elementwise(mu, sigma, layer.prior_mu, layer.prior_sigma, layer.kl_direction).sum()
+            if layer.store_prior
+            else float("nan")  # no prior stored: no KL
+        )
         rows.append(
             LayerStats(
                 name, tuple(mu.shape), mu.numel(), float(sigma.mean()), float(kl), float((mu.abs() / sigma).mean())

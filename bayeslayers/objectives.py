@@ -15,13 +15,16 @@ def kl_loss(model: nn.Module, reduction: str = "sum", check_finite: bool = True)
 
     ``reduction="sum"`` adds every element's KL; ``"mean"`` divides that sum by the number of Bayesian weight
     elements (KL per weight). Reuses the KL each layer computed in its fused sampling pass when still valid.
-    With ``check_finite`` a non-finite result raises a ValueError naming the first layer at fault.
+    With ``check_finite`` a non-finite result raises a ValueError naming the first layer at fault. A layer that
+    stores no prior (``store_prior=False``) raises a RuntimeError naming it.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     layers = posterior_layers(model)
     if not layers:
         raise ValueError("kl_loss: the model has no Bayesian layers; call bayeslayers.convert first")
+    for name, layer in layers:
+        layer.check_prior(name)
     total = torch.stack([layer.kl().float() for _, layer in layers]).sum()
     if reduction == "mean":
         total = total / sum(layer.weight_mu.numel() for _, layer in layers)

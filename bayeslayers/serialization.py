@@ -110,6 +110,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     f"load: layer {name!r} is {found!r} in the model but {entry['type']!r} in the checkpoint"
                 )
             expected = _layer_state(module)
+            if entry["options"].get("store_prior", True) is False:  # saved without a prior: apply_options drops it
+                expected = {k: v for k, v in expected.items() if not k.endswith("prior_mu")}
             stored = {k[len(name) + 1 :] for k in keys if k.startswith(name + ".")}
             if stored != set(expected):
                 raise ValueError(
@@ -122,7 +124,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     raise ValueError(
                         f"load: {name}.{key} has shape {tuple(target.shape)} in the model but {shape} in the checkpoint"
                     )
-            module.apply_options(entry["options"])  # first: the prior buffer takes the saved dtype, no rounding
+            module.apply_options(entry["options"])  # first: the prior buffer takes the saved dtype (and presence)
             for key, target in _layer_state(module).items():
                 tensor = handle.get_tensor(f"{name}.{key}")
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import bayeslayers
+from bayeslayers.optim import FusedBayesAdamW
 
 SD15_CONFIG = Path(__file__).parent / "sd15_unet.json"
 GIB = 2**30
@@ -81,12 +82,13 @@ def activation_bytes(unet, resolution: int) -> int:
     return total[0]
 
 
-def measured_lora_step(unet, trainable) -> tuple[int, int]:
-    """(gradient bytes, AdamW state bytes) after one real step at 64 px."""
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+def measured_lora_step(unet, trainable, fused: bool = False) -> tuple[int, int]:
+    """(gradient bytes, AdamW state bytes) after one real step at 64 px (``fused``: FusedBayesAdamW)."""
+    optimizer = (FusedBayesAdamW if fused else torch.optim.AdamW)(trainable, lr=1e-4)
     latents, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
     loss = unet(latents, torch.tensor([500]), encoder_hidden_states=text).sample.square().mean()
-    if bayeslayers.posterior_layers(unet):
+    layers = bayeslayers.posterior_layers(unet)
+    if layers and all(layer.store_prior for _, layer in layers):
         loss = loss + 1e-3 * bayeslayers.kl_loss(unet)
     loss.backward()
     optimizer.step()
@@ -97,21 +99,38 @@ def measured_lora_step(unet, trainable) -> tuple[int, int]:
 
 
 def configurations():
-    """(mode, design, convert options or None, backend for activations, paper-style full prior copy)."""
+    """(mode, design, convert options or None, backend for activations, paper-style full prior copy, fused
+    optimizer)."""
+    fused = "FusedBayesAdamW"
     for mode, preset in (("full", "dreambooth-bnn"), ("lora", "dreambooth-bnn-lora")):
         plain = None if mode == "full" else {"preset": preset, "mode": "lora", "bayesian_factors": ""}
         bayes = {"preset": preset, "mode": mode}
-        yield mode, "plain fine-tuning", plain, "cpp", False
-        yield mode, "bayeslayers", bayes, "cpp", False
-        yield mode, "bayeslayers, prior_dtype=bfloat16", {**bayes, "prior_dtype": torch.bfloat16}, "cpp", False
-        yield mode, "paper code design (fp32 UNet copy as prior, naive layers)", bayes, "reference", True
+        bf16, no_prior = {**bayes, "prior_dtype": torch.bfloat16}, {**bayes, "store_prior": False}
+        yield mode, "plain fine-tuning", plain, "cpp", False, False
+        yield mode, "bayeslayers", bayes, "cpp", False, False
+        yield mode, "bayeslayers, prior_dtype=bfloat16", bf16, "cpp", False, False
+        yield mode, "bayeslayers, store_prior=False", no_prior, "cpp", False, False
+        yield mode, f"bayeslayers + {fused}", bayes, "cpp", False, True
+        yield mode, f"bayeslayers + {fused}, prior_dtype=bfloat16", bf16, "cpp", False, True
+        yield mode, f"bayeslayers + {fused}, store_prior=False (recipe default at KL 0)", no_prior, "cpp", False, True
+        yield mode, "paper code design (fp32 UNet copy as prior, naive layers)", bayes, "reference", True, False
+
+
+def gradient_bytes(trainable, layers, fused: bool) -> int:
+    """fp32 gradients of ``trainable``; with the fused optimizer the Bayesian layers' d_mu and d_rho exist only
+    inside their layer's backward: the other gradients plus the largest layer's pair."""
+    total = 4 * sum(p.numel() for p in trainable)
+    if not fused or not layers:
+        return total
+    bayesian = [layer.weight_mu.numel() for _, layer in layers]
+    return total - 8 * sum(bayesian) + 8 * max(bayesian)
 
 
 def measure(resolutions) -> list[dict]:
     base = sd15_unet()
     total_unet = sum(p.numel() for p in base.parameters())
-    rows = []
-    for mode, design, options, backend, full_prior in configurations():
+    rows, activations = [], {}
+    for mode, design, options, backend, full_prior, fused in configurations():
         started = time.perf_counter()
         unet = copy.deepcopy(base)
         if options is not None:
@@ -126,16 +145,21 @@ def measure(resolutions) -> list[dict]:
             "trainable_elements": sum(p.numel() for p in trainable),
             "bayesian_weights": sum(layer.weight_mu.numel() for _, layer in layers),
             "parameters": nbytes(unet.parameters()),
-            "gradients": 4 * sum(p.numel() for p in trainable),
+            "gradients": gradient_bytes(trainable, layers, fused),
             "optimizer": 8 * sum(p.numel() for p in trainable),
             "prior": 4 * total_unet
             if full_prior
             else nbytes(layer.prior_mu for _, layer in layers if layer.prior_mu is not None),
         }
+        # the prior and the optimizer do not change what a forward saves: measured once per model and backend
+        model_key = json.dumps([mode, backend, {k: str(v) for k, v in (options or {}).items() if "prior" not in k}])
         for resolution in resolutions:
-            row[f"activations_{resolution}px"] = activation_bytes(unet, resolution)
+            key = (model_key, resolution)
+            if key not in activations:
+                activations[key] = activation_bytes(unet, resolution)
+            row[f"activations_{resolution}px"] = activations[key]
         if mode == "lora":
-            row["gradients_measured"], row["optimizer_measured"] = measured_lora_step(unet, trainable)
+            row["gradients_measured"], row["optimizer_measured"] = measured_lora_step(unet, trainable, fused)
         row["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps({k: v for k, v in row.items()}), flush=True)
         rows.append(row)
@@ -158,13 +182,22 @@ def markdown(rows, resolutions) -> str:
         "",
         f"Produced by `python -m benchmarks.memory_table` ({environment}). Parameters and prior: bytes of the "
         "model's tensors; gradients = trainable elements x 4 B, optimizer = x 8 B (AdamW moments; for LoRA "
-        "mode also measured after a real step and equal); activations: bytes autograd saves in one CPU "
-        "training forward. Device-independent: a GPU holds the same tensors (plus CUDA context and allocator "
-        "slack; its attention kernel may save other tensors than CPU SDPA).",
+        "mode also measured after a real step and equal); with FusedBayesAdamW the Bayesian layers' d_mu and "
+        "d_rho live only inside their layer's backward, so gradients = the other trainable elements x 4 B plus "
+        "the largest Bayesian layer's pair; activations: bytes autograd saves in one CPU training forward. "
+        "Device-independent: a GPU holds the same tensors (plus CUDA context and allocator slack; its attention "
+        "kernel may save other tensors than CPU SDPA). x plain: total over plain fine-tuning's in the same mode.",
         "",
     ]
     header = ["mode", "design", "trainable (M)", "Bayesian weights (M)", *COMPONENTS[:4]]
     header += [f"activations {r}px" for r in resolutions] + [f"total {r}px" for r in resolutions]
+    header += [f"x plain {r}px" for r in resolutions]
+    plain_totals = {
+        (row["mode"], r): sum(row[c] for c in COMPONENTS[:4]) + row[f"activations_{r}px"]
+        for row in rows
+        if row["design"] == "plain fine-tuning"
+        for r in resolutions
+    }
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         fixed = sum(row[c] for c in COMPONENTS[:4])
@@ -177,6 +210,7 @@ def markdown(rows, resolutions) -> str:
         ]
         cells += [gib(row[f"activations_{r}px"]) for r in resolutions]
         cells += [gib(fixed + row[f"activations_{r}px"]) for r in resolutions]
+        cells += [f"{(fixed + row[f'activations_{r}px']) / plain_totals[(row['mode'], r)]:.3f}" for r in resolutions]
         lines.append("| " + " | ".join(cells) + " |")
     lora = [r for r in rows if r["mode"] == "lora"]
     lines += [
@@ -215,8 +249,12 @@ def main(argv=None):
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    (args.out / "memory_sd15.md").write_text(markdown(rows, args.resolutions))
-    print(markdown(rows, args.resolutions))
+    text = markdown(rows, args.resolutions)
+    measured = args.out / "recipe_memory_sd15.md"  # written by benchmarks.recipe_memory
+    if measured.exists():
+        text += "\n" + measured.read_text().replace("# ", "## ", 1)
+    (args.out / "memory_sd15.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

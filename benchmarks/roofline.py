@@ -179,6 +179,27 @@ def adam_posterior(nk) -> Kernel:
     return Kernel("AdamW mu, rho", "optimizer", {"mu, rho": 2 * ADAM_BYTES * nk}, {}, ops=2 * ADAM_OPS * nk)
 
 
+def step_in_gradient_pass(kernel: Kernel) -> Kernel:
+    """``kernel`` (a gradient pass writing d_mu, d_rho) with AdamW fused in: it reads the four moments and writes
+    mu, rho and the moments instead of d_mu and d_rho (FusedBayesAdamW's update inside the gradient pass)."""
+    nk = kernel.writes["d_mu_ptr"] // 4
+    writes = {k: v for k, v in kernel.writes.items() if k not in ("d_mu_ptr", "d_rho_ptr")}
+    writes.update({"mu_ptr": 4 * nk, "rho_ptr": 4 * nk, "moments": 16 * nk})
+    return dataclasses.replace(
+        kernel,
+        name=kernel.name + " + AdamW",
+        reads={**kernel.reads, "moments": 16 * nk},
+        writes=writes,
+        ops=kernel.ops + 2 * ADAM_OPS * nk,
+    )
+
+
+def fuse_optimizer(kernels: list[Kernel]) -> list[Kernel]:
+    """The kernels of a Bayesian layer's step with its AdamW pass folded into the pass that forms d_mu, d_rho."""
+    fused = [step_in_gradient_pass(k) if "d_mu_ptr" in k.writes else k for k in kernels]
+    return [k for k in fused if k.name != "AdamW mu, rho"]
+
+
 def bayesian_linear(m, n, k, path, prior_bytes) -> list[Kernel]:
     """Kernels of a Bayesian Linear's training step on ``path`` (kernels/paths/fusion.py's names)."""
     nk = n * k
@@ -372,8 +393,9 @@ LINEAR_PATHS = ("sample_then_map", "weight_grad_epilogue", "sample_in_gemm")
 LORA_PATHS = ("unfused_lora", "fused_lora")
 
 
-def layer_kernels(layer: Layer, path: str | None, lora: bool) -> list[Kernel]:
-    """Kernels of one layer: ``path`` None for the deterministic layer (LoRA preset: plain LoRA)."""
+def layer_kernels(layer: Layer, path: str | None, lora: bool, fused_optimizer: bool = False) -> list[Kernel]:
+    """Kernels of one layer: ``path`` None for the deterministic layer (LoRA preset: plain LoRA);
+    ``fused_optimizer``: a Bayesian Linear's AdamW runs inside its gradient pass."""
     if layer.kind == "attention":
         return attention(layer.m, layer.heads, layer.n, layer.kv_tokens, layer.k)
     if layer.kind == "conv2d":
@@ -390,10 +412,11 @@ def layer_kernels(layer: Layer, path: str | None, lora: bool) -> list[Kernel]:
         )
     if path is None or not layer.converted:
         return deterministic_linear(layer.m, layer.n, layer.k, trained=not lora)
-    return bayesian_linear(layer.m, layer.n, layer.k, path, layer.prior_bytes)
+    kernels = bayesian_linear(layer.m, layer.n, layer.k, path, layer.prior_bytes)
+    return fuse_optimizer(kernels) if fused_optimizer else kernels
 
 
-def roofline(layers: list[Layer], gpu: GPU, lora: bool) -> dict:
+def roofline(layers: list[Layer], gpu: GPU, lora: bool, fused_optimizer: bool = False) -> dict:
     """Per converted layer and path: time (s) and ratio to the deterministic layer; step totals."""
     paths = LORA_PATHS if lora else LINEAR_PATHS
     rows, kernel_rows = [], []
@@ -406,7 +429,7 @@ def roofline(layers: list[Layer], gpu: GPU, lora: bool) -> dict:
         det = sum(k.time(gpu) for k in layer_kernels(layer, None, lora))
         times = {}
         for path in paths:
-            kernels = layer_kernels(layer, path, lora)
+            kernels = layer_kernels(layer, path, lora, fused_optimizer)
             times[path] = sum(k.time(gpu) for k in kernels)
             for kern in kernels:
                 kernel_rows.append(
@@ -456,14 +479,21 @@ def markdown(result: dict, args, gpu: GPU, layers: list[Layer]) -> str:
     rows = sorted(result["rows"], key=lambda r: -r["extra_us"])
     n_conv = sum(layer.converted for layer in layers)
     out = [
-        f"# Roofline: {args.model} {args.preset}, {args.resolution} px, batch {args.batch}, {gpu.name}",
+        f"# Roofline: {args.model} {args.preset}, {args.resolution} px, batch {args.batch}, {gpu.name}"
+        + (", AdamW fused into the gradient pass" if args.fused_optimizer else ""),
         "",
         f"Spec sheet: {gpu.bandwidth / 1e12:.2f} TB/s, {gpu.tensor_flops / 1e12:.0f} TFLOP/s bf16 tensor, "
         f"{gpu.alu_ops / 1e12:.1f} T lane-ops/s. Lower bounds (`benchmarks/roofline.py`): each kernel takes "
         "max(bytes / bandwidth, FLOPs / tensor peak, ALU ops / issue rate); no overlap, no launch cost. "
         "Deterministic floor: every Linear, Conv2d and attention of the UNet, fwd + bwd"
         + (" + AdamW on every weight" if "lora" not in args.preset else " (frozen; plain rank-r LoRA trained)")
-        + ", norms and elementwise ops excluded.",
+        + ", norms and elementwise ops excluded."
+        + (
+            " Bayesian layers: AdamW on mu and rho fused into the pass that forms d_mu and d_rho (it reads the "
+            "moments and writes mu, rho and the moments; no d_mu, d_rho written, no separate optimizer pass)."
+            if args.fused_optimizer
+            else ""
+        ),
         "",
         "| step | time (ms) | ratio to deterministic |",
         "|---|---:|---:|",
@@ -516,13 +546,19 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--gpu", default="h100", choices=sorted(GPUS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--fused_optimizer", action="store_true", help="model AdamW on mu, rho inside the gradient pass"
+    )
     args = parser.parse_args(argv)
+    if args.fused_optimizer and "lora" in args.preset:
+        parser.error("--fused_optimizer is modelled for the full preset (dreambooth-bnn) only")
     if args.resolution % 64 or args.resolution <= 0 or args.batch <= 0:
         parser.error("--resolution must be a positive multiple of 64 and --batch positive")
     gpu = GPUS[args.gpu]
     layers = unet_layers(args.model, args.preset, args.resolution, args.batch)
-    result = roofline(layers, gpu, lora="lora" in args.preset)
+    result = roofline(layers, gpu, lora="lora" in args.preset, fused_optimizer=args.fused_optimizer)
     stem = f"roofline_{args.model}_{args.preset}_{args.resolution}px_b{args.batch}_{args.gpu}"
+    stem += "_fused_optimizer" if args.fused_optimizer else ""
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.md").write_text(markdown(result, args, gpu, layers))
     with open(args.out / f"{stem}.csv", "w", newline="") as file:

@@ -24,6 +24,16 @@ from .posterior import Posterior
 Tensor = torch.Tensor
 
 
+class AdamWArguments(NamedTuple):
+    """What a gradient pass with AdamW fused in needs: the moments (m_mu, v_mu, m_rho, v_rho: float32, mu's
+    shape) and, for mu and for rho, seven scalars of this step: 1 - lr * weight_decay, 1 - beta1, beta2,
+    1 - beta2, sqrt(1 - beta2^t), eps, -lr / (1 - beta1^t) (torch.optim.AdamW's)."""
+
+    moments: tuple
+    mu_scalars: tuple
+    rho_scalars: tuple
+
+
 class PosteriorKernels(NamedTuple):
     """The operators of one implementation, called with a :class:`Posterior` by ``reparameterized.py``.
 
@@ -38,12 +48,22 @@ class PosteriorKernels(NamedTuple):
     sampled_matmul_op: Optional[Callable] = None
     reparameterization_grad_into_d_w_op: Optional[Callable] = None
     param_dtypes: tuple = (torch.float32,)  # dtypes of mu and rho the kernels take
+    # the gradient pass with AdamW on mu, rho and their moments fused in (C++): a plain function, eager only
+    reparameterization_grad_adamw_fn: Optional[Callable] = None
 
     def sample_weight(self, posterior: Posterior, seed: Tensor, out_dtype: torch.dtype, with_kl: bool = True):
         """``(w, kl)``: mu + softplus(rho) * eps(seed) in ``out_dtype`` and the summed KL (0-d float32, or empty
         when ``with_kl`` is False)."""
         mu, rho, prior_mu, prior_sigma, kl_direction = posterior
         return self.sample_weight_op(mu, rho, prior_mu, seed, prior_sigma, kl_direction, out_dtype, with_kl)
+
+    def reparameterization_grad_adamw(
+        self, d_w, mu, rho, prior_mu, prior_sigma, kl_direction, *, w_dtype, adamw: AdamWArguments, seed, g_kl=None
+    ):
+        """The gradient pass with AdamW fused in (mu, rho, moments updated in place); returns w or None."""
+        return self.reparameterization_grad_adamw_fn(
+            d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma, kl_direction, w_dtype, adamw
+        )
 
     def reparameterization_grad(
         self,

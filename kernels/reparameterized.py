@@ -66,7 +66,19 @@ class SampleThenMap(WeightPath):
         w, kl = self.kernels.sample_weight(posterior, seed, x.dtype)
         return layer_map.forward(x, w, bias), kl
 
-    def backward(self, layer_map, dy, dkl, x, posterior, seed, needs):
+    def fuses_adamw(self, dy, needs) -> bool:
+        """True when this backward can run AdamW inside its gradient pass (C++ kernels, no dW epilogue)."""
+        return (
+            self.kernels.reparameterization_grad_adamw_fn is not None
+            and not self.weight_grad_epilogue
+            and dy is not None
+            and needs.mu
+            and needs.rho
+        )
+
+    def backward(self, layer_map, dy, dkl, x, posterior, seed, needs, adamw=None):
+        """``adamw``: :class:`AdamWArguments` when :meth:`fuses_adamw`: mu, rho and the moments are updated in the
+        gradient pass and (None, None) is returned for d_mu, d_rho."""
         kernels = self.kernels
         need_weight, need_bias = needs.weight, needs.bias
         dx = d_w = d_bias = d_mu = d_rho = w = None
@@ -81,7 +93,12 @@ class SampleThenMap(WeightPath):
             shape_only = torch.empty(posterior.mu.shape, dtype=x.dtype, device=x.device)
             _, d_w, d_bias = layer_map.backward(dy, x, shape_only, (False, need_weight, need_bias))
         write_w = needs.x and dy is not None
-        if need_weight and (d_w is not None or dkl is not None):
+        if adamw is not None:
+            w_dtype = x.dtype if write_w else None
+            w = kernels.reparameterization_grad_adamw(
+                d_w, *posterior, w_dtype=w_dtype, adamw=adamw, seed=seed, g_kl=dkl
+            )
+        elif need_weight and (d_w is not None or dkl is not None):
             w_dtype = x.dtype if write_w else None
             d_mu, d_rho, w = kernels.reparameterization_grad(posterior, seed, d_w, dkl, w_dtype, d_w_is_temporary=True)
         if write_w:
@@ -123,10 +140,50 @@ class SampleInGemm(WeightPath):
         return dx, d_mu, d_rho, d_bias
 
 
+STEP_IN_BACKWARD = "_bayeslayers_step_in_backward"  # attribute an optimizer sets on a parameter it updates in
+# backward: a weakref.WeakMethod of step(param, grad); the parameter's gradient then never reaches .grad
+
+
+def steps_in_backward(*params):
+    """``(step, param)`` per parameter: the in-backward optimizer step registered on it (None where none is) and
+    the parameter itself, read when the forward runs (backward may see a detached alias of it, e.g. under
+    activation checkpointing). A compiled graph reads none: its gradients reach ``.grad`` as usual."""
+    if torch.compiler.is_compiling():
+        return tuple((None, p) for p in params)
+    return tuple((getattr(p, STEP_IN_BACKWARD, None), p) for p in params)
+
+
+def apply_steps_in_backward(steps, grads):
+    """Hands each gradient to its parameter's in-backward step (which consumes it: None is returned in its place);
+    gradients of parameters without one pass through."""
+    out = []
+    for (step_ref, param), grad in zip(steps, grads):
+        step = None if step_ref is None else step_ref()  # None once the optimizer is gone
+        if step is None or grad is None:
+            out.append(grad)
+        else:
+            step(param, grad)
+            out.append(None)
+    return out
+
+
+def fused_adamw_arguments(steps):
+    """:class:`AdamWArguments` for one gradient pass with AdamW fused in, from the optimizer that registered the
+    in-backward steps of mu and rho (``fused_adamw_arguments(mu, rho)``: it counts the step as taken), or None
+    when there is none or it cannot fuse this update."""
+    (mu_step, mu), (rho_step, rho) = steps
+    optimizer = None if mu_step is None or rho_step is None else getattr(mu_step(), "__self__", None)
+    if optimizer is None or getattr(rho_step(), "__self__", None) is not optimizer:
+        return None
+    request = getattr(optimizer, "fused_adamw_arguments", None)
+    return None if request is None else request(mu, rho)
+
+
 class ReparameterizedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mu, rho, bias, prior_mu, seed, prior_sigma, kl_direction, layer_map, path):
         y, kl = path.forward(layer_map, x, Posterior(mu, rho, prior_mu, prior_sigma, kl_direction), bias, seed)
+        ctx.steps = steps_in_backward(mu, rho)
         ctx.save_for_backward(x, mu, rho, prior_mu, seed)
         ctx.prior_sigma, ctx.kl_direction, ctx.layer_map, ctx.path = prior_sigma, kl_direction, layer_map, path
         ctx.has_bias = bias is not None
@@ -139,11 +196,19 @@ class ReparameterizedFunction(torch.autograd.Function):
         need_x, need_mu, need_rho, need_bias = ctx.needs_input_grad[:4]
         needs = Needs(need_x, need_mu, need_rho, need_bias and ctx.has_bias)
         posterior = Posterior(mu, rho, prior_mu, ctx.prior_sigma, ctx.kl_direction)
-        dx, d_mu, d_rho, d_bias = ctx.path.backward(ctx.layer_map, dy, dkl, x, posterior, seed, needs)
+        adamw = None
+        if isinstance(ctx.path, SampleThenMap) and ctx.path.fuses_adamw(dy, needs):
+            adamw = fused_adamw_arguments(ctx.steps)
+        if adamw is not None:
+            dx, d_mu, d_rho, d_bias = ctx.path.backward(ctx.layer_map, dy, dkl, x, posterior, seed, needs, adamw)
+        else:
+            dx, d_mu, d_rho, d_bias = ctx.path.backward(ctx.layer_map, dy, dkl, x, posterior, seed, needs)
+        d_mu, d_rho = d_mu if need_mu else None, d_rho if need_rho else None
+        d_mu, d_rho = apply_steps_in_backward(ctx.steps, (d_mu, d_rho))
         return (
             dx,
-            d_mu if need_mu else None,
-            d_rho if need_rho else None,
+            d_mu,
+            d_rho,
             d_bias if needs.bias else None,
             None,
             None,
@@ -158,6 +223,7 @@ class SampledWeightFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, rho, prior_mu, seed, prior_sigma, kl_direction, dtype, kernels):
         w, kl = kernels.sample_weight(Posterior(mu, rho, prior_mu, prior_sigma, kl_direction), seed, dtype)
+        ctx.steps = steps_in_backward(mu, rho)
         ctx.save_for_backward(mu, rho, prior_mu, seed)
         ctx.prior_sigma, ctx.kl_direction, ctx.kernels = prior_sigma, kl_direction, kernels
         ctx.set_materialize_grads(False)
@@ -170,6 +236,8 @@ class SampledWeightFunction(torch.autograd.Function):
         if d_w is not None or dkl is not None:
             posterior = Posterior(mu, rho, prior_mu, ctx.prior_sigma, ctx.kl_direction)
             d_mu, d_rho, _ = ctx.kernels.reparameterization_grad(posterior, seed, d_w, dkl)
+            d_mu, d_rho = d_mu if ctx.needs_input_grad[0] else None, d_rho if ctx.needs_input_grad[1] else None
+            d_mu, d_rho = apply_steps_in_backward(ctx.steps, (d_mu, d_rho))
         return d_mu, d_rho, None, None, None, None, None, None
 
 

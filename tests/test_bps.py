@@ -240,6 +240,14 @@ def test_recipe_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--output_dir", "x", "--rho_learning_rate", "0"])
     assert "--rho_learning_rate must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--output_dir", "x", "--bayesian", "--fused_optimizer"])
+    assert "--fused_optimizer cannot be used here: --max_grad_norm > 0 clips" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--output_dir", "x", "--fused_optimizer", "--max_grad_norm", "0"])
+    assert "it updates Bayesian layers: pass --bayesian" in capsys.readouterr().err
+    args = train.parse_args(["--output_dir", "x", "--bayesian", "--fused_optimizer", "--max_grad_norm", "0"])
+    assert args.fused_optimizer and not train.fused_optimizer_blocker(args)
 
 
 def test_recipe_starts_from_a_trained_steering_network(tmp_path, unet):

@@ -131,7 +131,7 @@ def test_valid_edge_values_pass_and_names_round_trip():
     with pytest.raises(ValueError, match="^my_arg must name a torch dtype such as 'bfloat16', got 'Tensor'$"):
         dtype_from_name("Tensor", "my_arg")
     assert dtype_name(torch.bfloat16) == "bfloat16" and dtype_name(None) is None
-    assert option_names()[:3] == ["target_modules", "exclude_modules", "mode"] and len(option_names()) == 12
+    assert option_names()[:3] == ["target_modules", "exclude_modules", "mode"] and len(option_names()) == 13
 
 
 def test_command_line_none_values_and_defaults():

@@ -200,3 +200,45 @@ def test_posterior_sampling_writes_grid_and_std_map(workspace):
     assert row["mean_pixel_std"] > 0  # posterior samples differ
     with pytest.raises(ValueError, match="holds no bayesian_state.safetensors"):
         sample.parse_args(["--model_dir", str(root), "--prompt", PROMPT])
+
+
+def test_fused_optimizer_trains_as_torch_adamw_and_resumes(workspace):
+    """Without clipping the recipe takes FusedBayesAdamW (and, at KL weight 0, stores no prior): the same weights
+    as torch AdamW, and exact across an interrupted run."""
+    from safetensors.torch import load_file
+
+    def on_step(args, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    flags = ("--max_train_steps", "4", "--max_grad_norm", "0", "--checkpointing_steps", "100")
+    fused = main(_args(workspace, "fused", *flags))
+    plain = main(_args(workspace, "unfused", *flags, "--no-fused_optimizer"))
+    assert main(_args(workspace, "fused-resumed", *flags), step_callback=on_step) == {"interrupted": True, "step": 2}
+    resumed = main(_args(workspace, "fused-resumed", *flags, "--resume_from_checkpoint", "latest"))
+    a, b, c = (load_file(run["bayesian_state"]) for run in (fused, plain, resumed))
+    assert a.keys() == b.keys() == c.keys() and not [k for k in a if k.endswith("prior_mu")]
+    for key in a:
+        # 1e-6 of the tensor's largest value: the C++ pass rounds AdamW's arithmetic its own way
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6 * float(b[key].abs().max()))
+        torch.testing.assert_close(a[key], c[key], rtol=0, atol=0)
+    assert fused["final_kl"] is None  # no prior, so no KL to log
+    assert (fused["optimizer"], plain["optimizer"], resumed["optimizer"]) == (
+        "FusedBayesAdamW",
+        "AdamW",
+        "FusedBayesAdamW",
+    )
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--fused_optimizer"], "--max_grad_norm > 0 clips"),
+        (["--fused_optimizer", "--max_grad_norm", "0", "--gradient_accumulation_steps", "2"], "accumulation"),
+        (["--fused_optimizer", "--max_grad_norm", "0", "--mixed_precision", "fp16"], "bf16 works"),
+        (["--fused_optimizer", "--max_grad_norm", "0", "--no-bayesian"], "--no-bayesian"),
+    ],
+)
+def test_fused_optimizer_refuses_what_it_cannot_serve(workspace, extra, message):
+    with pytest.raises(ValueError, match=f"--fused_optimizer cannot be used here: .*{message}"):
+        _args(workspace, "refused", *extra)

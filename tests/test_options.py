@@ -20,7 +20,12 @@ import bayeslayers
 
 def test_options_record_every_convert_option():
     model = convert_spec(Mixed(), SPECS["mixed"])
-    assert model.a.options() == {"prior_sigma": 0.01, "kl_direction": "pq", "prior_dtype": "bfloat16"}
+    assert model.a.options() == {
+        "prior_sigma": 0.01,
+        "kl_direction": "pq",
+        "prior_dtype": "bfloat16",
+        "store_prior": True,
+    }
     assert model.b.options() == {
         "rank": 2,
         "lora_alpha": 7.0,
@@ -28,6 +33,7 @@ def test_options_record_every_convert_option():
         "prior_sigma": 0.3,
         "kl_direction": "qp",
         "prior_dtype": None,
+        "store_prior": True,
     }
     assert model.conv2.options()["lora_alpha"] == 2.0 and model.conv2.scaling == pytest.approx(2 / 3)
     plain = bayeslayers.convert(
@@ -40,6 +46,7 @@ def test_options_record_every_convert_option():
         "prior_sigma": 0.01,
         "kl_direction": "qp",
         "prior_dtype": None,
+        "store_prior": True,
     }
     assert bayeslayers.convert(Mixed(), target_modules=["a"], prior_dtype=FP16).a.options()["prior_dtype"] == "float16"
 
@@ -67,7 +74,7 @@ def test_layers_built_directly_validate_and_keep_their_options():
     torch.testing.assert_close(layer.weight_sigma, torch.full((3, 4), 0.2))
     assert layer.weight is layer.weight_mu  # code reading .weight sees the posterior mean
     assert layer.prior_mu.dtype == FP16 and bool((layer.prior_mu == 1).all())
-    assert layer.options() == {"prior_sigma": 0.4, "kl_direction": "pq", "prior_dtype": "float16"}
+    assert layer.options() == {"prior_sigma": 0.4, "kl_direction": "pq", "prior_dtype": "float16", "store_prior": True}
     assert "prior_mean=pretrained, prior_sigma=0.4, kl_direction='pq'" in repr(layer)
     assert "prior_mean=zero" in repr(bayeslayers.BayesConv2d(2, 2, 1))
     with pytest.raises(ValueError, match="in_channels=3 and out_channels=4 must be divisible by groups=2"):
@@ -88,6 +95,7 @@ def test_layers_built_directly_validate_and_keep_their_options():
         "prior_sigma": 0.4,
         "kl_direction": "pq",
         "prior_dtype": "bfloat16",
+        "store_prior": True,
     }
     torch.testing.assert_close(positional.lora_A.weight_sigma, torch.full_like(positional.lora_A.weight_sigma, 0.2))
     assert not any(name.endswith("bias") for name, _ in positional.named_parameters() if "lora" in name)

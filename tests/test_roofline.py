@@ -161,3 +161,16 @@ def test_roofline_totals_and_outputs(layers, tmp_path):
     stem = "roofline_sd15_dreambooth-bnn_512px_b1_a100"
     assert {p.suffix for p in tmp_path.glob(stem + ".*")} == {".md", ".csv", ".png"}
     assert "| deterministic UNet" in (tmp_path / f"{stem}.md").read_text()
+
+
+@pytest.mark.parametrize("path", ["sample_then_gemm", "dw_epilogue", "sample_in_gemm"])
+def test_fused_optimizer_reads_the_moments_in_the_gradient_pass_and_drops_the_adamw_pass(path):
+    m, n, k, prior_bytes = 256, 320, 640, 4
+    unfused = roofline.bayesian_linear(m, n, k, path, prior_bytes)
+    fused = roofline.fuse_optimizer(unfused)
+    assert [kern.name for kern in unfused if kern.phase == "optimizer"] == ["AdamW mu, rho"]
+    assert not [kern for kern in fused if kern.phase == "optimizer"]
+    (step,) = [kern for kern in fused if kern.name.endswith(" + AdamW")]
+    assert step.reads["moments"] == step.writes["moments"] == 16 * n * k and "d_mu_ptr" not in step.writes
+    # d_mu, d_rho no longer written (8 B) nor read back with mu, rho by the AdamW pass (16 B)
+    assert sum(kern.bytes for kern in unfused) - sum(kern.bytes for kern in fused) == 24 * n * k

@@ -10,7 +10,7 @@ import torch.nn as nn
 from bayeslayers.kernels.posterior import Posterior
 
 from ..backends import resolve_backend
-from ..config import DEFAULTS, PRIOR_DTYPES, check_choice, check_positive, dtype_from_name, dtype_name
+from ..config import DEFAULTS, PRIOR_DTYPES, check_bool, check_choice, check_positive, dtype_from_name, dtype_name
 from ..kl import KL_DIRECTIONS, kl_elementwise
 from ..rng import unnamed_layer_id
 
@@ -31,7 +31,8 @@ class BayesianLayer(nn.Module):
     """Posterior N(weight_mu, softplus(weight_rho)^2) per weight element; prior N(prior_mu, prior_sigma^2).
 
     ``weight_mu`` and ``weight_rho`` are fp32 parameters whatever the model's dtype; ``prior_mu`` is a
-    non-trainable buffer (None for a zero-mean prior), optionally stored in bf16/fp16.
+    non-trainable buffer (None for a zero-mean prior), optionally stored in bf16/fp16. ``store_prior=False``
+    keeps no prior at all (for training without the KL term): :meth:`kl` then raises.
 
     In ``train()`` mode every forward draws one fresh weight sample shared by the whole batch; in ``eval()``
     mode the posterior mean is used (a plain layer's cost). :func:`bayeslayers.sampling` fixes the seed.
@@ -46,6 +47,7 @@ class BayesianLayer(nn.Module):
         kl_direction=DEFAULTS.kl_direction,
         prior_mean=None,
         prior_dtype=DEFAULTS.prior_dtype,
+        store_prior=DEFAULTS.store_prior,
         device=None,
     ):
         super().__init__()
@@ -53,6 +55,9 @@ class BayesianLayer(nn.Module):
         self.prior_sigma = check_positive(prior_sigma, "prior_sigma")
         self.kl_direction = check_choice(kl_direction, KL_DIRECTIONS, "kl_direction")
         self.weight_shape = tuple(weight_shape)
+        self.store_prior = check_bool(store_prior, "store_prior")
+        if not store_prior:
+            prior_mean = None
         self.weight_mu = nn.Parameter(torch.empty(weight_shape, dtype=torch.float32, device=device))
         self.weight_rho = nn.Parameter(
             torch.full(weight_shape, inverse_softplus(init_sigma), dtype=torch.float32, device=device)
@@ -184,6 +189,7 @@ class BayesianLayer(nn.Module):
         Reuses the value the last sampling forward computed in its fused pass when the parameters have not
         changed since and its autograd state fits the current grad mode; otherwise computes it directly.
         """
+        self.check_prior()
         wants_grad = torch.is_grad_enabled() and (self.weight_mu.requires_grad or self.weight_rho.requires_grad)
         if self._kl_cache is not None:
             kl, versions = self._kl_cache
@@ -199,6 +205,16 @@ class BayesianLayer(nn.Module):
             self.weight_mu, self.weight_sigma, self.prior_mu, self.prior_sigma, self.kl_direction
         ).sum()
 
+    def check_prior(self, name: str = "") -> None:
+        """Raises a RuntimeError when this layer stores no prior (``store_prior=False``), so no KL exists."""
+        if not self.store_prior:
+            where = f" {name!r}" if name else ""
+            raise RuntimeError(
+                f"Bayesian layer{where} stores no prior (converted with store_prior=False, for training without "
+                "the KL term), so its KL cannot be computed: convert with store_prior=True to use kl_loss or a "
+                "KL weight > 0"
+            )
+
     def check_finite(self, name: str = "") -> None:
         """Raises ValueError naming the first non-finite posterior tensor of this layer."""
         for argument, tensor in (("weight_mu", self.weight_mu), ("weight_rho", self.weight_rho)):
@@ -209,17 +225,33 @@ class BayesianLayer(nn.Module):
     def options(self) -> dict:
         """Prior and KL options, JSON-friendly (saved with checkpoints)."""
         prior_dtype = None if self.prior_mu is None else dtype_name(self.prior_mu.dtype)
-        return {"prior_sigma": self.prior_sigma, "kl_direction": self.kl_direction, "prior_dtype": prior_dtype}
+        return {
+            "prior_sigma": self.prior_sigma,
+            "kl_direction": self.kl_direction,
+            "prior_dtype": prior_dtype,
+            "store_prior": self.store_prior,
+        }
 
     def apply_options(self, options: dict) -> None:
-        """Sets the prior width, KL direction and prior storage dtype from :meth:`options` output."""
+        """Sets the prior width, KL direction and prior storage (dtype, whether kept) from :meth:`options` output.
+
+        ``store_prior`` False drops a stored prior; True on a layer that stores none raises a ValueError."""
         self.prior_sigma = check_positive(options["prior_sigma"], "prior_sigma")
         self.kl_direction = check_choice(options["kl_direction"], KL_DIRECTIONS, "kl_direction")
+        store_prior = check_bool(options.get("store_prior", True), "store_prior")
+        if store_prior and not self.store_prior:
+            raise ValueError(
+                "store_prior=True but this layer was converted with store_prior=False and holds no prior; "
+                "convert the model with store_prior=True (the prior mean is the pretrained weight) first"
+            )
+        if not store_prior:
+            self.prior_mu = None
+        self.store_prior = store_prior
         prior_dtype = options.get("prior_dtype")
         if self.prior_mu is not None and prior_dtype is not None:
             self.prior_mu = self.prior_mu.to(dtype_from_name(prior_dtype, "prior_dtype"))
         self._kl_cache = None
 
     def posterior_repr(self) -> str:
-        prior = "pretrained" if self.prior_mu is not None else "zero"
+        prior = "none stored" if not self.store_prior else "pretrained" if self.prior_mu is not None else "zero"
         return f"prior_mean={prior}, prior_sigma={self.prior_sigma}, kl_direction={self.kl_direction!r}"

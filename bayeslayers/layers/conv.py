@@ -103,6 +103,7 @@ class BayesConv2d(BayesianLayer):
         prior_sigma=DEFAULTS.prior_sigma,
         kl_direction=DEFAULTS.kl_direction,
         prior_dtype=DEFAULTS.prior_dtype,
+        store_prior=DEFAULTS.store_prior,
     ) -> BayesConv2d:
         """Posterior mean = ``module.weight``; prior mean = a frozen copy of it; bias copied."""
         weight = module.weight.detach()
@@ -122,6 +123,7 @@ class BayesConv2d(BayesianLayer):
             kl_direction=kl_direction,
             prior_mean=weight,
             prior_dtype=prior_dtype,
+            store_prior=store_prior,
         )
         return layer._copy_from(module)
 

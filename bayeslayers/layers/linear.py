@@ -18,7 +18,7 @@ class BayesLinear(BayesianLayer):
     """y[..., out] = x[..., in] @ w^T + bias with w ~ N(weight_mu, softplus(weight_rho)^2) of shape (out, in).
 
     ``bias`` is a deterministic parameter. Extra keyword arguments (init_sigma, prior_sigma, kl_direction,
-    prior_mean, prior_dtype) configure the posterior and prior (see :class:`BayesianLayer`).
+    prior_mean, prior_dtype, store_prior) configure the posterior and prior (see :class:`BayesianLayer`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, **posterior):
@@ -45,6 +45,7 @@ class BayesLinear(BayesianLayer):
         prior_sigma=DEFAULTS.prior_sigma,
         kl_direction=DEFAULTS.kl_direction,
         prior_dtype=DEFAULTS.prior_dtype,
+        store_prior=DEFAULTS.store_prior,
     ) -> BayesLinear:
         """Posterior mean = ``module.weight``; prior mean = a frozen copy of it; bias copied."""
         weight = module.weight.detach()
@@ -58,6 +59,7 @@ class BayesLinear(BayesianLayer):
             kl_direction=kl_direction,
             prior_mean=weight,
             prior_dtype=prior_dtype,
+            store_prior=store_prior,
         )
         return layer._copy_from(module)
 

@@ -33,6 +33,7 @@ class _BayesLoRA(nn.Module):
         prior_sigma=DEFAULTS.prior_sigma,
         kl_direction=DEFAULTS.kl_direction,
         prior_dtype=DEFAULTS.prior_dtype,
+        store_prior=DEFAULTS.store_prior,
     ):
         super().__init__()
         BayesConfig(
@@ -44,6 +45,7 @@ class _BayesLoRA(nn.Module):
             prior_sigma=prior_sigma,
             kl_direction=kl_direction,
             prior_dtype=prior_dtype,
+            store_prior=store_prior,
         )  # validates every option
         self.base_layer = base_layer.requires_grad_(False)
         self.rank = rank
@@ -51,8 +53,13 @@ class _BayesLoRA(nn.Module):
         self.scaling = self.lora_alpha / rank
         self.bayesian_factors = bayesian_factors
         self.lora_prior_dtype = dtype_name(prior_dtype)
+        self.store_prior = store_prior
         posterior = dict(
-            init_sigma=init_sigma, prior_sigma=prior_sigma, kl_direction=kl_direction, prior_dtype=prior_dtype
+            init_sigma=init_sigma,
+            prior_sigma=prior_sigma,
+            kl_direction=kl_direction,
+            prior_dtype=prior_dtype,
+            store_prior=store_prior,
         )
         device = base_layer.weight.device
         lora_A = self._make_A(device)
@@ -93,6 +100,7 @@ class _BayesLoRA(nn.Module):
             posteriors[0].options() if posteriors else DEFAULTS.layer_options(("prior_sigma", "kl_direction"))
         )
         options["prior_dtype"] = self.lora_prior_dtype
+        options["store_prior"] = self.store_prior
         return options
 
     def apply_options(self, options: dict) -> None:
@@ -106,6 +114,7 @@ class _BayesLoRA(nn.Module):
         self.lora_alpha = float(options["lora_alpha"])
         self.scaling = self.lora_alpha / self.rank
         self.lora_prior_dtype = options.get("prior_dtype")
+        self.store_prior = options.get("store_prior", True)
         factor_options = {**options, "prior_dtype": self.lora_prior_dtype or "float32"}  # None: float32 priors
         for factor in self._posteriors():
             factor.apply_options(factor_options)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 import bayeslayers
 from bayeslayers.config import POSTERIOR_FIELDS, BayesConfig
+from bayeslayers.optim import FusedBayesAdamW
 
 from ..dreambooth.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..dreambooth.images import captioned_grid
@@ -71,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --bayesian: learning rate of the posterior's rho (default: --learning_rate)",
     )
     p.add_argument("--lr_warmup_steps", type=int, default=0)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="global gradient-norm clipping; 0: none")
+    p.add_argument(
+        "--fused_optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --bayesian: update mu and rho inside each Bayesian conv's gradient pass (FusedBayesAdamW); "
+        "default: wherever it applies (not with --max_grad_norm > 0, fp16, or several processes)",
+    )
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--bayesian", action="store_true", help="Bayesian convs in the steering network (KL to its init)")
     # Steering starts at zero-initialised output convs: a narrow initial posterior and a wider prior (measured).
@@ -94,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def fused_optimizer_blocker(args, num_processes: int = 1) -> str:
+    """Why FusedBayesAdamW cannot serve this run, naming the flag to change ('' when it can)."""
+    reasons = [
+        (not args.bayesian, "it updates Bayesian layers: pass --bayesian"),
+        (args.max_grad_norm > 0, "--max_grad_norm > 0 clips by the norm of all gradients (--max_grad_norm 0: off)"),
+        (args.mixed_precision == "fp16", "--mixed_precision fp16 needs GradScaler's inf check first (bf16 works)"),
+        (num_processes > 1, "several processes (DDP) are not supported by it yet"),
+    ]
+    return next((reason for blocked, reason in reasons if blocked), "")
+
+
 def parse_args(input_args=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(input_args)
@@ -106,6 +125,12 @@ def parse_args(input_args=None) -> argparse.Namespace:
         parser.error(f"--rho_learning_rate must be positive, got {args.rho_learning_rate}")
     if args.num_posterior_samples == 1 or args.num_posterior_samples < 0:
         parser.error(f"--num_posterior_samples must be 0 or at least 2 (a std map), got {args.num_posterior_samples}")
+    if args.max_grad_norm < 0:
+        parser.error(f"--max_grad_norm must be >= 0, got {args.max_grad_norm}")
+    if args.fused_optimizer and fused_optimizer_blocker(args):
+        parser.error(
+            f"--fused_optimizer cannot be used here: {fused_optimizer_blocker(args)}; pass --no-fused_optimizer"
+        )
     if args.pretrained_model_name_or_path is None:
         from .. import tiny_sd
 
@@ -316,7 +341,13 @@ def main(args, step_callback=None) -> dict:
             "lr": args.rho_learning_rate or args.learning_rate,
         },
     ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate, weight_decay=0.0)
+    fused = args.fused_optimizer is not False and not fused_optimizer_blocker(args, accelerator.num_processes)
+    if args.fused_optimizer and not fused:
+        raise ValueError(
+            f"--fused_optimizer cannot be used here: {fused_optimizer_blocker(args, accelerator.num_processes)}"
+        )
+    optimizer_class = FusedBayesAdamW if fused else torch.optim.AdamW
+    optimizer = optimizer_class([g for g in groups if g["params"]], lr=args.learning_rate, weight_decay=0.0)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
     )
@@ -353,9 +384,12 @@ def main(args, step_callback=None) -> dict:
             with accelerator.autocast(), steerer.conditioned(condition):
                 prediction = pipe.unet(noisy, timesteps, text).sample
             loss = F.mse_loss(prediction.float(), target.float())
-            kl = bayeslayers.kl_loss(model) / len(latents) if args.bayesian else torch.zeros(())
+            # --store_prior false (for --kl_weight 0): no prior, no KL
+            has_kl = args.bayesian and args.store_prior
+            kl = bayeslayers.kl_loss(model) / len(latents) if has_kl else torch.zeros(())
             accelerator.backward(loss + args.kl_weight * kl)
-            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            if args.max_grad_norm > 0:  # 0: no clipping
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)

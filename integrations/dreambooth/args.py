@@ -85,7 +85,7 @@ def _diffusers_flags(add) -> None:
     add("--adam_beta2", type=float, default=0.999)
     add("--adam_weight_decay", type=float, default=1e-2)
     add("--adam_epsilon", type=float, default=1e-8)
-    add("--max_grad_norm", type=float, default=1.0)
+    add("--max_grad_norm", type=float, default=1.0, help="global gradient-norm clipping; 0: none")
     add("--push_to_hub", action="store_true", help="upload --output_dir to the Hugging Face Hub at the end")
     add("--hub_token", type=str, default=None)
     add("--hub_model_id", type=str, default=None, help="default: the name of --output_dir")
@@ -207,8 +207,17 @@ def _bayesian_flags(add) -> None:
         default=DEFAULT_TEXT_ENCODER_PRESET,
         help="full mode: which text-encoder layers become Bayesian (lora mode: its LoRA up factors)",
     )
-    BayesConfig.add_arguments(add, POSTERIOR_FIELDS)  # --init_sigma, --prior_sigma, --kl_direction, --prior_dtype
+    # --init_sigma, --prior_sigma, --kl_direction, --prior_dtype, --store_prior (default: only with --kl_weight > 0)
+    BayesConfig.add_arguments(add, POSTERIOR_FIELDS, defaults={"store_prior": None})
     add("--kl_weight", type=float, default=0.0)
+    add(
+        "--fused_optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="update mu and rho inside each Bayesian layer's gradient pass (bayeslayers.optim.FusedBayesAdamW: no "
+        "gradient tensors for them); default: wherever it applies (not with --max_grad_norm > 0, gradient "
+        "accumulation, fp16, --use_8bit_adam, or several processes)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +246,15 @@ def tiny_sd_defaults() -> dict:
         "validation_prompt": prompts["validation_prompt"],
         "eval_prompts": prompts.get("eval_prompts"),
     }
+
+
+def posterior_options(args) -> dict:
+    """The posterior's ``BayesConfig`` options as the flags set them (``--init_sigma`` ... ``--store_prior``;
+    ``--store_prior`` unset: a prior only with ``--kl_weight`` > 0, since nothing else reads it)."""
+    options = {name: getattr(args, name) for name in POSTERIOR_FIELDS}
+    if options["store_prior"] is None:
+        options["store_prior"] = args.kl_weight > 0
+    return options
 
 
 def _fail(message: str):
@@ -273,13 +291,39 @@ def _check_ranges(args) -> None:
     for flag in ("lr_warmup_steps", "dataloader_num_workers"):
         if getattr(args, flag) < 0:
             _fail(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.store_prior is False and args.kl_weight > 0:
+        _fail(f"--store_prior false needs --kl_weight 0 (the KL reads the prior), got --kl_weight {args.kl_weight}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         _fail(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.resolution is not None and args.resolution < 8:
         _fail(f"--resolution must be a positive multiple of the VAE factor, got {args.resolution}")
 
 
+def fused_optimizer_blocker(args, num_processes: int = 1) -> str:
+    """Why ``--fused_optimizer`` cannot serve this run, naming the flag to change ('' when it can)."""
+    reasons = [
+        (not args.bayesian, "--no-bayesian trains no Bayesian layers"),
+        (args.max_grad_norm > 0, "--max_grad_norm > 0 clips by the norm of all gradients (--max_grad_norm 0: off)"),
+        (args.gradient_accumulation_steps > 1, "--gradient_accumulation_steps > 1 needs the summed gradients"),
+        (args.mixed_precision == "fp16", "--mixed_precision fp16 needs GradScaler's inf check first (bf16 works)"),
+        (args.use_8bit_adam, "--use_8bit_adam is another optimizer"),
+        (num_processes > 1, "several processes (DDP) are not supported by it yet"),
+    ]
+    return next((reason for blocked, reason in reasons if blocked), "")
+
+
+def use_fused_optimizer(args, num_processes: int) -> bool:
+    """``--fused_optimizer`` resolved: on where it applies unless turned off; a ValueError when asked for where it
+    does not apply."""
+    reason = fused_optimizer_blocker(args, num_processes)
+    if args.fused_optimizer and reason:
+        _fail(f"--fused_optimizer cannot be used here: {reason}; pass --no-fused_optimizer")
+    return args.fused_optimizer is not False and not reason
+
+
 def _check_combinations(args) -> None:
+    if args.fused_optimizer:
+        use_fused_optimizer(args, 1)  # fails early when a flag rules it out
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         _fail("--train_text_encoder cannot be used with --pre_compute_text_embeddings")
     if args.bayes_text_encoder and not args.train_text_encoder:

@@ -46,8 +46,15 @@ def optimizer_class(use_8bit_adam: bool):
     return bnb.optim.AdamW8bit
 
 
-def build_optimizer(params, args, num_processes: int):
-    cls = optimizer_class(args.use_8bit_adam)
+def build_optimizer(params, args, num_processes: int, fused: bool = False):
+    """AdamW (or AdamW8bit) over ``params``; ``fused``: bayeslayers' FusedBayesAdamW, which updates the Bayesian
+    layers' mu and rho in their gradient pass."""
+    if fused:
+        from bayeslayers.optim import FusedBayesAdamW
+
+        cls = FusedBayesAdamW
+    else:
+        cls = optimizer_class(args.use_8bit_adam)
     return cls(
         params,
         lr=scaled_learning_rate(args, num_processes),

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 import bayeslayers
-from bayeslayers.config import POSTERIOR_FIELDS
+
+from .args import posterior_options
 
 # diffusers' train_dreambooth_lora.py puts text-encoder LoRA on these CLIP attention projections.
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -71,7 +72,7 @@ def prepare_text_encoder(text_encoder, args) -> None:
     """Makes the text encoder trainable as ``--train_text_encoder`` does in diffusers: full mode trains all its
     weights, LoRA mode adds rank-``--rank`` LoRA to its attention projections. With ``--bayes_text_encoder``
     the ``--bayes_text_encoder_preset`` layers (full) or the LoRA factors (lora) become Bayesian."""
-    options = {name: getattr(args, name) for name in POSTERIOR_FIELDS}  # the UNet's posterior options
+    options = posterior_options(args)  # the UNet's posterior options
     text_encoder.to(dtype=torch.float32)
     if args.train_mode == "lora":
         unet_factors = bayeslayers.get_preset(args.bayes_preset).bayesian_factors

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 import bayeslayers
-from bayeslayers.config import POSTERIOR_FIELDS
 
+from .args import fused_optimizer_blocker, posterior_options, use_fused_optimizer
 from .checkpoints import (
     check_finite_metrics,
     check_finite_parameters,
@@ -80,11 +80,6 @@ def load_components(args, device, weight_dtype):
     else:
         text_encoder.requires_grad_(False).to(device, dtype=weight_dtype).eval()
     return tokenizer, text_encoder, vae, unet.to(device), noise_scheduler
-
-
-def posterior_options(args) -> dict:
-    """The posterior's ``BayesConfig`` options as the flags set them (``--init_sigma`` ... ``--prior_dtype``)."""
-    return {name: getattr(args, name) for name in POSTERIOR_FIELDS}
 
 
 def make_bayesian(unet, args) -> None:
@@ -282,7 +277,12 @@ def main(args, step_callback=None) -> dict:
     named_params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     if args.train_text_encoder:  # checkpoint names: UNet parameters as they are, text encoder ones prefixed
         named_params.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
-    optimizer = build_optimizer(list(named_params.values()), args, accelerator.num_processes)
+    fused = use_fused_optimizer(args, accelerator.num_processes)
+    if args.bayesian and not fused:
+        reason = fused_optimizer_blocker(args, accelerator.num_processes) or "--no-fused_optimizer"
+        accelerator.print(f"optimizer: torch AdamW, not the fused one ({reason})")
+    optimizer = build_optimizer(list(named_params.values()), args, accelerator.num_processes, fused)
+    optimizer_name = type(optimizer).__name__
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
     if args.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
@@ -324,6 +324,8 @@ def main(args, step_callback=None) -> dict:
         if step == 0:  # the base model: where the curves start
             evaluator(0)
     evaluated = step
+    # False: the Bayesian layers store no prior (--kl_weight 0), so no KL exists and none is logged
+    has_prior = not args.bayesian or posterior_options(args)["store_prior"]
     progress = tqdm(
         range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process
     )
@@ -357,12 +359,14 @@ def main(args, step_callback=None) -> dict:
                 loss = diffusion_loss(pred, target, timesteps, noise_scheduler, args)
                 zero = torch.zeros((), device=loss.device)
                 # divergence (NaN/Inf loss or KL) is reported after the step by check_finite_metrics
-                kl_unet = bayeslayers.kl_loss(raw_unet, check_finite=False) if bayesian else zero
-                kl_text = bayeslayers.kl_loss(raw_text_encoder, check_finite=False) if text_bayesian else zero
+                kl_unet = bayeslayers.kl_loss(raw_unet, check_finite=False) if bayesian and has_prior else zero
+                kl_text = (
+                    bayeslayers.kl_loss(raw_text_encoder, check_finite=False) if text_bayesian and has_prior else zero
+                )
                 kl = kl_unet + kl_text
                 total = loss + args.kl_weight * kl if args.kl_weight > 0 else loss
                 accelerator.backward(total)
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and args.max_grad_norm > 0:  # 0: no clipping
                     accelerator.clip_grad_norm_(list(named_params.values()), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
@@ -373,16 +377,17 @@ def main(args, step_callback=None) -> dict:
             progress.update(1)
             logs = {
                 "loss": loss.item(),
-                "kl": kl.item(),
+                "kl": kl.item() if has_prior else None,
                 "mean_sigma": mean_sigma(raw_unet),
                 "lr": lr_scheduler.get_last_lr()[0],
             }
             if text_bayesian:
                 logs.update(
-                    kl_unet=kl_unet.item(),
-                    kl_text_encoder=kl_text.item(),
+                    kl_unet=kl_unet.item() if has_prior else None,
+                    kl_text_encoder=kl_text.item() if has_prior else None,
                     mean_sigma_text_encoder=mean_sigma(raw_text_encoder),
                 )
+            logs = {key: value for key, value in logs.items() if value is not None}
             check_finite_metrics(logs, out, step)
             for key in HISTORY_KEYS:
                 if key in logs:
@@ -390,7 +395,7 @@ def main(args, step_callback=None) -> dict:
             history["step"].append(step)
             shown = {"loss": f"{logs['loss']:.4f}"}
             if args.bayesian:
-                shown.update(kl=f"{logs['kl']:.3g}", sigma=f"{logs['mean_sigma']:.3g}")
+                shown.update(kl=f"{logs['kl']:.3g}" if has_prior else "-", sigma=f"{logs['mean_sigma']:.3g}")
             progress.set_postfix(**shown)
             accelerator.log(logs, step=step)
             if step_callback is not None:
@@ -436,14 +441,15 @@ def main(args, step_callback=None) -> dict:
         "steps": step,
         "epochs": args.num_train_epochs,
         "final_loss": history["loss"][-1],
-        "final_kl": history["kl"][-1],
+        "final_kl": history["kl"][-1] if history["kl"] else None,
         "final_mean_sigma": history["mean_sigma"][-1],
         "train_seconds": round(seconds, 2),
+        "optimizer": optimizer_name,
     }
     if text_bayesian:
         metrics.update(
-            final_kl_unet=history["kl_unet"][-1],
-            final_kl_text_encoder=history["kl_text_encoder"][-1],
+            final_kl_unet=history["kl_unet"][-1] if history.get("kl_unet") else None,
+            final_kl_text_encoder=history["kl_text_encoder"][-1] if history.get("kl_text_encoder") else None,
             final_mean_sigma_text_encoder=history["mean_sigma_text_encoder"][-1],
         )
     result = dict(metrics)

@@ -143,4 +143,36 @@ def reparameterization_grad(
     return d_mu, d_rho, w
 
 
-CPU_KERNELS = register_posterior_kernels("cpu_", sample_weight_and_kl, reparameterization_grad, grad_into_d_w=True)
+def reparameterization_grad_adamw(
+    d_w, mu, rho, prior_mu, seed, g_kl, prior_sigma: float, kl_direction: str, w_dtype, adamw
+) -> torch.Tensor | None:
+    """The gradient pass with AdamW fused in (``FusedBayesAdamW``): mu, rho and ``adamw.moments`` (m_mu, v_mu,
+    m_rho, v_rho) are updated in place, chunk by chunk, from d_mu and d_rho that never leave the pass; returns the
+    weight sample (from mu before the update) in ``w_dtype``, or None. ``adamw``: :class:`AdamWArguments`."""
+    _check_cpu(d_w, mu, rho, prior_mu)
+    w = None if w_dtype is None else torch.empty(mu.shape, dtype=w_dtype)
+    extension().reparameterization_grad_adamw(
+        _float32(d_w),
+        mu,
+        rho,
+        _float32(prior_mu),
+        _seed_int(seed),
+        0.0 if g_kl is None else float(g_kl.item()),
+        float(prior_sigma),
+        KL_DIRECTION_CODES[kl_direction],
+        w,
+        *adamw.moments,
+        list(adamw.mu_scalars),
+        list(adamw.rho_scalars),
+    )
+    torch.autograd.graph.increment_version([mu, rho])  # written in place: autograd's checks see it
+    return w
+
+
+CPU_KERNELS = register_posterior_kernels(
+    "cpu_",
+    sample_weight_and_kl,
+    reparameterization_grad,
+    grad_into_d_w=True,
+    reparameterization_grad_adamw_fn=reparameterization_grad_adamw,
+)

@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -195,6 +196,34 @@ void reparameterization_grad_impl(const Kernels& k, const float* d_w, const floa
 
 #define DISPATCH_OUT(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
+// One AdamW step as torch.optim.AdamW's single-tensor path computes it, with its scalars precomputed in double
+// (as Python does) and rounded to float (as ATen does for a float tensor): decay = 1 - lr * weight_decay,
+// the first moment by lerp, the second by mul + addcmul, p += -lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t)
+// + eps).
+struct AdamWStep {
+  float decay, lerp_weight, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size;
+  explicit AdamWStep(const std::vector<double>& h)
+      : decay(static_cast<float>(h.at(0))),
+        lerp_weight(static_cast<float>(h.at(1))),
+        beta2(static_cast<float>(h.at(2))),
+        one_minus_beta2(static_cast<float>(h.at(3))),
+        bias_correction2_sqrt(static_cast<float>(h.at(4))),
+        eps(static_cast<float>(h.at(5))),
+        neg_step_size(static_cast<float>(h.at(6))) {}
+
+  void apply(float* p, float* m, float* v, const float* g, int64_t n) const {
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = g[i];
+      const float mi = lerp_weight < 0.5f ? m[i] + lerp_weight * (gi - m[i]) : gi - (gi - m[i]) * (1.0f - lerp_weight);
+      const float vi = v[i] * beta2 + one_minus_beta2 * gi * gi;
+      const float denom = std::sqrt(vi) / bias_correction2_sqrt + eps;
+      p[i] = p[i] * decay + neg_step_size * (mi / denom);
+      m[i] = mi;
+      v[i] = vi;
+    }
+  }
+};
+
 }  // namespace
 
 // out: contiguous float32, filled with the eps of (seed, flat index).
@@ -274,11 +303,68 @@ void reparameterization_grad(c10::optional<torch::Tensor> d_w, torch::Tensor mu,
   });
 }
 
+// The gradient pass with AdamW fused in: per chunk, d_mu and d_rho go to stack buffers and update mu, rho and
+// their moments (m_*, v_*, float32, mu's size) in place; w (optional) is written from the mu before the update.
+// h_mu, h_rho: AdamWStep's seven scalars for mu's and rho's group and step.
+void reparameterization_grad_adamw(c10::optional<torch::Tensor> d_w, torch::Tensor mu, torch::Tensor rho,
+                                   c10::optional<torch::Tensor> prior, int64_t seed, double g_kl, double prior_sigma,
+                                   int64_t direction, c10::optional<torch::Tensor> w, torch::Tensor m_mu,
+                                   torch::Tensor v_mu, torch::Tensor m_rho, torch::Tensor v_rho,
+                                   std::vector<double> h_mu, std::vector<double> h_rho) {
+  const int64_t numel = mu.numel();
+  check_float_vector(mu, numel, "mu");
+  check_float_vector(rho, numel, "rho");
+  for (const torch::Tensor* t : {&m_mu, &v_mu, &m_rho, &v_rho}) check_float_vector(*t, numel, "AdamW moment");
+  if (d_w) check_float_vector(*d_w, numel, "d_w");
+  if (prior) check_float_vector(*prior, numel, "prior_mu");
+  const std::vector<const torch::Tensor*> written = {&mu, &rho, &m_mu, &v_mu, &m_rho, &v_rho};
+  for (size_t i = 0; i < written.size(); ++i) {
+    for (size_t j = 0; j < i; ++j) TORCH_CHECK(!overlaps(*written[i], *written[j]), "mu, rho and moments overlap");
+    TORCH_CHECK(!d_w || !overlaps(*d_w, *written[i]), "d_w must not overlap mu, rho or the moments");
+  }
+  TORCH_CHECK(h_mu.size() == 7 && h_rho.size() == 7, "h_mu and h_rho take 7 AdamW scalars each");
+  TORCH_CHECK(!w || (w->device().is_cpu() && w->is_contiguous() && w->numel() == numel),
+              "w must be a contiguous CPU tensor of ", numel, " elements");
+  const Kernels& k = active();
+  const AdamWStep step_mu(h_mu), step_rho(h_rho);
+  const float* d_w_data = d_w ? d_w->data_ptr<float>() : nullptr;
+  const float* prior_data = prior ? prior->data_ptr<float>() : nullptr;
+  const int dir = g_kl != 0.0 ? static_cast<int>(direction) : -1;
+  const uint64_t key = static_cast<uint64_t>(seed);
+  float *mu_data = mu.data_ptr<float>(), *rho_data = rho.data_ptr<float>();
+  float *m_mu_data = m_mu.data_ptr<float>(), *v_mu_data = v_mu.data_ptr<float>();
+  float *m_rho_data = m_rho.data_ptr<float>(), *v_rho_data = v_rho.data_ptr<float>();
+  auto run = [&](auto* w_data) {
+    using out_t = std::remove_pointer_t<decltype(w_data)>;
+    for_chunks(numel, [&](int64_t, int64_t begin, int64_t n) {
+      alignas(64) float d_mu[CHUNK];
+      alignas(64) float d_rho[CHUNK];
+      alignas(64) float buffer[std::is_same<out_t, float>::value ? 1 : CHUNK];
+      float* w_float = w_data == nullptr                       ? nullptr
+                       : std::is_same<out_t, float>::value ? reinterpret_cast<float*>(w_data + begin)
+                                                           : buffer;
+      k.gradient(d_w_data == nullptr ? nullptr : d_w_data + begin, mu_data + begin, rho_data + begin,
+                 prior_data == nullptr ? nullptr : prior_data + begin, key, begin, n, static_cast<float>(g_kl),
+                 static_cast<float>(prior_sigma), dir, d_mu, d_rho, w_float);
+      if (w_data != nullptr && !std::is_same<out_t, float>::value) store(w_float, n, w_data + begin);
+      step_mu.apply(mu_data + begin, m_mu_data + begin, v_mu_data + begin, d_mu, n);
+      step_rho.apply(rho_data + begin, m_rho_data + begin, v_rho_data + begin, d_rho, n);
+    });
+  };
+  if (!w) {
+    run(static_cast<float*>(nullptr));
+    return;
+  }
+  DISPATCH_OUT(w->scalar_type(), "reparameterization_grad_adamw", [&] { run(w->data_ptr<scalar_t>()); });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("CHUNK") = CHUNK;
   m.def("philox_normal_into", &philox_normal_into, "eps of (seed, flat index) into a float32 tensor");
   m.def("sample_weight_kl", &sample_weight_kl, "one pass: weight sample and the summed KL");
   m.def("reparameterization_grad", &reparameterization_grad, "one pass: d_mu, d_rho and optionally w");
+  m.def("reparameterization_grad_adamw", &reparameterization_grad_adamw,
+        "one pass: d_mu, d_rho per chunk, AdamW on mu, rho and their moments in place, optionally w");
   m.def("instruction_set", &instruction_set, "the instruction set the kernels run with");
   m.def("instruction_sets", &instruction_sets, "the instruction sets this CPU supports, best first");
   m.def("set_instruction_set", &set_instruction_set, "run the kernels with one of instruction_sets() ('': best)");
