@@ -24,6 +24,7 @@ FACTOR_CHOICES = ("AB", "A", "B", "")  # "": a plain (deterministic) LoRA, for b
 PRIOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 POSTERIOR_FIELDS = ("init_sigma", "prior_sigma", "kl_direction", "prior_dtype")  # every Bayesian layer's options
 LORA_FIELDS = ("rank", "lora_alpha", "bayesian_factors")  # the LoRA layers' options on top
+OPTIMIZER_FIELDS = ("rho_learning_rate", "sigma_space")  # how training steps the posterior (bayeslayers.optim)
 
 
 def _option(default, help_text: str, **metadata):
@@ -54,6 +55,14 @@ class BayesConfig:
     bayesian_factors: str = _option(
         "AB", "LoRA factors that are Bayesian: 'AB', 'A', 'B' or '' (plain LoRA)", choices=FACTOR_CHOICES
     )
+    rho_learning_rate: float | None = _option(
+        None, "learning rate of every posterior's rho (sigma with sigma_space); None: the model's learning rate"
+    )
+    sigma_space: bool = _option(
+        False,
+        "step sigma itself, as the seed paper's code (SigmaAdamW): AdamW then moves sigma by ~lr per step instead "
+        "of ~sigmoid(rho)*lr (~0.01*lr at sigma 0.01)",
+    )
 
     def __post_init__(self):
         for name in ("target_modules", "exclude_modules"):
@@ -78,6 +87,10 @@ class BayesConfig:
         ):
             raise ValueError(f"lora_alpha must be a positive number or None, got {self.lora_alpha!r}")
         check_choice(self.bayesian_factors, FACTOR_CHOICES, "bayesian_factors")
+        if self.rho_learning_rate is not None:
+            check_positive(self.rho_learning_rate, "rho_learning_rate")
+        if not isinstance(self.sigma_space, bool):
+            raise ValueError(f"sigma_space must be True or False, got {self.sigma_space!r}")
 
     def replace(self, **changes) -> BayesConfig:
         """A copy with ``changes``; unknown names raise a TypeError listing the options."""
@@ -102,7 +115,10 @@ class BayesConfig:
             kwargs = {"default": defaults.get(name, option.default), "help": option.metadata["help"]}
             if "choices" in option.metadata:
                 kwargs["choices"] = option.metadata["choices"]
-            kwargs["type"] = _ARGUMENT_TYPES.get(name, str)
+            if option.type in (bool, "bool"):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = _ARGUMENT_TYPES.get(name, str)
             add(f"--{name}", **kwargs)
         return parser
 
@@ -155,6 +171,7 @@ _ARGUMENT_TYPES = {
     "prior_sigma": float,
     "rank": int,
     "lora_alpha": _optional_float,
+    "rho_learning_rate": _optional_float,
     "prior_dtype": _optional_dtype,
 }
 

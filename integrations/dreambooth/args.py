@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from bayeslayers.config import POSTERIOR_FIELDS, BayesConfig
+from bayeslayers.config import OPTIMIZER_FIELDS, POSTERIOR_FIELDS, BayesConfig
 
 from .data import INTERPOLATION_MODES, check_image_dir
 
@@ -202,6 +202,7 @@ def _bayesian_flags(add) -> None:
         help="full mode: which text-encoder layers become Bayesian (lora mode: its LoRA up factors)",
     )
     BayesConfig.add_arguments(add, POSTERIOR_FIELDS)  # --init_sigma, --prior_sigma, --kl_direction, --prior_dtype
+    BayesConfig.add_arguments(add, OPTIMIZER_FIELDS)  # --rho_learning_rate, --sigma_space (docs/posterior.md)
     add("--kl_weight", type=float, default=0.0)
 
 
@@ -244,6 +245,8 @@ def _check_ranges(args) -> None:
     for flag in ("init_sigma", "prior_sigma", "learning_rate", "lr_power"):
         if getattr(args, flag) <= 0:
             _fail(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    if args.rho_learning_rate is not None and args.rho_learning_rate <= 0:
+        _fail(f"--rho_learning_rate must be > 0, got {args.rho_learning_rate}")
     for flag in (
         "train_batch_size",
         "checkpointing_steps",
@@ -280,6 +283,8 @@ def _check_combinations(args) -> None:
         _fail("--bayes_text_encoder needs --train_text_encoder (a frozen text encoder has no posterior to learn)")
     if args.bayes_text_encoder and not args.bayesian:
         _fail("--bayes_text_encoder cannot be used with --no-bayesian")
+    if args.sigma_space and args.use_8bit_adam:
+        _fail("--sigma_space steps sigma with SigmaAdamW (fp32 moments); it cannot be used with --use_8bit_adam")
     if args.validation_images is not None:
         _fail(
             "--validation_images is for image-conditioned pipelines (e.g. DeepFloyd IF super-resolution); "

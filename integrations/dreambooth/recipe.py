@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import bayeslayers
+from bayeslayers.optim import SigmaAdamW
+
 OFFSET_NOISE_SCALE = 0.1  # diffusers' train_dreambooth.py
 HUB_IGNORE_PATTERNS = ["step_*", "epoch_*", "checkpoint-*", ".tmp-*", ".old-*"]
 
@@ -46,11 +49,26 @@ def optimizer_class(use_8bit_adam: bool):
     return bnb.optim.AdamW8bit
 
 
-def build_optimizer(params, args, num_processes: int):
+def build_optimizer(params, args, num_processes: int, models=()):
+    """AdamW over ``params``; with ``--rho_learning_rate`` or ``--sigma_space`` the posteriors' rho of ``models``
+    form their own group (``bayeslayers.optim.SigmaAdamW`` steps it in sigma space with ``--sigma_space``)."""
+    lr = scaled_learning_rate(args, num_processes)
     cls = optimizer_class(args.use_8bit_adam)
+    rho_ids = {id(layer.weight_rho) for model in models for _, layer in bayeslayers.posterior_layers(model)}
+    rho = [p for p in params if id(p) in rho_ids]
+    if rho and (args.rho_learning_rate is not None or args.sigma_space):
+        rho_lr = lr if args.rho_learning_rate is None else args.rho_learning_rate * lr / args.learning_rate
+        params = [{"params": [p for p in params if id(p) not in rho_ids]}]
+        params.append({"params": rho, "lr": rho_lr, "sigma_space": args.sigma_space})
+        params = [g for g in params if g["params"]]
+        if args.sigma_space:
+            cls = SigmaAdamW
+        else:
+            for group in params:
+                group.pop("sigma_space", None)
     return cls(
         params,
-        lr=scaled_learning_rate(args, num_processes),
+        lr=lr,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,

@@ -185,6 +185,12 @@ def mean_sigma(unet) -> float:
     return total.item() / sum(layer.weight_mu.numel() for layer in layers)
 
 
+def movement_logs(model, sigma_0: float, prefix: str = "") -> dict:
+    """``sigma_ratio/<group>/<mean|p05|p95>``: sigma / sigma_0 per layer group (bayeslayers.sigma_movement)."""
+    stats = bayeslayers.sigma_movement(model, sigma_0)
+    return {f"sigma_ratio/{prefix}{group}/{k}": v for group, values in stats.items() for k, v in values.items()}
+
+
 def main(args, step_callback=None) -> dict:
     """Trains, checkpoints, validates and exports; returns the final metrics.
 
@@ -262,7 +268,7 @@ def main(args, step_callback=None) -> dict:
     named_params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     if args.train_text_encoder:  # checkpoint names: UNet parameters as they are, text encoder ones prefixed
         named_params.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
-    optimizer = build_optimizer(list(named_params.values()), args, accelerator.num_processes)
+    optimizer = build_optimizer(list(named_params.values()), args, accelerator.num_processes, (unet, text_encoder))
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
     if args.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
@@ -357,20 +363,24 @@ def main(args, step_callback=None) -> dict:
                 "mean_sigma": mean_sigma(raw_unet),
                 "lr": lr_scheduler.get_last_lr()[0],
             }
+            if bayesian:
+                logs.update(movement_logs(raw_unet, args.init_sigma))
             if text_bayesian:
                 logs.update(
                     kl_unet=kl_unet.item(),
                     kl_text_encoder=kl_text.item(),
                     mean_sigma_text_encoder=mean_sigma(raw_text_encoder),
                 )
+                logs.update(movement_logs(raw_text_encoder, args.init_sigma, "text_encoder."))
             check_finite_metrics(logs, out, step)
-            for key in HISTORY_KEYS:
-                if key in logs:
+            for key in logs:
+                if key in HISTORY_KEYS or key.startswith("sigma_ratio/"):
                     history.setdefault(key, []).append(logs[key])
             history["step"].append(step)
             shown = {"loss": f"{logs['loss']:.4f}"}
-            if args.bayesian:
-                shown.update(kl=f"{logs['kl']:.3g}", sigma=f"{logs['mean_sigma']:.3g}")
+            if bayesian:
+                ratio = [logs[f"sigma_ratio/all/{k}"] for k in ("mean", "p05", "p95")]
+                shown.update(kl=f"{logs['kl']:.3g}", sigma_ratio="{:.5f} [{:.5f}, {:.5f}]".format(*ratio))
             progress.set_postfix(**shown)
             accelerator.log(logs, step=step)
             if step_callback is not None:
@@ -418,6 +428,7 @@ def main(args, step_callback=None) -> dict:
         "final_loss": history["loss"][-1],
         "final_kl": history["kl"][-1],
         "final_mean_sigma": history["mean_sigma"][-1],
+        **{f"final_{k}": v[-1] for k, v in history.items() if k.startswith("sigma_ratio/")},
         "train_seconds": round(seconds, 2),
     }
     if text_bayesian:

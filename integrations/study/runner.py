@@ -134,6 +134,7 @@ def run_one(subject: SubjectData, arm: str, seed: int, settings: StudySettings, 
         }
         if "judge_corruption" in row:
             row["corruption"] = row["judge_corruption"] / reference
+        row.update({k.replace("final_", "", 1): v for k, v in result.items() if k.startswith("final_sigma_ratio/")})
         row.update(
             run_seconds=round(seconds, 1),
             train_seconds=result.get("train_seconds"),
