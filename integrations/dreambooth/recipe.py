@@ -31,11 +31,13 @@ def resolve_training_length(args, steps_per_epoch: int) -> None:
         args.validation_steps = args.validation_epochs * steps_per_epoch
 
 
-def scaled_learning_rate(args, num_processes: int) -> float:
-    """``--scale_lr``: LR x accumulation steps x batch size x processes; the flag's LR otherwise."""
+def scaled_learning_rate(args, num_processes: int, learning_rate: float | None = None) -> float:
+    """``--scale_lr``: LR (``learning_rate``, default the flag's) x accumulation steps x batch size x processes;
+    the LR unchanged otherwise."""
+    learning_rate = args.learning_rate if learning_rate is None else learning_rate
     if not args.scale_lr:
-        return args.learning_rate
-    return args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * num_processes
+        return learning_rate
+    return learning_rate * args.gradient_accumulation_steps * args.train_batch_size * num_processes
 
 
 def optimizer_class(use_8bit_adam: bool):
@@ -57,7 +59,7 @@ def build_optimizer(params, args, num_processes: int, models=()):
     rho_ids = {id(layer.weight_rho) for model in models for _, layer in bayeslayers.posterior_layers(model)}
     rho = [p for p in params if id(p) in rho_ids]
     if rho and (args.rho_learning_rate is not None or args.sigma_space):
-        rho_lr = lr if args.rho_learning_rate is None else args.rho_learning_rate * lr / args.learning_rate
+        rho_lr = scaled_learning_rate(args, num_processes, args.rho_learning_rate)
         params = [{"params": [p for p in params if id(p) not in rho_ids]}]
         params.append({"params": rho, "lr": rho_lr, "sigma_space": args.sigma_space})
         params = [g for g in params if g["params"]]
