@@ -128,6 +128,40 @@ def test_settings_from_flags_per_training_mode():
         cli.parse_args(["--jobs", "0"])
 
 
+def test_sigma_table_reads_each_runs_final_movement():
+    rows = []
+    for arm, seed, mean in (("a", 0, 1.2), ("a", 1, 1.4), ("b", 0, 1.0)):
+        for step in (0, 10):  # every row of a run carries the run's final values
+            rows.append({"arm": arm, "subject": "s", "seed": seed, "step": step, "sigma_ratio/all/mean": mean})
+            rows[-1].update({"sigma_ratio/all/p05": mean - 0.1, "sigma_ratio/all/p95": mean + 0.1})
+    rows.append({"arm": "plain", "subject": "s", "seed": 0, "step": 0})
+    table = {e["arm"]: e for e in analysis.sigma_table(rows, ["plain", "a", "b"])}
+    assert set(table) == {"a", "b"} and table["a"]["runs"] == 2
+    assert table["a"]["mean"] == pytest.approx(1.3) and table["a"]["p05_min"] == pytest.approx(1.1)
+    assert table["a"]["p95_max"] == pytest.approx(1.5)
+    assert "| a | 2 | 1.3000 (1.2000..1.4000)" in analysis.sigma_markdown(list(table.values()))
+
+
+def test_reused_rows_add_other_arms_of_a_study_with_the_same_settings(tmp_path):
+    from bayeslayers.integrations.study import arms, cli
+
+    settings = arms.FULL.replace(arms=("dreambooth-bnn-sigma",), subjects=("checker_star",), seeds=(0, 1))
+    (tmp_path / "settings.json").write_text(json.dumps(arms.FULL.__dict__, default=list))
+    rows = [
+        {"subject": "checker_star", "arm": "lora", "seed": 0, "fraction": 0.5, "judge_shape_accuracy": 0.25},
+        {"subject": "checker_star", "arm": "lora", "seed": 2, "fraction": 0.5, "judge_shape_accuracy": 0.5},
+        {"subject": "ring_circle", "arm": "lora", "seed": 0, "fraction": 0.5, "judge_shape_accuracy": 0.5},
+        {"subject": "checker_star", "arm": "dreambooth-bnn-sigma", "seed": 0, "fraction": 0.5},
+        {"subject": "checker_star", "arm": "lora", "seed": 1, "fraction": 0.0, "judge_shape_accuracy": float("nan")},
+    ]
+    cli.write_csv(tmp_path / "evaluations.csv", rows)
+    reused, images = cli.reused_rows(tmp_path, settings)
+    assert images == [] and len(reused) == 2
+    assert reused[0] == rows[0] and math.isnan(reused[1]["judge_shape_accuracy"])
+    with pytest.raises(ValueError, match="other settings \\(max_train_steps\\)"):
+        cli.reused_rows(tmp_path, settings.replace(max_train_steps=7))
+
+
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path):
     """``--quick`` (one subject, one seed, every arm, a few steps) in two worker processes writes the CSV,
@@ -149,6 +183,10 @@ def test_quick_study_end_to_end(tmp_path):
     assert {e["arm"] for e in table} == set(quick.arms)
     bayesian = {a for a in quick.arms if arms.ARMS[a].bayesian}
     assert {e["arm"] for e in report["uncertainty"]} == bayesian
+    spread = {e["arm"]: e["p95"] - e["p05"] for e in report["sigma"]}  # final sigma / sigma_0 per Bayesian arm
+    assert set(spread) == bayesian
+    assert spread["dreambooth-bnn-sigma"] > 10 * spread["dreambooth-bnn"] > 0
+    assert spread["lora-bnn-sigma"] > 10 * spread["lora-bnn"] > 0
     images = (tmp_path / "uncertainty_images.csv").read_text().splitlines()
     per_run = len(SubjectData.bundled(quick.subjects[0]).eval_prompts) * quick.uncertainty_images_per_prompt
     assert len(images) - 1 == len(bayesian) * per_run
