@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS ?= -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench wheel clean gpu-check aot mutation
+.PHONY: install demo test test-all lint bench wheel clean gpu-check aot mutation
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m bayeslayers.integrations.demo
 
+# `make test`: the fast tier (about 5 min on 2 cores); `make test-all`: every test, as CI runs it (about 25 min).
+# Slow tests (SD1.5 scale, multi-process, long recipe runs, the AOT compile, end-to-end harness runs) carry
+# @pytest.mark.slow.
 test: $(STAMP) lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
@@ -37,7 +43,7 @@ gpu-check: $(STAMP)
 
 # Ahead-of-time compile of every Triton kernel for sm_80/86/89/90 (no GPU needed; ~30 min on 2 cores).
 aot: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) -m bayeslayers.kernels.aot --subset full --csv benchmarks/results/aot_compile.csv
+	env -u TRITON_INTERPRET $(PY) -m tools.aot --subset full --csv benchmarks/results/aot_compile.csv
 
 # Mutation testing of the core's model-level modules (not in CI; about 20 minutes on 2 cores). Runs in a copy of the
 # tree under build/mutation (config: [tool.mutmut] in pyproject.toml); the per-module summary goes to

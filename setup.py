@@ -33,7 +33,7 @@ setup(
     package_dir=PACKAGE_DIRS,
     package_data={
         "bayeslayers.integrations": ["tiny_sd/assets/**/*", "tiny_sd/assets/*"],
-        "bayeslayers.kernels": ["csrc/*.cpp"],
+        "bayeslayers.kernels.cpu": ["csrc/*.cpp"],
     },
     include_package_data=True,
     install_requires=[

@@ -9,7 +9,7 @@ pretrained weight, and a prior centred on the pretrained weight. Training draws 
     loss = diffusion_loss + kl_weight * bayeslayers.kl_loss(unet)
 """
 
-from bayeslayers.kernels.fusion import FusionPolicy, fusion, fusion_policy, set_fusion_policy
+from bayeslayers.kernels.paths.fusion import FusionPolicy, fusion, fusion_policy, set_fusion_policy
 
 from .backends import get_backend, materialize_eps, set_backend
 from .config import BayesConfig

@@ -195,13 +195,14 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; it needs one (make gpu-check DRY_RUN=1 checks the script on CPU)")
         return 2
-    if args.dry_run and "bayeslayers.kernels.philox" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if args.dry_run and "bayeslayers.kernels.triton.philox" in sys.modules and not interpreted:
         print("gpu-check --dry-run: the kernels were imported without TRITON_INTERPRET=1")
         return 2
 
     import bayeslayers
-    from bayeslayers.kernels import path_timing
-    from bayeslayers.kernels.fusion import set_fusion_policy
+    from bayeslayers.kernels.paths import timing as path_timing
+    from bayeslayers.kernels.paths.fusion import set_fusion_policy
 
     from . import plot, providers, table
     from .environment import environment

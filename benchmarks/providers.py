@@ -24,7 +24,7 @@ import torch.nn as nn
 
 import bayeslayers
 from bayeslayers.backends import BACKENDS
-from bayeslayers.kernels.fusion import set_fusion_policy
+from bayeslayers.kernels.paths.fusion import set_fusion_policy
 
 SIGMA = 0.01
 RHO = math.log(math.expm1(SIGMA))

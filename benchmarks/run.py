@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import bayeslayers
-from bayeslayers.kernels.fusion import set_fusion_policy
+from bayeslayers.kernels.paths.fusion import set_fusion_policy
 
 from .environment import environment
 from .measure import MODES, peak_bytes, sample_times, saved_bytes, state_bytes, step_function, summarize

@@ -13,6 +13,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "results.csv"
 BAYESLAYERS_CPU = ("reference", "torch", "cpp")
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_rows_for_every_provider(tmp_path):
     path = run.main(
         run.parse_args(["--ops", "linear,conv2d,lora,unet", "--device", "cpu", "--out", str(tmp_path), "--quick"])

@@ -29,7 +29,9 @@ def _loss(unet, inputs):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "backend", [b if b in ("reference", "torch") else pytest.param(b, marks=pytest.mark.slow) for b in BACKENDS]
+)
 def test_converted_unet_traces_as_one_graph_on_every_backend(backend, preset):
     pytest.importorskip("diffusers")
     bayeslayers.set_backend(backend)

@@ -16,10 +16,10 @@ from reference import TOLERANCE, kl_and_grads64, kl_reference, relative_error, s
 import bayeslayers
 from bayeslayers import BayesLinear, BayesLoRALinear
 from bayeslayers.kernels import FusionPolicy, fusion, fusion_policy, philox_normal, sample_weight_and_kl, seed_tensor
-from bayeslayers.kernels.gemm_tiles import tile_layout
-from bayeslayers.kernels.lora_matmul import lora_matmul
-from bayeslayers.kernels.sampled_matmul import sampled_matmul
-from bayeslayers.kernels.weight_grad_gemm import reparameterized_weight_grad
+from bayeslayers.kernels.triton.gemm_tiles import tile_layout
+from bayeslayers.kernels.triton.lora_matmul import lora_matmul
+from bayeslayers.kernels.triton.sampled_matmul import sampled_matmul
+from bayeslayers.kernels.triton.weight_grad_gemm import reparameterized_weight_grad
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -181,7 +181,7 @@ def test_lora_matmul_rejects_mismatched_factors():
 @pytest.fixture
 def fused_calls(monkeypatch):
     """Names of the fused GEMM kernels launched during the test, in order."""
-    import bayeslayers.kernels.triton_ops as triton_ops
+    import bayeslayers.kernels.triton.triton_ops as triton_ops
 
     calls = []
     for name in ("sampled_matmul", "reparameterized_weight_grad", "lora_matmul"):
@@ -236,7 +236,7 @@ def test_bayes_linear_fused_paths_agree_with_sample_then_gemm(fused_calls, dtype
 
 def test_heuristic_takes_sample_in_gemm_only_up_to_the_row_limit():
     from bayeslayers.kernels import SampleInGemm, SampleThenMap
-    from bayeslayers.kernels.fusion import SAMPLE_IN_GEMM, SAMPLE_THEN_GEMM, choose_linear_path, weight_path
+    from bayeslayers.kernels.paths.fusion import SAMPLE_IN_GEMM, SAMPLE_THEN_GEMM, choose_linear_path, weight_path
     from bayeslayers.layer_maps import Conv2dMap, LinearMap
 
     layer = BayesLinear(8, 8).to(DEVICE)

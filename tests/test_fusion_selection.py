@@ -11,8 +11,8 @@ import torch
 
 import bayeslayers
 from bayeslayers import BayesLinear
-from bayeslayers.kernels import path_timing
-from bayeslayers.kernels.fusion import (
+from bayeslayers.kernels.paths import timing as path_timing
+from bayeslayers.kernels.paths.fusion import (
     DW_EPILOGUE,
     FUSED_LORA,
     SAMPLE_IN_GEMM,
@@ -21,9 +21,9 @@ from bayeslayers.kernels.fusion import (
     fusion,
     fusion_mode,
 )
-from bayeslayers.kernels.path_timing import PathSelector, shape_class, using_path_selector
+from bayeslayers.kernels.paths.timing import PathSelector, shape_class, using_path_selector
 
-fusion_module = importlib.import_module("bayeslayers.kernels.fusion")  # the package exports a fusion()
+fusion_module = importlib.import_module("bayeslayers.kernels.paths.fusion")  # the package exports a fusion()
 
 
 class FakeTimer:

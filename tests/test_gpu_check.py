@@ -17,6 +17,7 @@ def test_without_cuda_it_says_so_and_fails(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_dry_run_end_to_end(tmp_path):
     assert gpu_check.main(["--dry-run", "--skip-tests", "--out", str(tmp_path), "--budget", "0.001"]) == 0
     with open(tmp_path / "results.csv", newline="") as handle:

@@ -42,7 +42,7 @@ def test_gradient_pass_over_a_temporary_d_w_gives_the_same_values_in_less_memory
     from bayeslayers.kernels import seed_tensor
     from bayeslayers.kernels.cpu import CPU_KERNELS
     from bayeslayers.kernels.posterior import Posterior
-    from bayeslayers.kernels.torch_ops import TORCH_KERNELS
+    from bayeslayers.kernels.torch_impl import TORCH_KERNELS
     from benchmarks.measure import peak_bytes
 
     kernels = {"torch": TORCH_KERNELS, "cpp": CPU_KERNELS}[kernels_name]

@@ -4,8 +4,8 @@ arguments the Triton kernels are actually launched with (captured on meta tensor
 import pytest
 import torch
 
-from bayeslayers.kernels import aot
 from benchmarks import roofline
+from tools import aot
 
 BF16 = torch.bfloat16
 
@@ -60,10 +60,10 @@ def test_sd15_layers_and_the_preset(layers):
     ],
 )
 def test_byte_model_matches_the_kernel_arguments(layers, name):
-    from bayeslayers.kernels.reparam_grad import reparameterization_grad
-    from bayeslayers.kernels.sample_kl import sample_weight_and_kl
-    from bayeslayers.kernels.sampled_matmul import sampled_matmul
-    from bayeslayers.kernels.weight_grad_gemm import reparameterized_weight_grad
+    from bayeslayers.kernels.triton.reparam_grad import reparameterization_grad
+    from bayeslayers.kernels.triton.sample_kl import sample_weight_and_kl
+    from bayeslayers.kernels.triton.sampled_matmul import sampled_matmul
+    from bayeslayers.kernels.triton.weight_grad_gemm import reparameterized_weight_grad
 
     layer = next(layer for layer in layers if layer.name == name)
     m, n, k, prior_bytes = layer.m, layer.n, layer.k, layer.prior_bytes
@@ -110,7 +110,7 @@ def test_byte_model_matches_the_kernel_arguments(layers, name):
 
 
 def test_lora_byte_model_matches_the_fused_kernel():
-    from bayeslayers.kernels.lora_matmul import lora_matmul
+    from bayeslayers.kernels.triton.lora_matmul import lora_matmul
 
     m, n, k, rank = 77, 320, 768, 4
     kernels = {kern.name: kern for kern in roofline.lora_linear(m, n, k, rank, "fused_lora")}

@@ -97,6 +97,7 @@ def test_schedule_waits_for_the_first_task_of_each_shared_key():
     assert schedule(tasks, lambda task: task[0]) == [None, None, 0, None, 1, 0]
 
 
+@pytest.mark.slow
 def test_run_parallel_returns_results_in_task_order_and_raises_a_failed_task():
     finished = []
     results = run_parallel(

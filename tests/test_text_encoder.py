@@ -97,6 +97,7 @@ def test_text_encoder_kl_is_in_the_same_loss_and_reported_apart(full_run):
     assert result["final_mean_sigma_text_encoder"] > 0
 
 
+@pytest.mark.slow
 def test_full_export_loads_in_stock_diffusers_and_matches_the_mean_model(full_run):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -151,6 +152,7 @@ def test_lora_export_holds_text_encoder_keys_that_stock_load_lora_weights_applie
     assert np.abs(_image(unet_only) - _image(in_library)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_text_encoder_posterior(tmp_path):
     from safetensors.torch import load_file
 

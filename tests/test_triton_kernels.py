@@ -37,10 +37,10 @@ from bayeslayers.kernels import (
     sample_weight_and_kl,
     seed_tensor,
 )
-from bayeslayers.kernels.config import EXACT
-from bayeslayers.kernels.philox import _philox_normal_kernel
-from bayeslayers.kernels.sample_kl import _sample_weight_kl_kernel
-from bayeslayers.kernels.triton_ops import TRITON_KERNELS
+from bayeslayers.kernels.triton.config import EXACT
+from bayeslayers.kernels.triton.philox import _philox_normal_kernel
+from bayeslayers.kernels.triton.sample_kl import _sample_weight_kl_kernel
+from bayeslayers.kernels.triton.triton_ops import TRITON_KERNELS
 from bayeslayers.layer_maps import Conv2dMap, LinearMap
 from bayeslayers.rng import mix_seed
 
@@ -85,7 +85,7 @@ def test_eps_is_a_function_of_seed_and_flat_index_only():
     assert not torch.equal(philox_normal(78, (4099,), DEVICE), long)
 
 
-@pytest.mark.parametrize("block_groups", [4, 32, 256, 2048])
+@pytest.mark.parametrize("block_groups", [pytest.param(4, marks=pytest.mark.slow), 32, 256, 2048])
 def test_eps_and_weight_bit_identical_across_block_sizes(block_groups):
     numel, seed = 3001, seed_tensor(12345, DEVICE)
     tuned = philox_normal(12345, (numel,), DEVICE)
@@ -234,6 +234,7 @@ def test_auto_never_picks_triton_on_cpu_but_explicit_triton_runs_interpreted():
     assert resolve_backend(torch.device("cpu")).name == "triton"
 
 
+@pytest.mark.slow
 def test_torch_compile_traces_a_converted_model_without_graph_breaks():
     import torch._dynamo
 

@@ -1,4 +1,4 @@
-"""Torch backend: the one autograd seam over kernels written in plain torch (``bayeslayers.kernels.torch_ops``).
+"""Torch backend: the one autograd seam over kernels written in plain torch (``bayeslayers.kernels.torch_impl``).
 
 Forward draws eps from the seed with torch's generator, forms w = mu + softplus(rho) * eps in the compute dtype,
 applies the layer map and sums the closed-form KL. Backward regenerates the same eps and forms

@@ -1,6 +1,6 @@
 """Triton backend: fused sample+KL and gradient kernels from ``bayeslayers.kernels``, and the fused GEMMs
-(sample-in-GEMM Linear, dW epilogue, LoRA in the base GEMM) where ``bayeslayers.kernels.fusion`` chooses them (a fixed
-policy, ``BAYESLAYERS_FUSION``, or timed on the user's GPU).
+(sample-in-GEMM Linear, dW epilogue, LoRA in the base GEMM) where ``bayeslayers.kernels.paths.fusion`` chooses
+them (a fixed policy, ``BAYESLAYERS_FUSION``, or timed on the user's GPU).
 
 Runs on CUDA, or on CPU when ``TRITON_INTERPRET=1`` was set before the kernels were imported. Seeds are
 one-element int64 tensors drawn on the weight's device (no host sync; CUDA-graph and torch.compile friendly;
@@ -20,7 +20,7 @@ class TritonBackend(KernelBackend):
     name = "triton"
 
     def unavailable_reason(self, device: torch.device) -> str:
-        from bayeslayers.kernels.interpreter import INTERPRETING, TRITON_INSTALLED
+        from bayeslayers.kernels.triton.interpreter import INTERPRETING, TRITON_INSTALLED
 
         if not TRITON_INSTALLED:
             return "the 'triton' package is not installed"
@@ -36,16 +36,16 @@ class TritonBackend(KernelBackend):
 
     def apply(self, layer_map, x, posterior, bias, seed):
         # kernels/fusion.py picks the path (fixed policy, BAYESLAYERS_FUSION, or measured on CUDA) and runs it.
-        from bayeslayers.kernels.fusion import apply_bayesian
+        from bayeslayers.kernels.paths.fusion import apply_bayesian
 
         return apply_bayesian(layer_map, x, posterior, bias, seed, linear=isinstance(layer_map, LinearMap))
 
     def fuses_lora(self, device):
-        from bayeslayers.kernels.fusion import fuses_lora
+        from bayeslayers.kernels.paths.fusion import fuses_lora
 
         return fuses_lora(device)
 
     def lora_linear(self, x, w, bias, a, b, scaling):
-        from bayeslayers.kernels.fusion import apply_lora
+        from bayeslayers.kernels.paths.fusion import apply_lora
 
         return apply_lora(x, w, bias, a, b, scaling)

@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from .path_timing import path_selector
+from .timing import path_selector
 
 FUSION_ENV = "BAYESLAYERS_FUSION"
 SAMPLE_THEN_GEMM, SAMPLE_IN_GEMM, DW_EPILOGUE = "sample_then_gemm", "sample_in_gemm", "dw_epilogue"
@@ -130,9 +130,9 @@ def weight_path(path: str):
     if path not in LINEAR_PATHS:
         raise ValueError(f"path must be one of {LINEAR_PATHS}, got {path!r}")
     if path not in _WEIGHT_PATHS:
-        from .fused_paths import SAMPLE_IN_GEMM as sample_in_gemm  # the one instance sampled_linear uses too
-        from .reparameterized import SampleThenMap
-        from .triton_ops import TRITON_KERNELS
+        from ..reparameterized import SampleThenMap
+        from ..triton.triton_ops import TRITON_KERNELS
+        from .fused import SAMPLE_IN_GEMM as sample_in_gemm  # the one instance sampled_linear uses too
 
         _WEIGHT_PATHS[path] = (
             sample_in_gemm
@@ -147,7 +147,7 @@ _WEIGHT_PATHS: dict = {}
 
 def run_linear_path(path: str, layer_map, x, posterior, bias, seed):
     """``(y, kl)`` of ``layer_map`` (a Linear for the fused paths) on ``path``."""
-    from .reparameterized import reparameterize
+    from ..reparameterized import reparameterize
 
     return reparameterize(layer_map, x, posterior, bias, seed, weight_path(path))
 
@@ -250,7 +250,7 @@ def unfused_lora(x, w, bias, a, b, scaling: float):
 
 def run_lora_path(path: str, x, w, bias, a, b, scaling: float):
     if path == FUSED_LORA:
-        from .fused_paths import lora_linear
+        from .fused import lora_linear
 
         return lora_linear(x, w, bias, a, b, scaling)
     if path != UNFUSED_LORA:

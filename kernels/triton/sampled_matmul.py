@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..posterior_math import KL_DIRECTION_CODES, kl_element, load_gap
 from .config import EXACT, PRUNE_SAMPLED_GEMM, check_numel, dot_options, sampled_gemm_configs
 from .gemm_tiles import mma, sampled_tile, tile_layout
-from .posterior_math import KL_DIRECTION_CODES, kl_element, load_gap
 
 
 @triton.autotune(

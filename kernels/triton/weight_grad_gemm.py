@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..posterior_math import KL_DIRECTION_CODES
 from .config import EXACT, PRUNE_WEIGHT_GRAD_GEMM, check_numel, dot_options, weight_grad_gemm_configs
 from .gemm_tiles import mma, sampled_tile, tile_layout
-from .posterior_math import KL_DIRECTION_CODES
 from .reparam_grad import store_posterior_grads
 
 

@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..posterior_math import KL_DIRECTION_CODES, kl_element, load_gap, softplus
 from .config import EXACT, check_numel, elementwise_configs, smallest_block_elements
 from .philox import grid_over, normal_tile, tile_indices
-from .posterior_math import KL_DIRECTION_CODES, kl_element, load_gap, softplus
 
 
 @triton.autotune(configs=elementwise_configs(), key=["numel"])

@@ -14,8 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..posterior_math import softplus
 from .philox import box_muller, counter_normals
-from .posterior_math import softplus
 
 SCATTERED = tl.constexpr(0)
 ROWS_ALONG_K = tl.constexpr(1)

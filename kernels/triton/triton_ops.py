@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .kernel_ops import register_posterior_kernels
+from ..kernel_ops import register_posterior_kernels
 from .lora_matmul import lora_matmul
 from .reparam_grad import reparameterization_grad
 from .sample_kl import sample_weight_and_kl

@@ -145,9 +145,9 @@ def _tf32(enabled: bool):
 
 
 def _elementwise_calls(full: bool) -> Iterator[tuple[str, Callable]]:
-    from .philox import philox_normal_into
-    from .reparam_grad import reparameterization_grad
-    from .sample_kl import sample_weight_and_kl
+    from bayeslayers.kernels.triton.philox import philox_normal_into
+    from bayeslayers.kernels.triton.reparam_grad import reparameterization_grad
+    from bayeslayers.kernels.triton.sample_kl import sample_weight_and_kl
 
     seed = _meta(1, dtype=torch.int64)
     sizes = {"aligned": ALIGNED[1] * ALIGNED[2]}
@@ -248,7 +248,7 @@ class _GemmCase:
         return mu, prior, _meta(1, dtype=torch.int64)
 
     def forward(self):
-        from .sampled_matmul import sampled_matmul
+        from bayeslayers.kernels.triton.sampled_matmul import sampled_matmul
 
         mu, prior, seed = self._weights()
         bias = self._t(self.n) if self.bias else None
@@ -267,14 +267,14 @@ class _GemmCase:
             )
 
     def input_grad(self):
-        from .sampled_matmul import sampled_matmul
+        from bayeslayers.kernels.triton.sampled_matmul import sampled_matmul
 
         mu, _, seed = self._weights()
         with _tf32(self.tf32):
             sampled_matmul(self._t(self.m, self.n), mu, mu, seed, transpose_weight=False)
 
     def weight_grad(self):
-        from .weight_grad_gemm import reparameterized_weight_grad
+        from bayeslayers.kernels.triton.weight_grad_gemm import reparameterized_weight_grad
 
         mu, prior, seed = self._weights()
         with _tf32(self.tf32):
@@ -286,14 +286,14 @@ class _GemmCase:
         return self._t(self.n, self.k), self._t(self.rank, self.k), self._t(self.n, self.rank)
 
     def lora_forward(self):
-        from .lora_matmul import lora_matmul
+        from bayeslayers.kernels.triton.lora_matmul import lora_matmul
 
         w, a, b = self._lora_factors()
         with _tf32(self.tf32):
             lora_matmul(self._t(self.m, self.k), w, a, b, 1.0, self._t(self.n) if self.bias else None)
 
     def lora_input_grad(self):
-        from .lora_matmul import lora_matmul
+        from bayeslayers.kernels.triton.lora_matmul import lora_matmul
 
         w, a, b = self._lora_factors()
         with _tf32(self.tf32):

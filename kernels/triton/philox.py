@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..seeds import seed_tensor
 from .config import EXACT, check_numel, elementwise_configs
-from .seeds import seed_tensor
 
 TWO_POW_M32 = tl.constexpr(2.0**-32)
 TWO_POW_M33 = tl.constexpr(2.0**-33)

@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..posterior_math import KL_DIRECTION_CODES, kl_element_grads, load_gap, sigmoid, softplus
 from .config import EXACT, check_numel, elementwise_configs
 from .philox import grid_over, normal_tile, tile_indices
-from .posterior_math import KL_DIRECTION_CODES, kl_element_grads, load_gap, sigmoid, softplus
 
 
 @triton.jit

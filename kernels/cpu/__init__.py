@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .kernel_ops import register_posterior_kernels
-from .posterior import KL_DIRECTION_CODES
-from .seeds import seed_tensor
+from ..kernel_ops import register_posterior_kernels
+from ..posterior import KL_DIRECTION_CODES
+from ..seeds import seed_tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "reparameterization_cpu.cpp"
 EXTENSION_NAME = "bayeslayers_cpu_kernels"

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .posterior import Posterior
-from .reparameterized import SampleInGemm, reparameterize
-from .triton_ops import TRITON_KERNELS, lora_matmul_op
+from ..posterior import Posterior
+from ..reparameterized import SampleInGemm, reparameterize
+from ..triton.triton_ops import TRITON_KERNELS, lora_matmul_op
 
 SAMPLE_IN_GEMM = SampleInGemm(TRITON_KERNELS)
 
