@@ -240,6 +240,9 @@ def test_recipe_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--output_dir", "x", "--rho_learning_rate", "0"])
     assert "--rho_learning_rate must be positive" in capsys.readouterr().err
+    args = train.parse_args(["--output_dir", "x", "--bayesian", "--sigma_space", "--rho_learning_rate", "1e-3"])
+    assert args.sigma_space is True and args.rho_learning_rate == 1e-3
+    assert train.parse_args(["--output_dir", "x"]).sigma_space is False
 
 
 def test_recipe_starts_from_a_trained_steering_network(tmp_path, unet):
