@@ -16,8 +16,9 @@ def _loss(mu, sigma, x, eps):
     return ((x @ (mu + sigma * eps).T).tanh() - 0.3).pow(2).mean()
 
 
+@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2, 0.5])
-def test_equals_adamw_on_sigma(weight_decay):
+def test_equals_adamw_on_sigma(weight_decay, foreach):
     """Ten steps of SigmaAdamW on (mu, rho) equal torch AdamW on (mu, sigma) with sigma the parameter."""
     g = torch.Generator().manual_seed(0)
     mu0 = torch.randn(7, 5, generator=g) * 0.3
@@ -25,7 +26,7 @@ def test_equals_adamw_on_sigma(weight_decay):
     mu, rho = mu0.clone().requires_grad_(), inverse_softplus(sigma0).requires_grad_()
     mu_ref, sigma_ref = mu0.clone().requires_grad_(), sigma0.clone().requires_grad_()
     lr, rho_lr = 1e-2, 1e-3
-    options = dict(betas=(0.8, 0.99), eps=1e-8, weight_decay=weight_decay)
+    options = dict(betas=(0.8, 0.99), eps=1e-8, weight_decay=weight_decay, foreach=foreach)
     ours = SigmaAdamW([{"params": [mu]}, {"params": [rho], "lr": rho_lr, "sigma_space": True}], lr=lr, **options)
     reference = torch.optim.AdamW([{"params": [mu_ref]}, {"params": [sigma_ref], "lr": rho_lr}], lr=lr, **options)
     for _ in range(10):
@@ -113,3 +114,20 @@ def test_param_groups_and_errors():
         SigmaAdamW(groups, min_sigma=0.0)
     with pytest.raises(ValueError, match="fused"):
         SigmaAdamW(groups, fused=True)
+
+
+def test_a_torch_adamw_state_dict_loads_as_plain_groups():
+    """Checkpoints written with torch AdamW resume under SigmaAdamW unchanged (their groups are rho-space)."""
+    a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    plain = torch.optim.AdamW([a], lr=0.1)
+    a.sum().backward()
+    plain.step()
+    ours = SigmaAdamW([b], lr=0.5, sigma_space=True)
+    ours.load_state_dict(copy.deepcopy(plain.state_dict()))
+    assert ours.param_groups[0]["sigma_space"] is False and ours.param_groups[0]["lr"] == 0.1
+    with torch.no_grad():
+        b.copy_(a)
+    for opt, p in ((plain, a), (ours, b)):
+        p.grad = torch.full((3,), 0.5)
+        opt.step()
+    assert torch.equal(a, b)
