@@ -121,6 +121,8 @@ def run_one(subject: SubjectData, arm: str, seed: int, settings: StudySettings, 
     shutil.rmtree(out, ignore_errors=True)  # a run interrupted before its rows were written starts over
     started = time.perf_counter()
     result = dreambooth.main(dreambooth.parse_args(recipe_flags(subject, arm, seed, settings, root, extra)))
+    if result.get("interrupted"):  # stopped by a signal: its rows are not saved, so the next call reruns it
+        raise RuntimeError(f"{out} was stopped at step {result['step']} by a signal; the same command reruns it")
     seconds = time.perf_counter() - started
     reference = reference_corruption(subject)
     rows = []
