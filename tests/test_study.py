@@ -198,3 +198,14 @@ def test_quick_study_end_to_end(tmp_path):
     assert (tmp_path / "evaluations.csv").read_text() == first
     with pytest.raises(ValueError, match="other settings \\(max_train_steps\\)"):
         cli.main(cli.parse_args(["--quick", "--output_dir", str(tmp_path), "--max_train_steps", "6"]))
+
+
+def test_a_run_stopped_by_a_signal_is_not_recorded_as_finished(tmp_path, monkeypatch):
+    from bayeslayers.integrations import dreambooth
+    from bayeslayers.integrations.study import arms, runner
+
+    monkeypatch.setattr(dreambooth, "main", lambda args: {"interrupted": True, "step": 3})
+    subject = runner.SubjectData.bundled("checker_star")
+    with pytest.raises(RuntimeError, match="stopped at step 3"):
+        runner.run_one(subject, "lora-bnn-sigma", 0, arms.QUICK, tmp_path)
+    assert not (runner.run_dir(tmp_path, subject.name, "lora-bnn-sigma", 0) / "rows.json").exists()
