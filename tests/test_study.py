@@ -209,3 +209,44 @@ def test_a_run_stopped_by_a_signal_is_not_recorded_as_finished(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="stopped at step 3"):
         runner.run_one(subject, "lora-bnn-sigma", 0, arms.QUICK, tmp_path)
     assert not (runner.run_dir(tmp_path, subject.name, "lora-bnn-sigma", 0) / "rows.json").exists()
+
+
+def test_report_only_puts_the_reused_arms_beside_the_new_ones(tmp_path):
+    """--report_only --reuse_dir docs/study: the committed arms' rows (same subject and seed) and a new arm's
+    finished run in one table, with the new arm's final sigma / sigma_0 and its uncertainty rows."""
+    from pathlib import Path
+
+    from bayeslayers.integrations.study import cli
+    from bayeslayers.integrations.study.runner import run_dir
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "study"
+    old = [r for r in cli.read_csv(committed / "evaluations.csv") if r["arm"] == "lora-bnn" and r["seed"] == 0]
+    old = [r for r in old if r["subject"] == "checker_star"]
+    run = run_dir(tmp_path, "checker_star", "lora-bnn-sigma", 0)
+    run.mkdir(parents=True)
+    rows = [{**r, "arm": "lora-bnn-sigma", "sigma_ratio/all/mean": 1.5, "sigma_ratio/all/p05": 0.1} for r in old]
+    for row in rows:
+        row["sigma_ratio/all/p95"] = 3.0
+        row["judge_prompt_accuracy"] = row["judge_prompt_accuracy"] - 0.1
+    (run / "rows.json").write_text(json.dumps(rows))
+    images = [r for r in cli.read_csv(committed / "uncertainty_images.csv") if r["arm"] == "lora-bnn"]
+    images = [{**r, "arm": "lora-bnn-sigma"} for r in images if r["subject"] == "checker_star" and r["seed"] == 0]
+    (run / "uncertainty.json").write_text(json.dumps(images))
+    flags = ["--report_only", "--arms", "lora-bnn-sigma", "--subjects", "checker_star", "--seeds", "0"]
+    report = cli.main(cli.parse_args([*flags, "--reuse_dir", str(committed), "--output_dir", str(tmp_path)]))
+    arms = ["dreambooth", "dreambooth-bnn", "lora", "lora-bnn", "lora-bnn-sigma"]
+    assert list(dict.fromkeys(e["arm"] for e in report["table"])) == arms
+    final = {(e["arm"], e["metric"]): e["final"] for e in report["table"]}
+    shift = final[("lora-bnn", "judge_prompt_accuracy")] - final[("lora-bnn-sigma", "judge_prompt_accuracy")]
+    assert shift == pytest.approx(0.1)
+    assert report["sigma"] == [
+        {
+            "arm": "lora-bnn-sigma",
+            "runs": 1,
+            **{f"{s}{e}": v for s, v in (("mean", 1.5), ("p05", 0.1), ("p95", 3.0)) for e in ("", "_min", "_max")},
+        }
+    ]
+    spearman = {(e["arm"], e["metric"]): e["spearman"] for e in report["uncertainty"]}
+    assert spearman[("lora-bnn", "judge_prompt_accuracy")] == spearman[("lora-bnn-sigma", "judge_prompt_accuracy")]
+    assert report["reused"]["arms"] == arms[:-1]
+    assert "Final sigma / sigma_0" in (tmp_path / "results.md").read_text()
