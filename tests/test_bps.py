@@ -206,6 +206,7 @@ def test_recipe_trains_checkpoints_resumes_and_evaluates(tmp_path):
         "0.05",
         "--rho_learning_rate",
         "0.01",
+        "--sigma_space",  # SigmaAdamW's state through a checkpoint and resume
     ]
     first = train.main(train.parse_args(common + ["--max_train_steps", "2"]))
     assert first["steps"] == 2 and (tmp_path / "checkpoint-2" / "params.safetensors").exists()
