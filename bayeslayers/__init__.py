@@ -16,7 +16,7 @@ from bayeslayers.kernels.paths.fusion import FusionPolicy, fusion, fusion_policy
 from .backends import KernelBackend, get_backend, materialize_eps, register_backend, set_backend
 from .config import BayesConfig
 from .convert import bayesian_modules, convert, posterior_layers, to_deterministic
-from .diagnostics import LayerStats, Summary, saved_tensor_bytes, summary
+from .diagnostics import LayerStats, Summary, saved_tensor_bytes, sigma_movement, summary
 from .layers import BayesConv2d, BayesianLayer, BayesLinear, BayesLoRAConv2d, BayesLoRALinear
 from .objectives import kl_loss
 from .presets import available_presets, get_preset, register_preset
@@ -59,6 +59,7 @@ __all__ = [
     "saved_tensor_bytes",
     "set_backend",
     "set_fusion_policy",
+    "sigma_movement",
     "summary",
     "to_deterministic",
 ]

@@ -27,6 +27,7 @@ POSTERIOR_FIELDS = ("init_sigma", "prior_sigma", "kl_direction", "prior_dtype", 
 LORA_FIELDS = ("rank", "lora_alpha", "bayesian_factors")  # the LoRA layers' options on top
 PEFT_FIELDS = ("adapter_name", "bayesian_factors", "factor_prior")  # a peft adapter's options on top
 FACTOR_PRIORS = ("current", "zero")
+OPTIMIZER_FIELDS = ("rho_learning_rate", "sigma_space")  # how training steps the posterior (bayeslayers.optim)
 
 
 def _option(default, help_text: str, **metadata):
@@ -71,6 +72,14 @@ class BayesConfig:
         "prior mean of a peft factor (mode 'peft'): 'current' (its value at convert) or 'zero'",
         choices=FACTOR_PRIORS,
     )
+    rho_learning_rate: float | None = _option(
+        None, "learning rate of every posterior's rho (sigma with sigma_space); None: the model's learning rate"
+    )
+    sigma_space: bool = _option(
+        False,
+        "step sigma itself, as the seed paper's code (SigmaAdamW): AdamW then moves sigma by ~lr per step instead "
+        "of ~sigmoid(rho)*lr (~0.01*lr at sigma 0.01)",
+    )
 
     def __post_init__(self):
         for name in ("target_modules", "exclude_modules"):
@@ -101,6 +110,10 @@ class BayesConfig:
         if self.mode == "peft" and not self.bayesian_factors:
             raise ValueError("bayesian_factors must name at least one factor ('AB', 'A' or 'B') in mode 'peft'")
         check_bool(self.store_prior, "store_prior")
+        if self.rho_learning_rate is not None:
+            check_positive(self.rho_learning_rate, "rho_learning_rate")
+        if not isinstance(self.sigma_space, bool):
+            raise ValueError(f"sigma_space must be True or False, got {self.sigma_space!r}")
 
     def replace(self, **changes) -> BayesConfig:
         """A copy with ``changes``; unknown names raise a TypeError listing the options."""
@@ -125,7 +138,10 @@ class BayesConfig:
             kwargs = {"default": defaults.get(name, option.default), "help": option.metadata["help"]}
             if "choices" in option.metadata:
                 kwargs["choices"] = option.metadata["choices"]
-            kwargs["type"] = _ARGUMENT_TYPES.get(name, str)
+            if option.type in (bool, "bool"):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = _ARGUMENT_TYPES.get(name, str)
             add(f"--{name}", **kwargs)
         return parser
 
@@ -192,6 +208,7 @@ _ARGUMENT_TYPES = {
     "prior_sigma": float,
     "rank": int,
     "lora_alpha": _optional_float,
+    "rho_learning_rate": _optional_float,
     "prior_dtype": _optional_dtype,
     "store_prior": _bool,
 }

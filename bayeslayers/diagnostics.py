@@ -76,3 +76,34 @@ def saved_tensor_bytes(module: nn.Module, *inputs) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(*inputs)
     return total
+
+
+QUANTILE_LIMIT = 2**24
+
+
+def layer_group(name: str) -> str:
+    """A posterior's group for movement statistics: the first component of its module name
+    ('down_blocks', 'mid_block', 'up_blocks', 'text_model', ...)."""
+    return name.split(".", 1)[0] or "model"
+
+
+@torch.no_grad()
+def sigma_movement(model: nn.Module, sigma_0: float, samples_per_layer: int = 65536) -> dict[str, dict[str, float]]:
+    """Mean, 5th and 95th percentile of sigma / sigma_0 per layer group (:func:`layer_group`) and over all
+    ("all"): ``{group: {"mean", "p05", "p95"}}``. The mean is exact; percentiles come from at most
+    ``samples_per_layer`` evenly strided elements per layer (all of them in layers up to that size)."""
+    groups: dict[str, tuple[list, list, list]] = {}
+    for name, layer in posterior_layers(model):
+        sigma = layer.weight_sigma.detach().float().flatten()
+        for key in (layer_group(name), "all"):
+            sums, counts, picked = groups.setdefault(key, ([], [], []))
+            sums.append(sigma.sum())
+            counts.append(sigma.numel())
+            picked.append(sigma[:: max(1, sigma.numel() // samples_per_layer)])
+    stats = {}
+    for key, (sums, counts, picked) in groups.items():
+        sample = torch.cat(picked) / sigma_0
+        sample = sample[:: sample.numel() // QUANTILE_LIMIT + 1]  # torch.quantile takes at most 2**24 elements
+        low, high = torch.quantile(sample, torch.tensor([0.05, 0.95], device=sample.device)).tolist()
+        stats[key] = {"mean": torch.stack(sums).sum().item() / sum(counts) / sigma_0, "p05": low, "p95": high}
+    return stats

@@ -267,7 +267,7 @@ def _user_noise(seed, shape, device):
 
 
 def _user_sample(mu, rho, prior_mu, seed, prior_sigma, kl_direction, out_dtype, with_kl):
-    w = sampled_weight(mu, rho, _user_noise(seed, mu.shape, mu.device)).to(out_dtype)
+    w = sample_weight(mu, rho, _user_noise(seed, mu.shape, mu.device)).to(out_dtype)
     kl = kl_reference(mu, rho, prior_mu, prior_sigma, kl_direction).float() if with_kl else mu.new_empty(0)
     return w, kl
 

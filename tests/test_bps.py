@@ -206,6 +206,7 @@ def test_recipe_trains_checkpoints_resumes_and_evaluates(tmp_path):
         "0.05",
         "--rho_learning_rate",
         "0.01",
+        "--sigma_space",  # SigmaAdamW's state through a checkpoint and resume
     ]
     first = train.main(train.parse_args(common + ["--max_train_steps", "2"]))
     assert first["steps"] == 2 and (tmp_path / "checkpoint-2" / "params.safetensors").exists()
@@ -248,6 +249,9 @@ def test_recipe_rejects_bad_flags(capsys):
     assert "it updates Bayesian layers: pass --bayesian" in capsys.readouterr().err
     args = train.parse_args(["--output_dir", "x", "--bayesian", "--fused_optimizer", "--max_grad_norm", "0"])
     assert args.fused_optimizer and not train.fused_optimizer_blocker(args)
+    args = train.parse_args(["--output_dir", "x", "--bayesian", "--sigma_space", "--rho_learning_rate", "1e-3"])
+    assert args.sigma_space is True and args.rho_learning_rate == 1e-3
+    assert train.parse_args(["--output_dir", "x"]).sigma_space is False
 
 
 def test_recipe_starts_from_a_trained_steering_network(tmp_path, unet):

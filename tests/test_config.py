@@ -131,7 +131,17 @@ def test_valid_edge_values_pass_and_names_round_trip():
     with pytest.raises(ValueError, match="^my_arg must name a torch dtype such as 'bfloat16', got 'Tensor'$"):
         dtype_from_name("Tensor", "my_arg")
     assert dtype_name(torch.bfloat16) == "bfloat16" and dtype_name(None) is None
-    assert option_names()[:3] == ["target_modules", "exclude_modules", "mode"] and len(option_names()) == 13
+    assert option_names()[:3] == ["target_modules", "exclude_modules", "mode"] and len(option_names()) == 15
+
+
+def test_optimizer_options_on_the_command_line():
+    from bayeslayers.config import OPTIMIZER_FIELDS
+
+    parser = BayesConfig.add_arguments(argparse.ArgumentParser(), OPTIMIZER_FIELDS)
+    assert vars(parser.parse_args([])) == {"rho_learning_rate": None, "sigma_space": False}
+    given = parser.parse_args(["--rho_learning_rate", "2e-3", "--sigma_space"])
+    assert BayesConfig.from_arguments(given, OPTIMIZER_FIELDS) == BayesConfig(rho_learning_rate=2e-3, sigma_space=True)
+    assert parser.parse_args(["--sigma_space", "--no-sigma_space", "--rho_learning_rate", "none"]).sigma_space is False
 
 
 def test_command_line_none_values_and_defaults():

@@ -115,22 +115,42 @@ def test_use_peft_trains_a_peft_adapter_that_stock_diffusers_and_peft_tools_read
     np.testing.assert_allclose(_image(in_library), base, atol=2e-5)
 
 
-def test_interrupted_run_resumes_to_the_same_weights(workspace):
+@pytest.mark.parametrize("step_flags", [(), ("--sigma_space", "--rho_learning_rate", "1e-3")])
+def test_interrupted_run_resumes_to_the_same_weights(workspace, step_flags):
     from safetensors.torch import load_file
 
     def on_step(args, step):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    full = main(_args(workspace, "straight", "--max_train_steps", "5", "--kl_weight", "1e-2"))
+    name = "-".join(["run", *step_flags])
+    full = main(_args(workspace, f"straight{name}", "--max_train_steps", "5", "--kl_weight", "1e-2", *step_flags))
     stopped = main(
-        _args(workspace, "resumed", "--max_train_steps", "5", "--kl_weight", "1e-2", "--checkpointing_steps", "100"),
+        _args(
+            workspace,
+            f"resumed{name}",
+            "--max_train_steps",
+            "5",
+            "--kl_weight",
+            "1e-2",
+            "--checkpointing_steps",
+            "100",
+            *step_flags,
+        ),
         step_callback=on_step,
     )
     assert stopped == {"interrupted": True, "step": 3}
     resumed = main(
         _args(
-            workspace, "resumed", "--max_train_steps", "5", "--kl_weight", "1e-2", "--resume_from_checkpoint", "latest"
+            workspace,
+            f"resumed{name}",
+            "--max_train_steps",
+            "5",
+            "--kl_weight",
+            "1e-2",
+            "--resume_from_checkpoint",
+            "latest",
+            *step_flags,
         )
     )
     assert resumed["steps"] == 5

@@ -129,6 +129,40 @@ def test_settings_from_flags_per_training_mode():
         cli.parse_args(["--jobs", "0"])
 
 
+def test_sigma_table_reads_each_runs_final_movement():
+    rows = []
+    for arm, seed, mean in (("a", 0, 1.2), ("a", 1, 1.4), ("b", 0, 1.0)):
+        for step in (0, 10):  # every row of a run carries the run's final values
+            rows.append({"arm": arm, "subject": "s", "seed": seed, "step": step, "sigma_ratio/all/mean": mean})
+            rows[-1].update({"sigma_ratio/all/p05": mean - 0.1, "sigma_ratio/all/p95": mean + 0.1})
+    rows.append({"arm": "plain", "subject": "s", "seed": 0, "step": 0})
+    table = {e["arm"]: e for e in analysis.sigma_table(rows, ["plain", "a", "b"])}
+    assert set(table) == {"a", "b"} and table["a"]["runs"] == 2
+    assert table["a"]["mean"] == pytest.approx(1.3) and table["a"]["p05_min"] == pytest.approx(1.1)
+    assert table["a"]["p95_max"] == pytest.approx(1.5)
+    assert "| a | 2 | 1.3000 (1.2000..1.4000)" in analysis.sigma_markdown(list(table.values()))
+
+
+def test_reused_rows_add_other_arms_of_a_study_with_the_same_settings(tmp_path):
+    from bayeslayers.integrations.study import arms, cli
+
+    settings = arms.FULL.replace(arms=("dreambooth-bnn-sigma",), subjects=("checker_star",), seeds=(0, 1))
+    (tmp_path / "settings.json").write_text(json.dumps(arms.FULL.__dict__, default=list))
+    rows = [
+        {"subject": "checker_star", "arm": "lora", "seed": 0, "fraction": 0.5, "judge_shape_accuracy": 0.25},
+        {"subject": "checker_star", "arm": "lora", "seed": 2, "fraction": 0.5, "judge_shape_accuracy": 0.5},
+        {"subject": "ring_circle", "arm": "lora", "seed": 0, "fraction": 0.5, "judge_shape_accuracy": 0.5},
+        {"subject": "checker_star", "arm": "dreambooth-bnn-sigma", "seed": 0, "fraction": 0.5},
+        {"subject": "checker_star", "arm": "lora", "seed": 1, "fraction": 0.0, "judge_shape_accuracy": float("nan")},
+    ]
+    cli.write_csv(tmp_path / "evaluations.csv", rows)
+    reused, images = cli.reused_rows(tmp_path, settings)
+    assert images == [] and len(reused) == 2
+    assert reused[0] == rows[0] and math.isnan(reused[1]["judge_shape_accuracy"])
+    with pytest.raises(ValueError, match="other settings \\(max_train_steps\\)"):
+        cli.reused_rows(tmp_path, settings.replace(max_train_steps=7))
+
+
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path):
     """``--quick`` (one subject, one seed, every arm, a few steps) in two worker processes writes the CSV,
@@ -150,6 +184,10 @@ def test_quick_study_end_to_end(tmp_path):
     assert {e["arm"] for e in table} == set(quick.arms)
     bayesian = {a for a in quick.arms if arms.ARMS[a].bayesian}
     assert {e["arm"] for e in report["uncertainty"]} == bayesian
+    moved = {e["arm"]: max(abs(e["p05"] - 1), abs(e["p95"] - 1)) for e in report["sigma"]}  # final sigma/sigma_0
+    assert set(moved) == bayesian
+    assert moved["dreambooth-bnn-sigma"] > 10 * moved["dreambooth-bnn"] > 0
+    assert moved["lora-bnn-sigma"] > 10 * moved["lora-bnn"] > 0
     images = (tmp_path / "uncertainty_images.csv").read_text().splitlines()
     per_run = len(SubjectData.bundled(quick.subjects[0]).eval_prompts) * quick.uncertainty_images_per_prompt
     assert len(images) - 1 == len(bayesian) * per_run
@@ -160,3 +198,55 @@ def test_quick_study_end_to_end(tmp_path):
     assert (tmp_path / "evaluations.csv").read_text() == first
     with pytest.raises(ValueError, match="other settings \\(max_train_steps\\)"):
         cli.main(cli.parse_args(["--quick", "--output_dir", str(tmp_path), "--max_train_steps", "6"]))
+
+
+def test_a_run_stopped_by_a_signal_is_not_recorded_as_finished(tmp_path, monkeypatch):
+    from bayeslayers.integrations import dreambooth
+    from bayeslayers.integrations.study import arms, runner
+
+    monkeypatch.setattr(dreambooth, "main", lambda args: {"interrupted": True, "step": 3})
+    subject = runner.SubjectData.bundled("checker_star")
+    with pytest.raises(RuntimeError, match="stopped at step 3"):
+        runner.run_one(subject, "lora-bnn-sigma", 0, arms.QUICK, tmp_path)
+    assert not (runner.run_dir(tmp_path, subject.name, "lora-bnn-sigma", 0) / "rows.json").exists()
+
+
+def test_report_only_puts_the_reused_arms_beside_the_new_ones(tmp_path):
+    """--report_only --reuse_dir docs/study: the committed arms' rows (same subject and seed) and a new arm's
+    finished run in one table, with the new arm's final sigma / sigma_0 and its uncertainty rows."""
+    from pathlib import Path
+
+    from bayeslayers.integrations.study import cli
+    from bayeslayers.integrations.study.runner import run_dir
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "study"
+    old = [r for r in cli.read_csv(committed / "evaluations.csv") if r["arm"] == "lora-bnn" and r["seed"] == 0]
+    old = [r for r in old if r["subject"] == "checker_star"]
+    run = run_dir(tmp_path, "checker_star", "lora-bnn-sigma", 0)
+    run.mkdir(parents=True)
+    rows = [{**r, "arm": "lora-bnn-sigma", "sigma_ratio/all/mean": 1.5, "sigma_ratio/all/p05": 0.1} for r in old]
+    for row in rows:
+        row["sigma_ratio/all/p95"] = 3.0
+        row["judge_prompt_accuracy"] = row["judge_prompt_accuracy"] - 0.1
+    (run / "rows.json").write_text(json.dumps(rows))
+    images = [r for r in cli.read_csv(committed / "uncertainty_images.csv") if r["arm"] == "lora-bnn"]
+    images = [{**r, "arm": "lora-bnn-sigma"} for r in images if r["subject"] == "checker_star" and r["seed"] == 0]
+    (run / "uncertainty.json").write_text(json.dumps(images))
+    flags = ["--report_only", "--arms", "lora-bnn-sigma", "--subjects", "checker_star", "--seeds", "0"]
+    report = cli.main(cli.parse_args([*flags, "--reuse_dir", str(committed), "--output_dir", str(tmp_path)]))
+    arms = ["dreambooth", "dreambooth-bnn", "lora", "lora-bnn", "lora-bnn-sigma"]
+    assert list(dict.fromkeys(e["arm"] for e in report["table"])) == arms
+    final = {(e["arm"], e["metric"]): e["final"] for e in report["table"]}
+    shift = final[("lora-bnn", "judge_prompt_accuracy")] - final[("lora-bnn-sigma", "judge_prompt_accuracy")]
+    assert shift == pytest.approx(0.1)
+    assert report["sigma"] == [
+        {
+            "arm": "lora-bnn-sigma",
+            "runs": 1,
+            **{f"{s}{e}": v for s, v in (("mean", 1.5), ("p05", 0.1), ("p95", 3.0)) for e in ("", "_min", "_max")},
+        }
+    ]
+    spearman = {(e["arm"], e["metric"]): e["spearman"] for e in report["uncertainty"]}
+    assert spearman[("lora-bnn", "judge_prompt_accuracy")] == spearman[("lora-bnn-sigma", "judge_prompt_accuracy")]
+    assert report["reused"]["arms"] == arms[:-1]
+    assert "Final sigma / sigma_0" in (tmp_path / "results.md").read_text()

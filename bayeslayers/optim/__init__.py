@@ -2,8 +2,11 @@
 
 ``FusedBayesAdamW``: torch's AdamW whose update of every Bayesian layer's mu and rho runs in backward, in the
 layer's gradient pass, so the Bayesian weights' gradients never reach ``.grad`` (see ``docs/optim.md``).
+``SigmaAdamW``: AdamW that steps sigma = softplus(rho) itself for groups with ``sigma_space=True``, as the seed
+paper's direct-sigma parameterisation (see ``docs/posterior.md``).
 """
 
 from .fused_adamw import FusedBayesAdamW, exclude_from_ddp
+from .sigma_adamw import SigmaAdamW, posterior_param_groups
 
-__all__ = ["FusedBayesAdamW", "exclude_from_ddp"]
+__all__ = ["FusedBayesAdamW", "SigmaAdamW", "exclude_from_ddp", "posterior_param_groups"]

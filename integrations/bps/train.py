@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import bayeslayers
-from bayeslayers.config import POSTERIOR_FIELDS, BayesConfig
-from bayeslayers.optim import FusedBayesAdamW
+from bayeslayers.config import OPTIMIZER_FIELDS, POSTERIOR_FIELDS, BayesConfig
+from bayeslayers.optim import FusedBayesAdamW, SigmaAdamW, posterior_param_groups
 
 from ..dreambooth.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..dreambooth.images import captioned_grid
@@ -65,12 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_batch_size", type=int, default=16)
     p.add_argument("--max_train_steps", type=int, default=300)
     p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument(
-        "--rho_learning_rate",
-        type=float,
-        default=None,
-        help="with --bayesian: learning rate of the posterior's rho (default: --learning_rate)",
-    )
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="global gradient-norm clipping; 0: none")
     p.add_argument(
@@ -84,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bayesian", action="store_true", help="Bayesian convs in the steering network (KL to its init)")
     # Steering starts at zero-initialised output convs: a narrow initial posterior and a wider prior (measured).
     BayesConfig.add_arguments(p, POSTERIOR_FIELDS, defaults={"init_sigma": 1e-4, "prior_sigma": 0.05})
+    BayesConfig.add_arguments(p, OPTIMIZER_FIELDS)  # --rho_learning_rate, --sigma_space (with --bayesian)
     p.add_argument("--kl_weight", type=float, default=1e-3, help="weight of the KL per training image")
     p.add_argument("--checkpointing_steps", type=int, default=100)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
@@ -108,6 +103,7 @@ def fused_optimizer_blocker(args, num_processes: int = 1) -> str:
         (not args.bayesian, "it updates Bayesian layers: pass --bayesian"),
         (args.max_grad_norm > 0, "--max_grad_norm > 0 clips by the norm of all gradients (--max_grad_norm 0: off)"),
         (args.mixed_precision == "fp16", "--mixed_precision fp16 needs GradScaler's inf check first (bf16 works)"),
+        (args.sigma_space, "--sigma_space steps sigma with SigmaAdamW"),
         (num_processes > 1, "several processes (DDP) are not supported by it yet"),
     ]
     return next((reason for blocked, reason in reasons if blocked), "")
@@ -334,20 +330,17 @@ def main(args, step_callback=None) -> dict:
     steering.train()
     trainable = [(n, p) for n, p in steering.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
-    groups = [
-        {"params": [p for n, p in trainable if not n.endswith("weight_rho")]},
-        {
-            "params": [p for n, p in trainable if n.endswith("weight_rho")],
-            "lr": args.rho_learning_rate or args.learning_rate,
-        },
-    ]
+    groups = posterior_param_groups(steering, args.learning_rate, args.rho_learning_rate, args.sigma_space)
     fused = args.fused_optimizer is not False and not fused_optimizer_blocker(args, accelerator.num_processes)
     if args.fused_optimizer and not fused:
         raise ValueError(
             f"--fused_optimizer cannot be used here: {fused_optimizer_blocker(args, accelerator.num_processes)}"
         )
-    optimizer_class = FusedBayesAdamW if fused else torch.optim.AdamW
-    optimizer = optimizer_class([g for g in groups if g["params"]], lr=args.learning_rate, weight_decay=0.0)
+    if fused:
+        for group in groups:
+            group.pop("sigma_space", None)
+    optimizer_class = FusedBayesAdamW if fused else SigmaAdamW
+    optimizer = optimizer_class(groups, lr=args.learning_rate, weight_decay=0.0)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
     )

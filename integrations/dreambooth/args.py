@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from bayeslayers.config import POSTERIOR_FIELDS, BayesConfig
+from bayeslayers.config import OPTIMIZER_FIELDS, POSTERIOR_FIELDS, BayesConfig
 
 from .data import INTERPOLATION_MODES, check_image_dir
 
@@ -209,6 +209,7 @@ def _bayesian_flags(add) -> None:
     )
     # --init_sigma, --prior_sigma, --kl_direction, --prior_dtype, --store_prior (default: only with --kl_weight > 0)
     BayesConfig.add_arguments(add, POSTERIOR_FIELDS, defaults={"store_prior": None})
+    BayesConfig.add_arguments(add, OPTIMIZER_FIELDS)  # --rho_learning_rate, --sigma_space (docs/posterior.md)
     add("--kl_weight", type=float, default=0.0)
     add(
         "--fused_optimizer",
@@ -268,6 +269,8 @@ def _check_ranges(args) -> None:
     for flag in ("init_sigma", "prior_sigma", "learning_rate", "lr_power"):
         if getattr(args, flag) <= 0:
             _fail(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    if args.rho_learning_rate is not None and args.rho_learning_rate <= 0:
+        _fail(f"--rho_learning_rate must be > 0, got {args.rho_learning_rate}")
     for flag in (
         "train_batch_size",
         "checkpointing_steps",
@@ -307,6 +310,7 @@ def fused_optimizer_blocker(args, num_processes: int = 1) -> str:
         (args.gradient_accumulation_steps > 1, "--gradient_accumulation_steps > 1 needs the summed gradients"),
         (args.mixed_precision == "fp16", "--mixed_precision fp16 needs GradScaler's inf check first (bf16 works)"),
         (args.use_8bit_adam, "--use_8bit_adam is another optimizer"),
+        (args.sigma_space, "--sigma_space steps sigma with SigmaAdamW"),
         (num_processes > 1, "several processes (DDP) are not supported by it yet"),
     ]
     return next((reason for blocked, reason in reasons if blocked), "")
@@ -334,6 +338,8 @@ def _check_combinations(args) -> None:
         _fail("--use_peft needs --train_mode lora (it adds the LoRA adapter with peft)")
     if args.use_peft and args.train_text_encoder:
         _fail("--use_peft trains the UNet's adapter only; drop --train_text_encoder or --use_peft")
+    if args.sigma_space and args.use_8bit_adam:
+        _fail("--sigma_space steps sigma with SigmaAdamW (fp32 moments); it cannot be used with --use_8bit_adam")
     if args.validation_images is not None:
         _fail(
             "--validation_images is for image-conditioned pipelines (e.g. DeepFloyd IF super-resolution); "

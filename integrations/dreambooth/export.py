@@ -77,9 +77,31 @@ def export_model(unet, args, text_encoder=None) -> dict[str, str]:
     return written
 
 
+def sigma_ratio_groups(history: dict) -> list[str]:
+    """Layer groups with sigma / sigma_0 in ``history`` (keys ``sigma_ratio/<group>/<stat>``), 'all' last."""
+    groups = list(dict.fromkeys(k.split("/")[1] for k in history if k.startswith("sigma_ratio/") and history[k]))
+    return sorted(g for g in groups if g != "all") + [g for g in groups if g == "all"]
+
+
+def _plot_sigma_ratio(ax, history: dict, groups: list[str]) -> None:
+    """sigma / sigma_0 per group: mean line and 5-95 % band; the y range spans at least 1 +- 1 %, so a posterior
+    that did not move reads as flat, and the tick labels are plain numbers (no offset)."""
+    for group in groups:
+        key = f"sigma_ratio/{group}/"
+        steps = history["step"][-len(history[key + "mean"]) :]
+        (line,) = ax.plot(steps, history[key + "mean"], label=group, linewidth=2.0 if group == "all" else 1.0)
+        ax.fill_between(steps, history[key + "p05"], history[key + "p95"], color=line.get_color(), alpha=0.15)
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, 0.99), max(high, 1.01))
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    final = history["sigma_ratio/all/mean"][-1] if history.get("sigma_ratio/all/mean") else float("nan")
+    ax.set_title(f"sigma / sigma_0 (mean, 5-95 %): final mean {final:.4f}", fontsize=9)
+
+
 def plot_history(history: dict, path) -> None:
-    """PNG with loss, KL (total, UNet, text encoder) and mean sigma over training steps; dotted vertical lines
-    mark the steps where validation grids were written."""
+    """PNG with loss, KL (total, UNet, text encoder), mean sigma and sigma / sigma_0 per layer group over training
+    steps; dotted vertical lines mark the steps where validation grids were written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,15 +114,22 @@ def plot_history(history: dict, path) -> None:
     ]
     panels = [(title, [k for k in keys if history.get(k)]) for title, keys in panels]
     panels = [(title, keys) for title, keys in panels if keys]
+    groups = sigma_ratio_groups(history)
+    if groups:
+        panels.append(("sigma / sigma_0", groups))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
     validation = history.get("validation_step", [])
     for ax, (title, keys) in zip(axes[0], panels):
-        for key in keys:
-            ax.plot(history["step"][: len(history[key])], history[key], label=key)
+        if title == "sigma / sigma_0":
+            _plot_sigma_ratio(ax, history, keys)
+        else:
+            for key in keys:
+                ax.plot(history["step"][: len(history[key])], history[key], label=key)
+            ax.set_title(title)
+            ax.ticklabel_format(axis="y", useOffset=False)
         for i, step in enumerate(validation):
             ax.axvline(step, color="grey", linestyle=":", linewidth=1, label="validation" if i == 0 else None)
         ax.set_xlabel("step")
-        ax.set_title(title)
         if title == "KL":
             ax.set_yscale("symlog", linthresh=1e-3)
         if len(keys) > 1 or validation:

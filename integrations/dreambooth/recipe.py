@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import bayeslayers
+from bayeslayers.optim import SigmaAdamW
+
 OFFSET_NOISE_SCALE = 0.1  # diffusers' train_dreambooth.py
 HUB_IGNORE_PATTERNS = ["step_*", "epoch_*", "checkpoint-*", ".tmp-*", ".old-*"]
 
@@ -28,11 +31,13 @@ def resolve_training_length(args, steps_per_epoch: int) -> None:
         args.validation_steps = args.validation_epochs * steps_per_epoch
 
 
-def scaled_learning_rate(args, num_processes: int) -> float:
-    """``--scale_lr``: LR x accumulation steps x batch size x processes; the flag's LR otherwise."""
+def scaled_learning_rate(args, num_processes: int, learning_rate: float | None = None) -> float:
+    """``--scale_lr``: LR (``learning_rate``, default the flag's) x accumulation steps x batch size x processes;
+    the LR unchanged otherwise."""
+    learning_rate = args.learning_rate if learning_rate is None else learning_rate
     if not args.scale_lr:
-        return args.learning_rate
-    return args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * num_processes
+        return learning_rate
+    return learning_rate * args.gradient_accumulation_steps * args.train_batch_size * num_processes
 
 
 def optimizer_class(use_8bit_adam: bool):
@@ -46,18 +51,33 @@ def optimizer_class(use_8bit_adam: bool):
     return bnb.optim.AdamW8bit
 
 
-def build_optimizer(params, args, num_processes: int, fused: bool = False):
+def build_optimizer(params, args, num_processes: int, fused: bool = False, models=()):
     """AdamW (or AdamW8bit) over ``params``; ``fused``: bayeslayers' FusedBayesAdamW, which updates the Bayesian
-    layers' mu and rho in their gradient pass."""
+    layers' mu and rho in their gradient pass. With ``--rho_learning_rate`` or ``--sigma_space`` the posteriors'
+    rho of ``models`` form their own group (``bayeslayers.optim.SigmaAdamW`` steps it in sigma space with
+    ``--sigma_space``)."""
+    lr = scaled_learning_rate(args, num_processes)
     if fused:
         from bayeslayers.optim import FusedBayesAdamW
 
         cls = FusedBayesAdamW
     else:
         cls = optimizer_class(args.use_8bit_adam)
+    rho_ids = {id(layer.weight_rho) for model in models for _, layer in bayeslayers.posterior_layers(model)}
+    rho = [p for p in params if id(p) in rho_ids]
+    if rho and (args.rho_learning_rate is not None or args.sigma_space):
+        rho_lr = scaled_learning_rate(args, num_processes, args.rho_learning_rate)
+        params = [{"params": [p for p in params if id(p) not in rho_ids]}]
+        params.append({"params": rho, "lr": rho_lr, "sigma_space": args.sigma_space})
+        params = [g for g in params if g["params"]]
+        if args.sigma_space:
+            cls = SigmaAdamW
+        else:
+            for group in params:
+                group.pop("sigma_space", None)
     return cls(
         params,
-        lr=scaled_learning_rate(args, num_processes),
+        lr=lr,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,

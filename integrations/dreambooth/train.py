@@ -200,6 +200,12 @@ def mean_sigma(unet) -> float:
     return total.item() / sum(layer.weight_mu.numel() for layer in layers)
 
 
+def movement_logs(model, sigma_0: float, prefix: str = "") -> dict:
+    """``sigma_ratio/<group>/<mean|p05|p95>``: sigma / sigma_0 per layer group (bayeslayers.sigma_movement)."""
+    stats = bayeslayers.sigma_movement(model, sigma_0)
+    return {f"sigma_ratio/{prefix}{group}/{k}": v for group, values in stats.items() for k, v in values.items()}
+
+
 def main(args, step_callback=None) -> dict:
     """Trains, checkpoints, validates and exports; returns the final metrics.
 
@@ -281,7 +287,9 @@ def main(args, step_callback=None) -> dict:
     if args.bayesian and not fused:
         reason = fused_optimizer_blocker(args, accelerator.num_processes) or "--no-fused_optimizer"
         accelerator.print(f"optimizer: torch AdamW, not the fused one ({reason})")
-    optimizer = build_optimizer(list(named_params.values()), args, accelerator.num_processes, fused)
+    optimizer = build_optimizer(
+        list(named_params.values()), args, accelerator.num_processes, fused, (unet, text_encoder)
+    )
     optimizer_name = type(optimizer).__name__
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
     if args.train_text_encoder:
@@ -381,21 +389,26 @@ def main(args, step_callback=None) -> dict:
                 "mean_sigma": mean_sigma(raw_unet),
                 "lr": lr_scheduler.get_last_lr()[0],
             }
+            if bayesian:
+                logs.update(movement_logs(raw_unet, args.init_sigma))
             if text_bayesian:
                 logs.update(
                     kl_unet=kl_unet.item() if has_prior else None,
                     kl_text_encoder=kl_text.item() if has_prior else None,
                     mean_sigma_text_encoder=mean_sigma(raw_text_encoder),
                 )
+                logs.update(movement_logs(raw_text_encoder, args.init_sigma, "text_encoder."))
             logs = {key: value for key, value in logs.items() if value is not None}
             check_finite_metrics(logs, out, step)
-            for key in HISTORY_KEYS:
-                if key in logs:
+            for key in logs:
+                if key in HISTORY_KEYS or key.startswith("sigma_ratio/"):
                     history.setdefault(key, []).append(logs[key])
             history["step"].append(step)
             shown = {"loss": f"{logs['loss']:.4f}"}
-            if args.bayesian:
-                shown.update(kl=f"{logs['kl']:.3g}" if has_prior else "-", sigma=f"{logs['mean_sigma']:.3g}")
+            if bayesian:
+                ratio = [logs[f"sigma_ratio/all/{k}"] for k in ("mean", "p05", "p95")]
+                kl = f"{logs['kl']:.3g}" if has_prior else "-"
+                shown.update(kl=kl, sigma_ratio="{:.5f} [{:.5f}, {:.5f}]".format(*ratio))
             progress.set_postfix(**shown)
             accelerator.log(logs, step=step)
             if step_callback is not None:
@@ -443,6 +456,7 @@ def main(args, step_callback=None) -> dict:
         "final_loss": history["loss"][-1],
         "final_kl": history["kl"][-1] if history["kl"] else None,
         "final_mean_sigma": history["mean_sigma"][-1],
+        **{f"final_{k}": v[-1] for k, v in history.items() if k.startswith("sigma_ratio/")},
         "train_seconds": round(seconds, 2),
         "optimizer": optimizer_name,
     }

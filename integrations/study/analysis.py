@@ -144,6 +144,40 @@ def markdown_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SIGMA_STATS = ("mean", "p05", "p95")
+
+
+def sigma_table(rows: list[dict], arms: list[str]) -> list[dict]:
+    """Final sigma / sigma_0 of each arm's runs (columns ``sigma_ratio/all/<mean|p05|p95>`` the recipe reports at
+    the end of training): per statistic, the mean and the min..max over runs (subjects x seeds)."""
+    runs = {}
+    for row in rows:
+        if row.get("sigma_ratio/all/mean") not in (None, ""):
+            runs.setdefault((row["arm"], row["subject"], row["seed"]), row)
+    table = []
+    for arm in arms:
+        finals = [r for (a, _, _), r in runs.items() if a == arm]
+        if not finals:
+            continue
+        entry = {"arm": arm, "runs": len(finals)}
+        for stat in SIGMA_STATS:
+            values = [float(r[f"sigma_ratio/all/{stat}"]) for r in finals]
+            entry.update({stat: float(np.mean(values)), f"{stat}_min": min(values), f"{stat}_max": max(values)})
+        table.append(entry)
+    return table
+
+
+def sigma_markdown(table: list[dict]) -> str:
+    lines = [
+        "| arm | runs | mean sigma/sigma_0 | 5th percentile | 95th percentile |",
+        "|---|---|---|---|---|",
+    ]
+    for e in table:
+        cells = [f"{e[s]:.4f} ({e[s + '_min']:.4f}..{e[s + '_max']:.4f})" for s in SIGMA_STATS]
+        lines.append(f"| {e['arm']} | {e['runs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 UNCERTAINTY_TARGETS = ("judge_subject_similarity", "judge_shape_accuracy", "judge_prompt_accuracy", "corruption")
 
 

@@ -1,4 +1,4 @@
-"""The study's arms and settings: four fine-tuning methods, each a set of recipe flags, and the sizes of the full
+"""The study's arms and settings: six fine-tuning methods, each a set of recipe flags, and the sizes of the full
 and quick studies."""
 
 from __future__ import annotations
@@ -14,13 +14,18 @@ class Arm:
     train_mode: str
 
 
+_FULL_BNN = ("--train_mode", "full", "--bayesian", "--bayes_preset", "dreambooth-bnn")
+_LORA_BNN = ("--train_mode", "lora", "--bayesian", "--bayes_preset", "dreambooth-bnn-lora")
 ARMS = {
     a.name: a
     for a in (
         Arm("dreambooth", ("--train_mode", "full", "--no-bayesian"), False, "full"),
-        Arm("dreambooth-bnn", ("--train_mode", "full", "--bayesian", "--bayes_preset", "dreambooth-bnn"), True, "full"),
+        Arm("dreambooth-bnn", (*_FULL_BNN, "--no-sigma_space"), True, "full"),
         Arm("lora", ("--train_mode", "lora", "--no-bayesian"), False, "lora"),
-        Arm("lora-bnn", ("--train_mode", "lora", "--bayesian", "--bayes_preset", "dreambooth-bnn-lora"), True, "lora"),
+        Arm("lora-bnn", (*_LORA_BNN, "--no-sigma_space"), True, "lora"),
+        # sigma stepped in sigma space (SigmaAdamW), as the seed paper's code: the posterior moves ~100x more
+        Arm("dreambooth-bnn-sigma", (*_FULL_BNN, "--sigma_space"), True, "full"),
+        Arm("lora-bnn-sigma", (*_LORA_BNN, "--sigma_space"), True, "lora"),
     )
 }
 

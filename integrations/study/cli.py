@@ -49,6 +49,12 @@ def parse_args(input_args=None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     p.add_argument(
+        "--reuse_dir",
+        default=None,
+        help="a finished study's output folder (e.g. docs/study) made with the same settings: its runs of arms not "
+        "run here are reported beside this study's, from its evaluations.csv and uncertainty_images.csv",
+    )
+    p.add_argument(
         "--report_only",
         action="store_true",
         help="write the outputs from the finished runs in --output_dir, train none",
@@ -127,6 +133,41 @@ def finished_rows(root: Path, subject: str, arm: str, seed: int, name: str) -> l
     return json.loads(path.read_text()) if path.exists() else []
 
 
+def read_csv(path: Path) -> list[dict]:
+    """Rows of :func:`write_csv`, numbers parsed (empty cells dropped)."""
+
+    def parse(value: str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return value
+
+    with path.open(newline="") as handle:
+        return [{k: parse(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
+
+
+def reused_rows(folder: Path, settings: StudySettings) -> tuple[list[dict], list[dict]]:
+    """Evaluation and per-image rows of a finished study in ``folder`` for the arms this study does not run, of
+    this study's subjects and seeds; a ValueError if its settings differ (other than subjects, arms, seeds)."""
+    saved = json.loads((folder / "settings.json").read_text())
+    current = json.loads(json.dumps(settings.__dict__, default=list))
+    differs = sorted(k for k in current if k not in ("subjects", "arms", "seeds") and saved.get(k) != current[k])
+    if differs:
+        raise ValueError(f"--reuse_dir {folder} was made with other settings ({', '.join(differs)})")
+
+    def keep(row):
+        return row["arm"] not in settings.arms and row["subject"] in settings.subjects and row["seed"] in settings.seeds
+
+    rows = [r for r in read_csv(folder / "evaluations.csv") if keep(r)]
+    images = folder / "uncertainty_images.csv"
+    image_rows = [r for r in read_csv(images) if keep(r)] if images.exists() else []
+    if not rows:
+        raise ValueError(f"--reuse_dir {folder} holds no run of other arms for these subjects and seeds")
+    return rows, image_rows
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with path.open("w", newline="") as handle:
@@ -178,10 +219,16 @@ def main(args) -> dict:
     image_rows = [row for _, run_images in results for row in run_images]
     if not rows:
         raise ValueError(f"--output_dir {root} holds no finished run of these subjects, arms and seeds")
+    arms = list(settings.arms)
+    if args.reuse_dir is not None:
+        reused, reused_images = reused_rows(Path(args.reuse_dir), settings)
+        arms = list(dict.fromkeys(r["arm"] for r in reused)) + arms
+        rows, image_rows = reused + rows, reused_images + image_rows
     write_csv(root / "evaluations.csv", rows)
     metrics = [m for m in analysis.METRICS if any(m.column in r for r in rows)]
-    table = analysis.arm_table(rows, list(settings.arms), metrics)
-    analysis.plot_curves(rows, list(settings.arms), root / "curves.png", metrics, title=_title(settings, subjects))
+    table = analysis.arm_table(rows, arms, metrics)
+    analysis.plot_curves(rows, arms, root / "curves.png", metrics, title=_title(settings, subjects))
+    sigma = analysis.sigma_table(rows, arms)
     uncertainty = analysis.uncertainty_summary(image_rows)
     if image_rows:
         write_csv(root / "uncertainty_images.csv", image_rows)
@@ -189,10 +236,16 @@ def main(args) -> dict:
         "settings": settings.__dict__,
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "table": table,
+        "sigma": sigma,
         "uncertainty": uncertainty,
     }
+    if args.reuse_dir is not None:
+        report["reused"] = {"dir": args.reuse_dir, "arms": [a for a in arms if a not in settings.arms]}
     (root / "results.json").write_text(json.dumps(report, indent=1, default=list))
     text = analysis.markdown_table(table)
+    if sigma:
+        text += "\n\nFinal sigma / sigma_0 over all Bayesian weights (mean over runs, min..max):\n\n"
+        text += analysis.sigma_markdown(sigma)
     if uncertainty:
         text += "\n\nPosterior uncertainty as a quality signal (per run, mean ± std over runs):\n\n"
         text += analysis.uncertainty_markdown(uncertainty)

@@ -121,6 +121,8 @@ def run_one(subject: SubjectData, arm: str, seed: int, settings: StudySettings, 
     shutil.rmtree(out, ignore_errors=True)  # a run interrupted before its rows were written starts over
     started = time.perf_counter()
     result = dreambooth.main(dreambooth.parse_args(recipe_flags(subject, arm, seed, settings, root, extra)))
+    if result.get("interrupted"):  # stopped by a signal: its rows are not saved, so the next call reruns it
+        raise RuntimeError(f"{out} was stopped at step {result['step']} by a signal; the same command reruns it")
     seconds = time.perf_counter() - started
     reference = reference_corruption(subject)
     rows = []
@@ -134,6 +136,7 @@ def run_one(subject: SubjectData, arm: str, seed: int, settings: StudySettings, 
         }
         if "judge_corruption" in row:
             row["corruption"] = row["judge_corruption"] / reference
+        row.update({k.replace("final_", "", 1): v for k, v in result.items() if k.startswith("final_sigma_ratio/")})
         row.update(
             run_seconds=round(seconds, 1),
             train_seconds=result.get("train_seconds"),
