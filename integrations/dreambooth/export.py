@@ -93,6 +93,8 @@ def plot_history(history: dict, path) -> None:
             ax.axvline(step, color="grey", linestyle=":", linewidth=1, label="validation" if i == 0 else None)
         ax.set_xlabel("step")
         ax.set_title(title)
+        if title == "mean sigma":
+            ax.ticklabel_format(axis="y", useOffset=False)
         if title == "KL":
             ax.set_yscale("symlog", linthresh=1e-3)
         if len(keys) > 1 or validation:

@@ -108,20 +108,27 @@ def mean_curves(rows: list[dict], column: str, arm: str) -> tuple[np.ndarray, np
 
 
 def plot_curves(rows: list[dict], arms: list[str], path, metrics=METRICS, title: str = "") -> None:
-    """One panel per metric: the subject-averaged curve of each arm, mean over seeds with a +-1 std band."""
+    """One panel per metric (two rows when there are more than three): the subject-averaged curve of each arm,
+    mean over seeds with a +-1 std band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    rows_of_panels = 2 if len(metrics) > 3 else 1
+    columns = -(-len(metrics) // rows_of_panels)
+    fig, axes = plt.subplots(
+        rows_of_panels, columns, figsize=(3.6 * columns, 3.3 * rows_of_panels + 0.4), squeeze=False
+    )
+    for ax in axes.flat[len(metrics) :]:
+        ax.axis("off")
+    for ax, metric in zip(axes.flat, metrics):
         for arm in arms:
             fraction, mean, std = mean_curves(rows, metric.column, arm)
             if len(fraction):
                 (line,) = ax.plot(fraction, mean, label=arm, linewidth=1.6)
                 ax.fill_between(fraction, mean - std, mean + std, color=line.get_color(), alpha=0.18, linewidth=0)
-        ax.set_title(metric.label, fontsize=9)
+        ax.set_title(metric.label, fontsize=10)
         ax.set_xlabel("fraction of training")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
