@@ -160,3 +160,23 @@ def test_quick_study_end_to_end(tmp_path):
     assert (tmp_path / "evaluations.csv").read_text() == first
     with pytest.raises(ValueError, match="other settings \\(max_train_steps\\)"):
         cli.main(cli.parse_args(["--quick", "--output_dir", str(tmp_path), "--max_train_steps", "6"]))
+
+
+def test_plot_only_redraws_the_committed_curves_in_two_rows(tmp_path):
+    """``--plot_only`` redraws curves.png from a finished study's evaluations.csv and settings.json alone."""
+    import shutil
+    from pathlib import Path
+
+    from PIL import Image
+
+    from bayeslayers.integrations.study import cli
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "study"
+    for name in ("evaluations.csv", "settings.json"):
+        shutil.copy(committed / name, tmp_path / name)
+    result = cli.main(cli.parse_args(["--plot_only", "--output_dir", str(tmp_path)]))
+    assert result == {"curves": str(tmp_path / "curves.png")}
+    width, height = Image.open(tmp_path / "curves.png").size
+    assert 1.2 < width / height < 2.0  # five metrics: two rows of three panels, not one row of five
+    rows = cli.read_csv(tmp_path / "evaluations.csv")
+    assert isinstance(rows[0]["seed"], int) and isinstance(rows[0]["judge_subject_similarity"], float)
