@@ -28,6 +28,7 @@ setup(
     description="Triton-fused Bayesian neural-network layers for fine-tuning diffusion models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.11",  # tested: 3.11, 3.12 (make compat)
     packages=_packages(),
     package_dir=PACKAGE_DIRS,

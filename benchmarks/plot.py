@@ -71,7 +71,11 @@ def plot_op(rows: list[dict], op: str, path: Path) -> Path:
 
 
 def device_tag(device: str) -> str:
-    return "cpu" if "threads" in device else device.split()[-1].lower().replace("/", "-")
+    """File-name tag of a device: ``cpu-<vendor>`` for CPUs ("AMD EPYC, 2 threads" -> ``cpu-amd``), so runs of
+    two CPU machines do not overwrite each other's charts; the model's last word for GPUs."""
+    if "threads" in device:
+        return "cpu-" + device.split()[0].lower().replace("(r)", "").strip(",")
+    return device.split()[-1].lower().replace("/", "-")
 
 
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:

@@ -531,7 +531,8 @@ def plot(result: dict, path: Path, title: str) -> None:
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_xlabel("converted layer (UNet order)")
     ax.set_ylabel("predicted time / deterministic layer")
-    ax.set_title(title + f" — step ratio {result['totals']['best_ratio']:.3f}")
+    ratio = result["totals"]["best_ratio"]
+    ax.set_title(f"predicted (roofline lower bounds, not measured): {title}, step ratio {ratio:.3f}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

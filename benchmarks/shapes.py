@@ -1,4 +1,4 @@
-"""Benchmark shapes: SD1.5 at 512 px (DESIGN-NOTES §4, batch B = 1, 2, 4) on GPU, a reduced set on CPU.
+"""Benchmark shapes: SD1.5 at 512 px (64x64 latents, batch B = 1, 2, 4) on GPU, a reduced set on CPU.
 
 linear: (M tokens, in features, out features); conv2d: (batch, channels, spatial size), 3x3, stride 1, padding 1;
 lora: (M, in, out, rank); unet: (batch, latent size, config name).

@@ -1,10 +1,10 @@
 """Markdown results tables generated from a results CSV (newest run of each device).
 
     python -m benchmarks.table [--csv benchmarks/results/results.csv] [--out benchmarks/results/RESULTS.md]
-                               [--readme README.md]
+                               [--readme docs/benchmarks.md]
 
-``--readme`` rewrites the summary between the README's ``<!-- benchmarks:start -->`` and
-``<!-- benchmarks:end -->`` markers.
+``--readme`` rewrites the summary between the page's ``<!-- benchmarks:start -->`` and
+``<!-- benchmarks:end -->`` markers (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ def main(input_args=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--csv", default="benchmarks/results/results.csv")
     p.add_argument("--out", default=None, help="write here instead of stdout")
-    p.add_argument("--readme", default=None, help="also rewrite this README's benchmark summary block")
+    p.add_argument(
+        "--readme", default=None, help="also rewrite this page's benchmark summary block (docs/benchmarks.md)"
+    )
     args = p.parse_args(input_args)
     rows = load_rows(args.csv)
     if args.readme:

@@ -41,16 +41,18 @@ def test_quick_benchmark_writes_rows_for_every_provider(tmp_path):
     assert float(linear["torch"]["saved_bytes"]) < float(linear["reference"]["saved_bytes"])
 
     pngs = plot.plot(plot.load_rows(path), tmp_path)
-    assert {p.name for p in pngs} == {f"{op}_cpu.png" for op in run.OPS} and all(p.stat().st_size for p in pngs)
+    tag = plot.device_tag(rows[0]["device"])
+    assert tag.startswith("cpu-"), tag
+    assert {p.name for p in pngs} == {f"{op}_{tag}.png" for op in run.OPS} and all(p.stat().st_size for p in pngs)
     text = table.markdown(plot.load_rows(path))
     assert "| linear | 64x40x48 | torch |" in text and "| unet |" in text
     assert "| linear | 64x40x48 |" in table.summary(plot.load_rows(path))
 
 
 @pytest.mark.skipif(not RESULTS.exists(), reason="no committed results")
-def test_readme_summary_is_generated_from_the_committed_csv():
-    readme = (ROOT / "README.md").read_text()
-    assert table.replace_readme_block(readme, table.summary(plot.load_rows(RESULTS))) == readme
+def test_benchmark_summary_is_generated_from_the_committed_csv():
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert table.replace_readme_block(page, table.summary(plot.load_rows(RESULTS))) == page
 
 
 def test_kernel_throughput_reports_ns_per_weight_against_the_probe(tmp_path):

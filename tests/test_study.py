@@ -250,3 +250,23 @@ def test_report_only_puts_the_reused_arms_beside_the_new_ones(tmp_path):
     assert spearman[("lora-bnn", "judge_prompt_accuracy")] == spearman[("lora-bnn-sigma", "judge_prompt_accuracy")]
     assert report["reused"]["arms"] == arms[:-1]
     assert "Final sigma / sigma_0" in (tmp_path / "results.md").read_text()
+
+
+def test_plot_only_redraws_the_committed_curves_in_two_rows(tmp_path):
+    """``--plot_only`` redraws curves.png from a finished study's evaluations.csv and settings.json alone."""
+    import shutil
+    from pathlib import Path
+
+    from PIL import Image
+
+    from bayeslayers.integrations.study import cli
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "study"
+    for name in ("evaluations.csv", "settings.json"):
+        shutil.copy(committed / name, tmp_path / name)
+    result = cli.main(cli.parse_args(["--plot_only", "--output_dir", str(tmp_path)]))
+    assert result == {"curves": str(tmp_path / "curves.png")}
+    width, height = Image.open(tmp_path / "curves.png").size
+    assert 1.2 < width / height < 2.0  # five metrics: two rows of three panels, not one row of five
+    rows = cli.read_csv(tmp_path / "evaluations.csv")
+    assert isinstance(rows[0]["seed"], int) and isinstance(rows[0]["judge_subject_similarity"], float)

@@ -178,7 +178,8 @@ def run_validation(args, pipe, step, resolution, accelerator, prompts=None):
         module.train(training)
     path = Path(args.output_dir, "validation", f"step-{step:06d}.png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    captioned_grid(images, f"step {step}: {args.validation_prompt}").save(path)
+    arm = "DreamBooth-BNN" if args.bayesian else "plain DreamBooth"
+    captioned_grid(images, f"{arm}, step {step}: {args.validation_prompt}").save(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np

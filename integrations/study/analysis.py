@@ -8,6 +8,7 @@ reached and the area of its dip, then averages over subjects and reports the spr
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -108,23 +109,35 @@ def mean_curves(rows: list[dict], column: str, arm: str) -> tuple[np.ndarray, np
 
 
 def plot_curves(rows: list[dict], arms: list[str], path, metrics=METRICS, title: str = "") -> None:
-    """One panel per metric: the subject-averaged curve of each arm, mean over seeds with a +-1 std band."""
+    """One panel per metric (two rows when there are more than three): the subject-averaged curve of each arm,
+    mean over seeds with a +-1 std band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    rows_of_panels = 2 if len(metrics) > 3 else 1
+    columns = -(-len(metrics) // rows_of_panels)
+    fig, axes = plt.subplots(
+        rows_of_panels, columns, figsize=(3.6 * columns, 3.4 * rows_of_panels + 0.4), squeeze=False
+    )
+    for ax, metric in zip(axes.flat, metrics):
         for arm in arms:
             fraction, mean, std = mean_curves(rows, metric.column, arm)
             if len(fraction):
                 (line,) = ax.plot(fraction, mean, label=arm, linewidth=1.6)
                 ax.fill_between(fraction, mean - std, mean + std, color=line.get_color(), alpha=0.18, linewidth=0)
-        ax.set_title(metric.label, fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(metric.label, 36)), fontsize=10)
         ax.set_xlabel("fraction of training")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    spare = list(axes.flat[len(metrics) :])
+    for ax in spare:
+        ax.axis("off")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if spare:
+        spare[0].legend(handles, labels, loc="center", fontsize=10, title="arm (mean over seeds, ±1 std band)")
+    else:
+        axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

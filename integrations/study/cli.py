@@ -27,13 +27,17 @@ from .arms import ARMS, FULL, QUICK, StudySettings
 
 def parse_args(input_args=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one subject, one seed, a few steps (a smoke run, ~3 min)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="one subject, one seed, a few steps (a smoke run, about 1.3 min on 2 cores)",
+    )
     p.add_argument("--output_dir", default="outputs/study")
     p.add_argument("--subjects", default=None, help="comma-separated bundled subjects (default: all four)")
     p.add_argument("--arms", default=None, help=f"comma-separated, from {', '.join(ARMS)} (default: all)")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds (default: 0,1,2)")
     p.add_argument("--max_train_steps", type=int, default=None)
-    p.add_argument("--evaluations", type=int, default=None, help="evaluation points after step 0 (default 20)")
+    p.add_argument("--evaluations", type=int, default=None, help="evaluation points after step 0 (default 15)")
     p.add_argument("--images_per_prompt", type=int, default=None)
     p.add_argument("--learning_rate_full", type=float, default=None)
     p.add_argument("--learning_rate_lora", type=float, default=None)
@@ -58,6 +62,11 @@ def parse_args(input_args=None) -> argparse.Namespace:
         "--report_only",
         action="store_true",
         help="write the outputs from the finished runs in --output_dir, train none",
+    )
+    p.add_argument(
+        "--plot_only",
+        action="store_true",
+        help="redraw curves.png from --output_dir's evaluations.csv and settings.json, train none",
     )
     user = p.add_argument_group("your own model and subject (e.g. SD1.5)")
     user.add_argument("--pretrained_model_name_or_path", default=None, help="default: the bundled tiny model")
@@ -176,9 +185,38 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def read_csv(path: Path) -> list[dict]:
+    """Rows written by ``write_csv``: subject and arm as text, seed as int, every other column as float."""
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    text = {"subject", "arm"}
+    return [
+        {k: v if k in text else int(v) if k == "seed" else float(v) for k, v in row.items() if v != ""} for row in rows
+    ]
+
+
+def plot_only(root: Path) -> Path:
+    """Redraws ``root/curves.png`` from ``root/evaluations.csv`` and ``root/settings.json`` (a finished study)."""
+    from . import analysis
+
+    settings = json.loads((root / "settings.json").read_text())
+    rows = read_csv(root / "evaluations.csv")
+    metrics = [m for m in analysis.METRICS if any(m.column in r for r in rows)]
+    lr = settings["learning_rate"]
+    title = (
+        f"{len(settings['subjects'])} subjects x {len(settings['seeds'])} seeds, {settings['max_train_steps']} steps, "
+        f"lr full {lr['full']:g} / lora {lr['lora']:g}"
+    )
+    analysis.plot_curves(rows, list(settings["arms"]), root / "curves.png", metrics, title=title)
+    return root / "curves.png"
+
+
 def main(args) -> dict:
     from . import analysis
     from .runner import SubjectData
+
+    if args.plot_only:
+        return {"curves": str(plot_only(Path(args.output_dir)))}
 
     settings = settings_from_args(args)
     root = Path(args.output_dir)

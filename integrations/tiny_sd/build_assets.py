@@ -172,7 +172,8 @@ def write_card(report, measured):
         f"- Prompt accuracy on {measured['eval_images']} images of held-out colour/shape prompts (25 DDIM steps, "
         f"guidance {guidance:g}): "
         + ", ".join(f"{k} {accuracy[k]:.1%}" for k in ("colour", "shape", "size", "background"))
-        + f"; corruption score {accuracy['corruption_score']:.2f} (1.0 = clean renders)",
+        + f"; corruption score {accuracy['corruption_score']:.2f} "
+        "(lower is cleaner; 1.0 = as clean as the training renders)",
         "- Right shapes per held-out prompt: "
         + ", ".join(f"{k} {v:.0%}" for k, v in sorted(accuracy["shape_by_prompt"].items())),
         f"- Guidance sweep ({measured['eval_images']} images each): {sweep}",

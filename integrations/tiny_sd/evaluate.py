@@ -55,9 +55,9 @@ def prompt_accuracy(
 ) -> dict:
     """Judge-read accuracy of ``n`` images generated from held-out colour/shape prompts.
 
-    Returns {attribute: fraction correct}, "corruption_score" (mean, 1 = clean renders), "shape_by_prompt"
-    {"red triangle": fraction of right shapes, ...}, "shape_by_size" {"small": ..., "large": ...} and
-    "shape_confusion" {asked shape: {read shape: count}}."""
+    Returns {attribute: fraction correct}, "corruption_score" (mean; lower is cleaner, 1 = as clean renders),
+    "shape_by_prompt" {"red triangle": fraction of right shapes, ...}, "shape_by_size" {"small": ..., "large": ...}
+    and "shape_confusion" {asked shape: {read shape: count}}."""
     from .judge import corruption_score
 
     scenes = held_out_prompts(np.random.default_rng(seed), n)
