@@ -185,16 +185,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def read_csv(path: Path) -> list[dict]:
-    """Rows written by ``write_csv``: subject and arm as text, seed as int, every other column as float."""
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    text = {"subject", "arm"}
-    return [
-        {k: v if k in text else int(v) if k == "seed" else float(v) for k, v in row.items() if v != ""} for row in rows
-    ]
-
-
 def plot_only(root: Path) -> Path:
     """Redraws ``root/curves.png`` from ``root/evaluations.csv`` and ``root/settings.json`` (a finished study)."""
     from . import analysis
