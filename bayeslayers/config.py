@@ -195,14 +195,6 @@ def _optional_dtype(text: str):
     return None if text.lower() in ("none", "float32") else dtype_name(dtype_from_name(text, "--prior_dtype"))
 
 
-def _bool(text: str) -> bool:
-    """'true'/'false' (any case; also 1/0, yes/no) as a bool."""
-    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value
-
-
 _ARGUMENT_TYPES = {
     "init_sigma": float,
     "prior_sigma": float,
@@ -210,7 +202,6 @@ _ARGUMENT_TYPES = {
     "lora_alpha": _optional_float,
     "rho_learning_rate": _optional_float,
     "prior_dtype": _optional_dtype,
-    "store_prior": _bool,
 }
 
 DEFAULTS = BayesConfig()  # the one place every default is read from

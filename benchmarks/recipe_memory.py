@@ -28,8 +28,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "tests" / "data" / "sd15"
 GIB = 2**30
 DESIGNS = {
     "plain fine-tuning": ["--no-bayesian"],
-    "bayeslayers, torch AdamW, fp32 prior (before)": ["--no-fused_optimizer", "--store_prior", "true"],
-    "bayeslayers, FusedBayesAdamW, fp32 prior": ["--fused_optimizer", "--store_prior", "true"],
+    "bayeslayers, torch AdamW, fp32 prior (before)": ["--no-fused_optimizer", "--store_prior"],
+    "bayeslayers, FusedBayesAdamW, fp32 prior": ["--fused_optimizer", "--store_prior"],
     "bayeslayers, FusedBayesAdamW, no prior (default at KL 0)": ["--fused_optimizer"],
 }
 

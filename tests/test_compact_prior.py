@@ -100,6 +100,6 @@ def test_recipe_stores_a_prior_only_with_a_kl_weight(tmp_path):
     base += ["--pretrained_model_name_or_path", str(tmp_path)]
     assert posterior_options(parse_args(base))["store_prior"] is False  # the default KL weight is 0
     assert posterior_options(parse_args(base + ["--kl_weight", "1e-4"]))["store_prior"] is True
-    assert posterior_options(parse_args(base + ["--store_prior", "true"]))["store_prior"] is True
-    with pytest.raises(ValueError, match="--store_prior false needs --kl_weight 0"):
-        parse_args(base + ["--kl_weight", "1e-4", "--store_prior", "false"])
+    assert posterior_options(parse_args(base + ["--store_prior"]))["store_prior"] is True
+    with pytest.raises(ValueError, match="--no-store_prior needs --kl_weight 0"):
+        parse_args(base + ["--kl_weight", "1e-4", "--no-store_prior"])

@@ -97,12 +97,12 @@ def test_recipe_optimizer_groups(tmp_path):
     model = bayeslayers.convert(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), target_modules=["1"])
     params = [p for p in model.parameters() if p.requires_grad]
     base = ["--output_dir", str(tmp_path), "--learning_rate", "1e-4"]
-    plain = build_optimizer(params, parse_args(base), 1, (model,))
+    plain = build_optimizer(params, parse_args(base), 1, models=(model,))
     assert type(plain) is torch.optim.AdamW and len(plain.param_groups) == 1  # today's optimizer, unchanged
-    split = build_optimizer(params, parse_args([*base, "--rho_learning_rate", "1e-2"]), 1, (model,))
+    split = build_optimizer(params, parse_args([*base, "--rho_learning_rate", "1e-2"]), 1, models=(model,))
     assert type(split) is torch.optim.AdamW and [g["lr"] for g in split.param_groups] == [1e-4, 1e-2]
     assert split.param_groups[1]["params"] == [model[1].weight_rho]
-    sigma = build_optimizer(params, parse_args([*base, "--sigma_space"]), 1, (model,))
+    sigma = build_optimizer(params, parse_args([*base, "--sigma_space"]), 1, models=(model,))
     assert type(sigma) is SigmaAdamW and [g["sigma_space"] for g in sigma.param_groups] == [False, True]
     for extra, message in (
         (["--rho_learning_rate", "0"], "rho_learning_rate"),

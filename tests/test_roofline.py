@@ -163,7 +163,7 @@ def test_roofline_totals_and_outputs(layers, tmp_path):
     assert "| deterministic UNet" in (tmp_path / f"{stem}.md").read_text()
 
 
-@pytest.mark.parametrize("path", ["sample_then_gemm", "dw_epilogue", "sample_in_gemm"])
+@pytest.mark.parametrize("path", ["sample_then_map", "weight_grad_epilogue", "sample_in_gemm"])
 def test_fused_optimizer_reads_the_moments_in_the_gradient_pass_and_drops_the_adamw_pass(path):
     m, n, k, prior_bytes = 256, 320, 640, 4
     unfused = roofline.bayesian_linear(m, n, k, path, prior_bytes)

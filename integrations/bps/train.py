@@ -377,7 +377,7 @@ def main(args, step_callback=None) -> dict:
             with accelerator.autocast(), steerer.conditioned(condition):
                 prediction = pipe.unet(noisy, timesteps, text).sample
             loss = F.mse_loss(prediction.float(), target.float())
-            # --store_prior false (for --kl_weight 0): no prior, no KL
+            # --no-store_prior (for --kl_weight 0): no prior, no KL
             has_kl = args.bayesian and args.store_prior
             kl = bayeslayers.kl_loss(model) / len(latents) if has_kl else torch.zeros(())
             accelerator.backward(loss + args.kl_weight * kl)

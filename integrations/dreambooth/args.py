@@ -295,7 +295,7 @@ def _check_ranges(args) -> None:
         if getattr(args, flag) < 0:
             _fail(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.store_prior is False and args.kl_weight > 0:
-        _fail(f"--store_prior false needs --kl_weight 0 (the KL reads the prior), got --kl_weight {args.kl_weight}")
+        _fail(f"--no-store_prior needs --kl_weight 0 (the KL reads the prior), got --kl_weight {args.kl_weight}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         _fail(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.resolution is not None and args.resolution < 8:

@@ -35,4 +35,13 @@ def _squeeze_scalar_index() -> bool:
     return True
 
 
-SCALAR_INDEX_PATCHED = INTERPRETING and TRITON_INSTALLED and _squeeze_scalar_index()
+def prepare_interpreter() -> bool:
+    """Applies the interpreter fixes this Triton needs (once; called where the kernels import Triton, so that
+    ``import bayeslayers`` never imports it); returns whether a patch was applied."""
+    global SCALAR_INDEX_PATCHED
+    if SCALAR_INDEX_PATCHED is None:
+        SCALAR_INDEX_PATCHED = INTERPRETING and TRITON_INSTALLED and _squeeze_scalar_index()
+    return SCALAR_INDEX_PATCHED
+
+
+SCALAR_INDEX_PATCHED = None  # set by prepare_interpreter()

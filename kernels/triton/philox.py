@@ -37,6 +37,9 @@ import triton.language as tl
 
 from ..seeds import seed_tensor
 from .config import EXACT, check_numel, elementwise_configs
+from .interpreter import prepare_interpreter
+
+prepare_interpreter()  # every Triton kernel module imports this one
 
 TWO_POW_M32 = tl.constexpr(2.0**-32)
 TWO_POW_M33 = tl.constexpr(2.0**-33)
