@@ -58,9 +58,9 @@ UNET_ORDER = (
     "bayesian-torch",
     "reference",
     "torch",
-    "triton:sample_then_gemm",
+    "triton:sample_then_map",
     "triton:sample_in_gemm",
-    "triton:dw_epilogue",
+    "triton:weight_grad_epilogue",
     "deterministic:compiled",
     "auto:compiled",
 )

@@ -118,7 +118,7 @@ def test_dry_run_on_an_image_with_the_wheels_runs_every_phase(tmp_path):
     ran = {(r["op"], r["backend"], r["path"]) for r in checks if r["result"] == "pass"}
     for backend in ("reference", "torch", "cpp", "triton"):
         assert {("linear", backend, "default"), ("conv2d", backend, "default"), ("lora", backend, "default")} <= ran
-    assert {("linear", "triton", p) for p in ("sample_then_gemm", "sample_in_gemm", "dw_epilogue")} <= ran
+    assert {("linear", "triton", p) for p in ("sample_then_map", "sample_in_gemm", "weight_grad_epilogue")} <= ran
     assert ("lora", "triton", "fused_lora") in ran and not [r for r in checks if r["result"] == "FAIL"]
     assert [r["result"] for r in checks if r["check"] == "philox"] == ["pass"]
 
