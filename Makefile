@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m bayeslayers.integrations.demo
 
-# `make test`: the fast tier (about 5 min on 2 cores); `make test-all`: every test, as CI runs it (about 25 min).
+# `make test`: the fast tier (about 5 min on 2 cores); `make test-all`: every test, as CI runs it (about 18 min).
 # Slow tests (SD1.5 scale, multi-process, long recipe runs, the AOT compile, end-to-end harness runs) carry
 # @pytest.mark.slow.
 test: $(STAMP) lint
