@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parent.parent / "tests" / "data" / "sd15"
+from benchmarks.sd15_pipeline import save_sd15_pipeline
+
 GIB = 2**30
 DESIGNS = {
     "plain fine-tuning": ["--no-bayesian"],
@@ -32,37 +33,6 @@ DESIGNS = {
     "bayeslayers, FusedBayesAdamW, fp32 prior": ["--fused_optimizer", "--store_prior"],
     "bayeslayers, FusedBayesAdamW, no prior (default at KL 0)": ["--fused_optimizer"],
 }
-
-
-def save_pipeline(path: Path) -> str:
-    """Random-weight SD1.5-architecture pipeline (fp32) with a character-level offline CLIP tokenizer."""
-    import string
-
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    chars = list(string.ascii_lowercase + string.digits + ".,'!?-")
-    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(chars)})
-    source = path / "tokenizer_src"
-    source.mkdir(parents=True, exist_ok=True)
-    (source / "vocab.json").write_text(json.dumps(vocab))
-    (source / "merges.txt").write_text("#version: 0.2\n")
-    torch.manual_seed(0)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_config(json.loads((CONFIGS / "vae.json").read_text())),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**json.loads((CONFIGS / "text_encoder.json").read_text()))),
-        tokenizer=CLIPTokenizer.from_pretrained(source, model_max_length=77),
-        unet=UNet2DConditionModel.from_config(json.loads((CONFIGS / "unet.json").read_text())),
-        scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path / "pipe")
-    return str(path / "pipe")
 
 
 def run(pipe: str, images: str, out: Path, resolution: int, flags: list[str]) -> tuple[float, int, str]:
@@ -94,7 +64,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        pipe = save_pipeline(root)
+        pipe = save_sd15_pipeline(root)
         images = root / "instance"
         images.mkdir()
         rng = np.random.default_rng(0)

@@ -7,21 +7,20 @@ cores) runs where at least 21 GiB are available. Each run is a subprocess whose 
 RSS are printed (pytest -s) for the record.
 """
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-CONFIGS = Path(__file__).parent / "data" / "sd15"
+from benchmarks.sd15_pipeline import save_sd15_pipeline
+
 PROMPT = "a sks star"
 FULL_MODE_BYTES = 21 * 2**30
 FULL_MODE_DISK = 32 * 2**30  # two full checkpoints (weights + AdamW state, ~11 GB each) while one replaces the other
@@ -35,50 +34,6 @@ def available_memory() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def save_sd15_pipeline(path) -> str:
-    """Random-weight SD1.5-architecture pipeline (fp32) with a character-level offline CLIP tokenizer."""
-    import string
-
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    path = Path(path)
-    chars = list(string.ascii_lowercase + string.digits + ".,'!?-")
-    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(chars)})
-    source = path / "tokenizer_src"
-    source.mkdir(parents=True, exist_ok=True)
-    (source / "vocab.json").write_text(json.dumps(vocab))
-    (source / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(source, model_max_length=77)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / "unet.json").read_text()))
-    vae = AutoencoderKL.from_config(json.loads((CONFIGS / "vae.json").read_text()))
-    text_encoder = CLIPTextModel(CLIPTextConfig(**json.loads((CONFIGS / "text_encoder.json").read_text())))
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        clip_sample=False,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path / "pipe")
-    return str(path / "pipe")
 
 
 @pytest.fixture(scope="module")
