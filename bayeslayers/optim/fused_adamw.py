@@ -57,17 +57,20 @@ class FusedBayesAdamW(torch.optim.AdamW):
         self._stepped_in_backward: set[int] = set()
         self._groups_by_param: dict[int, dict] = {}
         self._index_groups()
-        step = weakref.WeakMethod(self.step_in_backward)  # the parameters must not keep the optimizer alive
-        for group in self.param_groups:
-            for param in group["params"]:
-                setattr(param, STEP_IN_BACKWARD, step)
+        self._attach(self.param_groups)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_groups_by_param"):  # after __init__
             self._index_groups()
-            step = weakref.WeakMethod(self.step_in_backward)
-            for param in self.param_groups[-1]["params"]:
+            self._attach(self.param_groups[-1:])
+
+    def _attach(self, groups) -> None:
+        """Points the parameters of ``groups`` at :meth:`step_in_backward` (weakly: they must not keep the
+        optimizer alive)."""
+        step = weakref.WeakMethod(self.step_in_backward)
+        for group in groups:
+            for param in group["params"]:
                 setattr(param, STEP_IN_BACKWARD, step)
 
     def load_state_dict(self, state_dict: dict) -> None:

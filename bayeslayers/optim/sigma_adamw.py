@@ -80,15 +80,17 @@ class SigmaAdamW(torch.optim.AdamW):
 
 
 def posterior_param_groups(
-    model: torch.nn.Module, lr: float, rho_lr: float | None = None, sigma_space: bool = False
+    model, lr: float, rho_lr: float | None = None, sigma_space: bool = False, params=None
 ) -> list[dict]:
-    """Param groups of ``model``'s trainable parameters: everything but rho at ``lr``; every posterior's
-    ``weight_rho`` at ``rho_lr`` (default ``lr``), stepped in sigma space when ``sigma_space`` (for
-    :class:`SigmaAdamW`). Empty groups are left out."""
+    """Param groups of ``params`` (default: ``model``'s trainable parameters): everything but rho at ``lr``; every
+    posterior's ``weight_rho`` in ``model`` (a module, or several) at ``rho_lr`` (default ``lr``), stepped in sigma
+    space when ``sigma_space`` (for :class:`SigmaAdamW`). Empty groups are left out."""
     from bayeslayers.convert import posterior_layers
 
-    rho_ids = {id(layer.weight_rho) for _, layer in posterior_layers(model)}
-    params = [p for p in model.parameters() if p.requires_grad]
+    models = [model] if isinstance(model, torch.nn.Module) else [m for m in model if m is not None]
+    rho_ids = {id(layer.weight_rho) for m in models for _, layer in posterior_layers(m)}
+    if params is None:
+        params = [p for m in models for p in m.parameters() if p.requires_grad]
     rho = [p for p in params if id(p) in rho_ids]
     rest = [p for p in params if id(p) not in rho_ids]
     groups = [{"params": rest, "lr": lr}]

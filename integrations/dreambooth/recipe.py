@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import bayeslayers
-from bayeslayers.optim import SigmaAdamW
+from bayeslayers.optim import SigmaAdamW, posterior_param_groups
 
 OFFSET_NOISE_SCALE = 0.1  # diffusers' train_dreambooth.py
 HUB_IGNORE_PATTERNS = ["step_*", "epoch_*", "checkpoint-*", ".tmp-*", ".old-*"]
@@ -63,13 +62,12 @@ def build_optimizer(params, args, num_processes: int, fused: bool = False, model
         cls = FusedBayesAdamW
     else:
         cls = optimizer_class(args.use_8bit_adam)
-    rho_ids = {id(layer.weight_rho) for model in models for _, layer in bayeslayers.posterior_layers(model)}
-    rho = [p for p in params if id(p) in rho_ids]
-    if rho and (args.rho_learning_rate is not None or args.sigma_space):
+    groups = []
+    if args.rho_learning_rate is not None or args.sigma_space:
         rho_lr = scaled_learning_rate(args, num_processes, args.rho_learning_rate)
-        params = [{"params": [p for p in params if id(p) not in rho_ids]}]
-        params.append({"params": rho, "lr": rho_lr, "sigma_space": args.sigma_space})
-        params = [g for g in params if g["params"]]
+        groups = posterior_param_groups(models, lr, rho_lr, args.sigma_space, params=params)
+    if any("sigma_space" in group for group in groups):  # the models hold posteriors: rho in a group of its own
+        params = groups
         if args.sigma_space:
             cls = SigmaAdamW
         else:
