@@ -87,3 +87,24 @@ def test_build_key_reads_every_input(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CXX", "clang++")
         assert cpu_build.build_key([a], ["-O3"], []) != base
+
+
+def test_two_copies_of_the_same_sources_share_one_build_without_rebuilding_it(tmp_path):
+    """Two checkouts (or a checkout and an installed wheel) with the same sources: the second loads the first's
+    library, and loading from the first again compiles nothing (ninja sees one build file, not two)."""
+    copies = []
+    for name in ("checkout_a", "checkout_b"):
+        (tmp_path / name).mkdir()
+        copies.append(_source(tmp_path / name, 7))
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    code = (
+        "import sys, os; from bayeslayers.kernels.cpu import build; b = build.load('probe', [sys.argv[1]]); "
+        "print(b.compiled, b.module.answer(), os.stat(b.module.__file__).st_mtime_ns)"
+    )
+    runs = []
+    for source in (copies[0], copies[1], copies[0]):
+        result = subprocess.run([sys.executable, "-c", code, str(source)], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(result.stdout.split())
+    assert [r[:2] for r in runs] == [["True", "7"], ["False", "7"], ["False", "7"]]
+    assert runs[0][2] == runs[1][2] == runs[2][2]  # the library was never written again

@@ -5,7 +5,9 @@ The folder is ``<root>/<name>_<key>``: ``root`` is torch's extension root (``$TO
 and linker flags, the compiler named by ``$CXX``, the torch version and C++ ABI, and the Python ABI. Two
 checkouts, two installed versions or two torch builds on one machine therefore never share (or rebuild) each
 other's build, and a process never loads a library built from other sources. The module name carries the key
-too, so two builds can be loaded side by side in one process.
+too, so two builds can be loaded side by side in one process. The sources are compiled from a copy inside the
+folder, so every checkout or installed copy with the same key writes the same ``build.ninja`` and none of them
+makes ninja rebuild what another built.
 
 A first build is serialised by an ``fcntl`` lock on ``<folder>.lock``: the first process compiles, the others wait
 and then load its library. The operating system drops the lock when its holder dies, so a killed build never
@@ -17,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -65,6 +68,17 @@ def exclusive(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def staged_sources(sources: Sequence[Path], folder: Path) -> list[Path]:
+    """Copies of ``sources`` in ``folder`` (written once: the key says their bytes), the paths the build names."""
+    folder.mkdir(exist_ok=True)
+    staged = [folder / Path(source).name for source in sources]
+    for source, copy in zip(sources, staged):
+        if not copy.exists():
+            shutil.copyfile(source, copy.with_suffix(".tmp"))
+            os.replace(copy.with_suffix(".tmp"), copy)
+    return staged
+
+
 def load(
     name: str, sources: Sequence[Path], cflags: Sequence[str] = (), ldflags: Sequence[str] = (), verbose=False
 ) -> Build:
@@ -83,7 +97,7 @@ def load(
         (directory / "lock").unlink(missing_ok=True)  # torch's own lock, left behind by a killed build
         module = torch_load(
             name=module_name,
-            sources=[str(s) for s in sources],
+            sources=[str(s) for s in staged_sources(sources, directory / "src")],
             extra_cflags=list(cflags),
             extra_ldflags=list(ldflags),
             build_directory=str(directory),
