@@ -1,6 +1,9 @@
-"""Assembles the shipped assets from a finished training run: pipeline, judge, subject, samples, model card.
+"""Assembles the shipped assets from a finished training run: pipeline, judge, subjects, samples, model card.
 
-python -m bayeslayers.integrations.tiny_sd.build_assets --run_dir /tmp/tiny_sd_run
+python -m bayeslayers.integrations.tiny_sd.build_assets --run_dir /tmp/tiny_sd_run [--output_dir DIR]
+
+The model size (32 or 64 px) is the run's (``training_report.json``); the default ``--output_dir`` is that
+size's folder in the package (``tiny_sd.assets_dir``).
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import ASSETS, models
+from . import assets_dir, models
 from .evaluate import GRID_PROMPTS, prompt_accuracy, sample_grid, seconds_per_image
 from .judge import judge_config
-from .subject import save_subjects
+from .subject import save_subjects, subjects
 from .tokenizer import save_tokenizer_files
 from .train_judge import train_judge
 
@@ -25,8 +28,11 @@ from .train_judge import train_judge
 def main(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run_dir", required=True)
+    parser.add_argument("--output_dir", default=None, help="default: the package's assets folder for the model size")
     parser.add_argument("--judge_steps", type=int, default=1500)
+    parser.add_argument("--judge_images", type=int, default=6000, help="fresh world renders the judge trains on")
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--inference_steps", type=int, default=25, help="DDIM steps of every evaluation image")
     parser.add_argument("--eval_images", type=int, default=384)
     parser.add_argument("--guidance_sweep", default="1.5,3,5", help="comma-separated scales, colour/shape only")
     args = parser.parse_args(input_args)
@@ -34,44 +40,54 @@ def main(input_args=None):
 
     torch.set_num_threads(2)
     run = Path(args.run_dir)
-    ASSETS.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(ASSETS / "pipeline", ignore_errors=True)
-    shutil.copytree(run / "pipeline", ASSETS / "pipeline")
-    save_tokenizer_files(ASSETS / "pipeline" / "tokenizer")  # vocab.json + merges.txt beside tokenizer.json
+    report = json.loads((run / "training_report.json").read_text())
+    resolution = report.get("resolution", 32)
+    out = Path(args.output_dir) if args.output_dir else assets_dir(resolution)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "pipeline", ignore_errors=True)
+    shutil.copytree(run / "pipeline", out / "pipeline")
+    save_tokenizer_files(out / "pipeline" / "tokenizer")  # vocab.json + merges.txt beside tokenizer.json
 
-    save_subjects(ASSETS / "subjects")
+    save_subjects(out / "subjects", resolution)
 
     started = time.perf_counter()
-    judge, judge_accuracy, clean_energy = train_judge(args.judge_steps)
+    judge, judge_accuracy, clean_energy = train_judge(
+        args.judge_steps, resolution=resolution, num_images=args.judge_images
+    )
     judge_seconds = time.perf_counter() - started
     save_file(
         judge.state_dict(),
-        str(ASSETS / "judge.safetensors"),
+        str(out / "judge.safetensors"),
         metadata={"clean_high_frequency_energy": repr(clean_energy), "held_out_accuracy": repr(judge_accuracy)},
     )
-    config = judge_config(clean_energy, judge_accuracy, steps=args.judge_steps, seconds=round(judge_seconds, 1))
-    (ASSETS / "judge_config.json").write_text(json.dumps(config, indent=1))
+    config = judge_config(
+        clean_energy, judge_accuracy, resolution, steps=args.judge_steps, seconds=round(judge_seconds, 1)
+    )
+    (out / "judge_config.json").write_text(json.dumps(config, indent=1))
 
-    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    accuracy = prompt_accuracy(pipe, judge, clean_energy, n=args.eval_images, guidance=args.guidance)
+    steps = args.inference_steps
+    accuracy = prompt_accuracy(pipe, judge, clean_energy, n=args.eval_images, steps=steps, guidance=args.guidance)
     sweep = {}
     for scale in (float(v) for v in args.guidance_sweep.split(",") if v):
         result = (
             accuracy
             if scale == args.guidance
-            else prompt_accuracy(pipe, judge, clean_energy, n=args.eval_images, guidance=scale)
+            else prompt_accuracy(pipe, judge, clean_energy, n=args.eval_images, steps=steps, guidance=scale)
         )
         sweep[scale] = {k: result[k] for k in ("colour", "shape")}
-    seconds = seconds_per_image(pipe)
-    sample_grid(pipe, ASSETS / "samples.png", guidance=args.guidance)
-    report = json.loads((run / "training_report.json").read_text())
-    size_mb = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) / 2**20
+    seconds = seconds_per_image(pipe, steps)
+    sample_grid(pipe, out / "samples.png", steps=steps, guidance=args.guidance)
+    other_models = {c.name for c in models.CONFIGS.values()}  # the 64 px folder sits inside the 32 px one
+    files = [p for p in out.rglob("*") if p.is_file() and not other_models & set(p.relative_to(out).parts)]
+    size_mb = sum(p.stat().st_size for p in files) / 2**20
     measured = {
         "judge_accuracy": judge_accuracy,
         "judge_seconds": judge_seconds,
         "prompt_accuracy": accuracy,
         "guidance": args.guidance,
+        "inference_steps": steps,
         "eval_images": args.eval_images,
         "guidance_sweep": sweep,
         "seconds_per_image": seconds,
@@ -80,7 +96,7 @@ def main(input_args=None):
             name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("vae", "unet", "text_encoder")
         },
     }
-    write_card(report, measured)
+    write_card(report, measured, out)
     (run / "evaluation.json").write_text(json.dumps(measured, indent=1))
     print(json.dumps(measured, indent=1))
 
@@ -91,7 +107,7 @@ def _loss_at(history, fraction):
     return min(history, key=lambda entry: abs(entry[0] - target))[1]
 
 
-def _limits(report, accuracy) -> str:
+def _limits(report, accuracy, budget_minutes: int) -> str:
     confusion = accuracy["shape_confusion"]
     wrong = [
         (count, asked, read) for asked, reads in confusion.items() for read, count in reads.items() if read != asked
@@ -103,15 +119,23 @@ def _limits(report, accuracy) -> str:
         count, asked, read = max(wrong)
         text += f"; the most frequent shape error is {asked} read as {read} ({count} images)"
     by_size = ", ".join(f"{size} {value:.0%}" for size, value in sorted(accuracy["shape_by_size"].items()))
+    late, final = _loss_at(history, 0.75), history[-1][1]
+    trend = "still falling" if final < late else "flat or rising"
     return text + (
-        f"; right shapes by size: {by_size}. The epsilon-MSE was still falling when training stopped "
-        f"({_loss_at(history, 0.75):.4f} at 75 % of the steps, {history[-1][1]:.4f} at the end); the step "
-        "count was set by the 45-minute CPU budget."
+        f"; right shapes by size: {by_size}. The epsilon-MSE was {trend} when training stopped "
+        f"({late:.4f} at 75 % of the steps, {final:.4f} at the end); the step "
+        f"count was set by the {budget_minutes}-minute CPU budget."
     )
 
 
-def write_card(report, measured):
+def write_card(report, measured, out: Path):
+    config = models.get_config(report.get("resolution", 32))
+    side, latent = config.resolution, config.latent_side
     accuracy, guidance = measured["prompt_accuracy"], measured["guidance"]
+    steps = measured.get("inference_steps", 25)
+    subject_set = subjects(side)
+    default = next(iter(subject_set.values()))
+    others = list(subject_set.values())[1:]
     unet_k = report["unet_steps"] / 1000
     vae_k = report["vae_steps"] / 1000
     parameters = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in measured["parameters"].items())
@@ -120,28 +144,40 @@ def write_card(report, measured):
         for scale, v in measured["guidance_sweep"].items()
     )
     lines = [
-        "# Tiny Stable Diffusion (bundled)",
+        f"# Tiny Stable Diffusion, {side} px (`{config.name}`)",
         "",
         "A text-to-image latent diffusion model with Stable Diffusion 1.5's structure (AutoencoderKL, "
         "UNet2DConditionModel with CrossAttnDownBlock2D / UNetMidBlock2DCrossAttn / CrossAttnUpBlock2D, "
         "CLIPTextModel + CLIPTokenizer, DDIM scheduler), trained from scratch on this package's synthetic world: "
-        "32x32 images of one shape (circle, square, triangle, star) in one of six colours, two sizes, at a random "
-        'position on a black, white or gray background, captioned "a {size} {colour} {shape} on a {background} '
-        'background". Four colour/shape pairs are held out of training (red triangle, blue star, yellow circle, '
-        "purple square) to test prompt generalisation.",
+        f"{side}x{side} images of one shape (circle, square, triangle, star) in one of six colours, two sizes, "
+        'at a random position on a black, white or gray background, captioned "a {size} {colour} {shape} on a '
+        '{background} background". Four colour/shape pairs are held out of training (red triangle, blue star, '
+        "yellow circle, purple square) to test prompt generalisation."
+        + (
+            f" The VAE also sees the same scenes with {config.textured_fraction:.0%} of the shapes filled by random "
+            "two-colour textures (checkerboards, stripes, dots, speckle) so that it can code fine patterns."
+            if config.textured_fraction
+            else ""
+        ),
         "",
         "Reproduce: `python -m bayeslayers.integrations.tiny_sd.train --output_dir RUN --seed "
-        f"{report['seed']}` (resumable: rerun the same command) then "
+        f"{report['seed']}" + (f" --resolution {side}" if side != 32 else "") + "` (resumable: rerun the same "
+        "command) then "
         "`python -m bayeslayers.integrations.tiny_sd.build_assets --run_dir RUN`.",
         "",
         "## Configuration",
         "",
-        f"- VAE: `{models.VAE_CONFIG['block_out_channels']}` channels, 32x32x3 -> 8x8x4 latents; "
+        f"- VAE: `{config.vae['block_out_channels']}` channels, {side}x{side}x3 -> {latent}x{latent}x4 latents; "
         f"{report['vae_steps']} steps, batch {report['batch_size']}; latent scaling factor "
-        f"{report['latent_scaling_factor']:.4f}",
-        f"- UNet: `{models.UNET_CONFIG['block_out_channels']}` channels, cross-attention dim "
-        f"{models.UNET_CONFIG['cross_attention_dim']}; text encoder: {models.TEXT_CONFIG['num_hidden_layers']} layers, "
-        f"width {models.TEXT_CONFIG['hidden_size']}, trained jointly; {report['unet_steps']} steps, batch "
+        f"{report['latent_scaling_factor']:.4f}"
+        + (
+            f"; reconstruction MSE with textures {report['vae_recon_mse_vae_data']:.4f}"
+            if config.textured_fraction and "vae_recon_mse_vae_data" in report
+            else ""
+        ),
+        f"- UNet: `{config.unet['block_out_channels']}` channels, cross-attention dim "
+        f"{config.unet['cross_attention_dim']}; text encoder: {config.text['num_hidden_layers']} layers, "
+        f"width {config.text['hidden_size']}, trained jointly; {report['unet_steps']} steps, batch "
         f"{report['batch_size']}, AdamW with cosine schedule, 10 % empty captions (classifier-free guidance)",
         f"- Parameters: {parameters}",
         "- Tokenizer: CLIP BPE built from the project's `vocab.json` / `merges.txt` (one token per world word); "
@@ -169,7 +205,7 @@ def write_card(report, measured):
         ),
         f"- Judge ({measured['judge_seconds'] / 60:.1f} min to train) accuracy on fresh clean renders: "
         + ", ".join(f"{k} {v:.1%}" for k, v in measured["judge_accuracy"].items()),
-        f"- Prompt accuracy on {measured['eval_images']} images of held-out colour/shape prompts (25 DDIM steps, "
+        f"- Prompt accuracy on {measured['eval_images']} images of held-out colour/shape prompts ({steps} DDIM steps, "
         f"guidance {guidance:g}): "
         + ", ".join(f"{k} {accuracy[k]:.1%}" for k in ("colour", "shape", "size", "background"))
         + f"; corruption score {accuracy['corruption_score']:.2f} "
@@ -177,24 +213,25 @@ def write_card(report, measured):
         "- Right shapes per held-out prompt: "
         + ", ".join(f"{k} {v:.0%}" for k, v in sorted(accuracy["shape_by_prompt"].items())),
         f"- Guidance sweep ({measured['eval_images']} images each): {sweep}",
-        f"- One image at 25 steps: {measured['seconds_per_image']:.2f} s",
+        f"- One image at {steps} steps: {measured['seconds_per_image']:.2f} s",
         f"- Assets in total: {measured['assets_mb']:.1f} MB",
         "",
-        _limits(report, accuracy),
+        _limits(report, accuracy, config.cpu_budget_minutes),
         "",
         "## Files",
         "",
         "- `pipeline/`: the diffusers folder (`StableDiffusionPipeline.from_pretrained`, safetensors).",
         "- `judge.safetensors` + `judge_config.json`: the judge "
-        "(`bayeslayers.integrations.tiny_sd.load_judge()`) and its clean-data high-frequency reference.",
-        "- `subjects/`: four few-shot subjects never seen in training (`subject.py`): a red/yellow checkerboard "
-        'star (the default, "a sks star", 5 images), a blue/orange split circle, a green/yellow striped square and '
-        'a purple ring ("a sks circle"), 4 images each; `prompts.json` holds the instance, class and evaluation '
-        "prompts.",
+        f"(`bayeslayers.integrations.tiny_sd.load_judge({'' if side == 32 else side})`) and its clean-data "
+        "high-frequency reference.",
+        f"- `subjects/`: {len(subject_set)} few-shot subjects never seen in training (`subject.py`): "
+        f'{default.look} {default.shape} (the default, "{default.instance_prompt}", {len(default.scenes)} images), '
+        + ", ".join(f"{s.look} {s.shape} ({len(s.scenes)} images)" for s in others)
+        + "; `prompts.json` holds the instance, class and evaluation prompts.",
         "- `samples.png`: rows = " + "; ".join(GRID_PROMPTS) + f" (4 seeds each, guidance {guidance:g}).",
         "",
     ]
-    (ASSETS / "MODEL_CARD.md").write_text("\n".join(lines))
+    (out / "MODEL_CARD.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def subject_metrics(images: torch.Tensor, subject_images: torch.Tensor, shape: str = "star") -> dict[str, float]:
-    """images, subject_images: (N, 3, 32, 32) in [-1, 1]. Returns mean metrics over ``images``."""
+    """images, subject_images: (N, 3, R, R) in [-1, 1], R = 32 or 64 (the judge of that model size). Returns mean
+    metrics over ``images``."""
     from . import load_judge
     from .judge import corruption_score
 
-    judge, clean_energy = load_judge()
+    judge, clean_energy = load_judge(images.shape[-1])
     reference = F.normalize(judge.embedding(subject_images), dim=1).mean(0)
     similarity = F.normalize(judge.embedding(images), dim=1) @ F.normalize(reference, dim=0)
     shapes = judge.predict(images)["shape"]

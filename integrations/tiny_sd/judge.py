@@ -1,5 +1,5 @@
-"""The synthetic world's judge: a small CNN that reads colour, shape, size and background from a 32x32 image
-and gives a 128-d embedding. It plays CLIP-T's role (does the image follow the prompt?) and CLIP-I/DINO's
+"""The synthetic world's judge: a small CNN that reads colour, shape, size and background from a 32x32 or 64x64
+image and gives a 128-d embedding. It plays CLIP-T's role (does the image follow the prompt?) and CLIP-I/DINO's
 (cosine similarity of embeddings: same subject?), and :func:`corruption_score` measures noisy patterns."""
 
 from __future__ import annotations
@@ -8,20 +8,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .world import BACKGROUNDS, COLOURS, SHAPES, SIZES
+from .world import BACKGROUNDS, COLOURS, RESOLUTION, SHAPES, SIZES
 
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "background": tuple(BACKGROUNDS)}
 EMBEDDING_DIM = 128
-CHANNELS = (3, 32, 64, 128)
+CHANNELS = (3, 32, 64, 128)  # at 32 px; each doubling of the resolution adds a 128-channel stage
+
+
+def channels(resolution: int = RESOLUTION) -> tuple[int, ...]:
+    """Conv stages (each halves the side) that bring ``resolution`` down to 4x4."""
+    if resolution not in (32, 64):
+        raise ValueError(f"resolution must be 32 or 64, got {resolution!r}")
+    return CHANNELS + (CHANNELS[-1],) * (resolution // 32 - 1)
 
 
 class Judge(nn.Module):
-    """Input (N, 3, 32, 32) in [-1, 1]; ``forward`` returns {attribute: logits (N, classes)}."""
+    """Input (N, 3, resolution, resolution) in [-1, 1]; ``forward`` returns {attribute: logits (N, classes)}."""
 
-    def __init__(self):
+    def __init__(self, resolution: int = RESOLUTION):
         super().__init__()
+        self.resolution = resolution
+        stages = channels(resolution)
         layers = []
-        for c_in, c_out in zip(CHANNELS[:-1], CHANNELS[1:]):
+        for c_in, c_out in zip(stages[:-1], stages[1:]):
             layers += [
                 nn.Conv2d(c_in, c_out, 3, padding=1),
                 nn.GroupNorm(8, c_out),
@@ -31,7 +40,7 @@ class Judge(nn.Module):
                 nn.MaxPool2d(2),
             ]
         self.features = nn.Sequential(*layers)
-        self.embed = nn.Linear(CHANNELS[-1] * 16, EMBEDDING_DIM)
+        self.embed = nn.Linear(stages[-1] * 16, EMBEDDING_DIM)
         self.heads = nn.ModuleDict({name: nn.Linear(EMBEDDING_DIM, len(values)) for name, values in ATTRIBUTES.items()})
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
@@ -49,13 +58,13 @@ class Judge(nn.Module):
         return {name: [ATTRIBUTES[name][i] for i in logits[name].argmax(1).tolist()] for name in ATTRIBUTES}
 
 
-def judge_config(clean_energy: float, accuracy: dict[str, float], **training) -> dict:
+def judge_config(clean_energy: float, accuracy: dict[str, float], resolution: int = RESOLUTION, **training) -> dict:
     """The description shipped beside the judge's weights (``judge_config.json``)."""
     return {
         "class": f"{Judge.__module__}.{Judge.__name__}",
-        "input_shape": [3, 32, 32],
+        "input_shape": [3, resolution, resolution],
         "input_range": [-1, 1],
-        "channels": list(CHANNELS),
+        "channels": list(channels(resolution)),
         "embedding_dim": EMBEDDING_DIM,
         "attributes": {name: list(values) for name, values in ATTRIBUTES.items()},
         "clean_high_frequency_energy": clean_energy,

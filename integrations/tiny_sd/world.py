@@ -1,7 +1,8 @@
-"""The synthetic captioned world the bundled tiny Stable Diffusion is trained on.
+"""The synthetic captioned world the tiny Stable Diffusion models are trained on.
 
-Each 32x32 RGB image shows one shape (circle, square, triangle, star) of one colour and size at a random
-position on a plain background, captioned "a {size} {colour} {shape} on a {background} background".
+Each RGB image (32x32 or 64x64) shows one shape (circle, square, triangle, star) of one colour and size at a
+random position on a plain background, captioned "a {size} {colour} {shape} on a {background} background".
+:func:`pattern` draws two-colour textures (checkerboards, stripes, dots, speckle) for shapes that carry one.
 Everything is a pure function of the seed.
 """
 
@@ -26,6 +27,8 @@ COLOURS = {
 }
 SIZES = {"small": 0.22, "large": 0.38}  # radius as a fraction of the image side
 BACKGROUNDS = {"black": (15, 15, 15), "white": (240, 240, 240), "gray": (128, 128, 128)}
+SUPERSAMPLE = 4  # render() draws at 4x resolution
+PATTERNS = ("checker", "stripes", "diagonal", "dots", "speckle")
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,7 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, points: int = 5):
 
 def render(scene: Scene, resolution: int = RESOLUTION, fill=None) -> Image.Image:
     """Draws ``scene`` with 4x supersampling; ``fill`` overrides the colour with a PIL image pattern."""
-    scale = 4
-    side = resolution * scale
+    side = resolution * SUPERSAMPLE
     image = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
     mask = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(mask)
@@ -73,6 +75,37 @@ def render(scene: Scene, resolution: int = RESOLUTION, fill=None) -> Image.Image
     layer = fill.resize((side, side)) if fill is not None else Image.new("RGB", (side, side), COLOURS[scene.colour])
     image.paste(layer, (0, 0), mask)
     return image.resize((resolution, resolution), Image.LANCZOS)
+
+
+def pattern(kind: str, colours, cell: float, resolution: int, seed: int = 0) -> Image.Image:
+    """A two-colour texture at render()'s supersampled size: ``colours`` (RGB of the ground, RGB of the marks),
+    ``cell`` the period's half-width in output pixels (2 = a 2-pixel checker or stripe), ``seed`` the speckle's."""
+    if kind not in PATTERNS:
+        raise ValueError(f"kind must be one of {PATTERNS}, got {kind!r}")
+    side = resolution * SUPERSAMPLE
+    y, x = np.mgrid[0:side, 0:side] / SUPERSAMPLE
+    if kind == "checker":
+        on = (np.floor(x / cell) + np.floor(y / cell)) % 2 == 1
+    elif kind == "stripes":
+        on = np.floor(y / cell) % 2 == 1
+    elif kind == "diagonal":
+        on = np.floor((x + y) / cell) % 2 == 1
+    elif kind == "dots":
+        on = (x % (2 * cell) - cell) ** 2 + (y % (2 * cell) - cell) ** 2 < (0.6 * cell) ** 2
+    else:
+        cells = np.random.default_rng(seed).random((math.ceil(resolution / cell) + 1,) * 2) < 0.5
+        on = cells[np.floor(y / cell).astype(int), np.floor(x / cell).astype(int)]
+    return Image.fromarray(np.where(on[..., None], np.array(colours[1]), np.array(colours[0])).astype(np.uint8))
+
+
+def random_pattern(rng: np.random.Generator, resolution: int) -> Image.Image:
+    """A random texture: kind, two distinct world colours, cell 1.5-5 output pixels."""
+    first, second = rng.choice(len(COLOURS), size=2, replace=False)
+    palette = tuple(COLOURS.values())
+    kind = str(rng.choice(PATTERNS))
+    return pattern(
+        kind, (palette[first], palette[second]), float(rng.uniform(1.5, 5.0)), resolution, int(rng.integers(1 << 30))
+    )
 
 
 def random_scene(rng: np.random.Generator, shapes=SHAPES, colours=tuple(COLOURS)) -> Scene:
@@ -98,16 +131,22 @@ def held_out(scene: Scene) -> bool:
     }
 
 
-def make_dataset(n: int, seed: int, split: str = "train", resolution: int = RESOLUTION):
+def make_dataset(n: int, seed: int, split: str = "train", resolution: int = RESOLUTION, textured: float = 0.0):
     """(images uint8 (n, resolution, resolution, 3), scenes) for split 'train' (held-out pairs excluded) or
-    'heldout' (only them)."""
+    'heldout' (only them). A ``textured`` share of the shapes is filled with :func:`random_pattern` in place of
+    their colour (drawn from a second stream: the scenes are those of ``textured=0``)."""
     rng = np.random.default_rng(seed)
     scenes = []
     while len(scenes) < n:
         scene = random_scene(rng)
         if held_out(scene) == (split == "heldout"):
             scenes.append(scene)
-    images = np.stack([np.asarray(render(s, resolution)) for s in scenes])
+    texture_rng = np.random.default_rng([seed, 1])
+    fills = [
+        random_pattern(texture_rng, resolution) if textured and texture_rng.random() < textured else None
+        for _ in scenes
+    ]
+    images = np.stack([np.asarray(render(s, resolution, fill)) for s, fill in zip(scenes, fills)])
     return images, scenes
 
 
