@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from . import assets_dir, models
 from .evaluate import GRID_PROMPTS, prompt_accuracy, sample_grid, seconds_per_image
 from .judge import judge_config
-from .subject import save_subjects, subjects
+from .subject import DEFAULT_SUBJECTS, save_subjects, subjects
 from .tokenizer import save_tokenizer_files
 from .train_judge import train_judge
 
@@ -134,8 +134,8 @@ def write_card(report, measured, out: Path):
     accuracy, guidance = measured["prompt_accuracy"], measured["guidance"]
     steps = measured.get("inference_steps", 25)
     subject_set = subjects(side)
-    default = next(iter(subject_set.values()))
-    others = list(subject_set.values())[1:]
+    default = subject_set[DEFAULT_SUBJECTS[side]]
+    others = [s for s in subject_set.values() if s is not default]
     unet_k = report["unet_steps"] / 1000
     vae_k = report["vae_steps"] / 1000
     parameters = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in measured["parameters"].items())
