@@ -212,6 +212,12 @@ def test_refusals_name_the_argument():
         IVON(model, lr=0.1, ess=1e4, betas=(0.9, 1.0), other_lr=1e-3)
     with pytest.raises(ValueError, match=r"ess \* sigma\^2 \* weight_decay < 1"):
         IVON(model, lr=0.1, ess=1e8, weight_decay=1.0, other_lr=1e-3)
+    with pytest.raises(ValueError, match="weight_decay"):
+        IVON(model, lr=0.1, ess=1e4, weight_decay=-1.0, other_lr=1e-3)
+    no_prior = _linear(store_prior=False)
+    with pytest.raises(ValueError, match=r"stores no prior .* weight_decay=0"):
+        IVON(no_prior, lr=0.1, ess=1e4, other_lr=1e-3)
+    IVON(no_prior, lr=0.1, ess=1e4, weight_decay=0.0, other_lr=1e-3)
     model[0].weight_rho.requires_grad_(False)
     with pytest.raises(ValueError, match="weight_rho"):
         IVON(model, lr=0.1, ess=1e4, other_lr=1e-3)

@@ -17,12 +17,13 @@ gradient accumulation, g and g_rho are their means and h_hat is the mean of thei
     m    <- m - lr * clip((g_m / (1 - beta1^t) + delta * (m - m_0)) / (h + delta), +-clip_radius)
     sigma = 1 / sqrt(ess * (h + delta)),   rho = softplus^-1(sigma)
 
-m_0 is the layer's prior mean (the pretrained weight when the layer stores its prior) or 0: delta is the prior's
-precision per unit of ess (prior N(m_0, 1 / (ess * delta))). The loss must not hold a KL term (the prior enters
-through delta). Every other trainable parameter (biases, plain weights) is stepped by torch's AdamW in the same
-object, so a training loop keeps ``loss.backward(); opt.step(); opt.zero_grad()`` and LR schedulers.
+m_0 is the layer's prior mean (the pretrained weight, or 0 for a zero-mean prior): delta is the prior's precision
+per unit of ess (prior N(m_0, 1 / (ess * delta))); a layer converted with ``store_prior=False`` needs delta = 0.
+The loss must not hold a KL term (the prior enters through delta). Every other trainable parameter (biases, plain
+weights) is stepped by torch's AdamW in the same object, so a training loop keeps ``loss.backward(); opt.step();
+opt.zero_grad()`` and LR schedulers.
 
-    opt = IVON(unet, lr=0.05, ess=1e6, other_lr=1e-5)
+    opt = IVON(unet, lr=1e-3, ess=1e7, betas=(0.9, 0.999), other_lr=2e-4)
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def _check_betas(betas, name: str) -> tuple[float, float]:
     if len(betas) != 2 or not all(0 <= float(b) < 1 for b in betas):
         raise ValueError(f"IVON: {name} must be two numbers in [0, 1), got {betas!r}")
     return float(betas[0]), float(betas[1])
+
+
+def _check_delta(weight_decay) -> float:
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        raise ValueError(f"IVON: weight_decay (delta) must be a number >= 0, got {weight_decay!r}")
+    return float(weight_decay)
 
 
 class IVON(torch.optim.Optimizer):
@@ -101,6 +108,12 @@ class IVON(torch.optim.Optimizer):
                     f"IVON: layer {name!r} trains weight_mu but not weight_rho; IVON reads its Hessian estimate "
                     "from weight_rho's gradient, so rho must require grad and be among params"
                 )
+            if _check_delta(weight_decay) > 0 and not layer.store_prior:
+                raise ValueError(
+                    f"IVON: layer {name!r} stores no prior (store_prior=False), so weight_decay (delta, the prior's "
+                    "precision) has no centre: convert with store_prior=True (the prior mean is the pretrained "
+                    "weight), or pass weight_decay=0"
+                )
             pairs += [mu, rho]
             self._layers.append(layer)
             self._names.append(name)
@@ -112,11 +125,9 @@ class IVON(torch.optim.Optimizer):
             "lr": _check_positive(lr, "lr"),
             "ess": _check_positive(ess, "ess"),
             "betas": _check_betas(betas, "betas"),
-            "weight_decay": float(weight_decay),
+            "weight_decay": _check_delta(weight_decay),
             "clip_radius": _check_positive(clip_radius, "clip_radius", allow_inf=True),
         }
-        if not defaults["weight_decay"] >= 0:
-            raise ValueError(f"IVON: weight_decay (delta) must be >= 0, got {weight_decay!r}")
         groups = [{"params": pairs, "ivon": True}]
         if others:
             if other_lr is None:

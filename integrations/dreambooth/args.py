@@ -393,6 +393,10 @@ def _check_ivon(args) -> None:
         (args.rho_learning_rate is not None, "--rho_learning_rate (IVON sets sigma itself)"),
         (args.use_8bit_adam, "--use_8bit_adam"),
         (bool(args.fused_optimizer), "--fused_optimizer"),
+        (
+            args.store_prior is False and args.ivon_weight_decay > 0,
+            "--no-store_prior and --ivon_weight_decay > 0 (the prior is its centre; --ivon_weight_decay 0: none)",
+        ),
     ]
     for conflict, flag in conflicts:
         if conflict:
