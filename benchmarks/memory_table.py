@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import bayeslayers
-from bayeslayers.optim import FusedBayesAdamW
+from bayeslayers.optim import IVON, FusedBayesAdamW
 
 SD15_CONFIG = Path(__file__).parent / "sd15_unet.json"
 GIB = 2**30
@@ -82,13 +82,17 @@ def activation_bytes(unet, resolution: int) -> int:
     return total[0]
 
 
-def measured_lora_step(unet, trainable, fused: bool = False) -> tuple[int, int]:
-    """(gradient bytes, AdamW state bytes) after one real step at 64 px (``fused``: FusedBayesAdamW)."""
-    optimizer = (FusedBayesAdamW if fused else torch.optim.AdamW)(trainable, lr=1e-4)
+def measured_lora_step(unet, trainable, fused=False) -> tuple[int, int]:
+    """(gradient bytes, optimizer state bytes) after one real step at 64 px (``fused``: FusedBayesAdamW, "ivon":
+    IVON)."""
+    if fused == "ivon":
+        optimizer = IVON(unet, lr=1e-3, ess=1e7, weight_decay=1e-4 if layers_store_prior(unet) else 0.0, other_lr=1e-4)
+    else:
+        optimizer = (FusedBayesAdamW if fused else torch.optim.AdamW)(trainable, lr=1e-4)
     latents, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
     loss = unet(latents, torch.tensor([500]), encoder_hidden_states=text).sample.square().mean()
     layers = bayeslayers.posterior_layers(unet)
-    if layers and all(layer.store_prior for _, layer in layers):
+    if layers and layers_store_prior(unet) and fused != "ivon":
         loss = loss + 1e-3 * bayeslayers.kl_loss(unet)
     loss.backward()
     optimizer.step()
@@ -98,9 +102,13 @@ def measured_lora_step(unet, trainable, fused: bool = False) -> tuple[int, int]:
     return grads, state
 
 
+def layers_store_prior(unet) -> bool:
+    return all(layer.store_prior for _, layer in bayeslayers.posterior_layers(unet))
+
+
 def configurations():
-    """(mode, design, convert options or None, backend for activations, paper-style full prior copy, fused
-    optimizer)."""
+    """(mode, design, convert options or None, backend for activations, paper-style full prior copy, optimizer:
+    False for AdamW, True for FusedBayesAdamW, "ivon" for IVON)."""
     fused = "FusedBayesAdamW"
     for mode, preset in (("full", "dreambooth-bnn"), ("lora", "dreambooth-bnn-lora")):
         plain = None if mode == "full" else {"preset": preset, "mode": "lora", "bayesian_factors": ""}
@@ -113,6 +121,8 @@ def configurations():
         yield mode, f"bayeslayers + {fused}", bayes, "cpp", False, True
         yield mode, f"bayeslayers + {fused}, prior_dtype=bfloat16", bf16, "cpp", False, True
         yield mode, f"bayeslayers + {fused}, store_prior=False (recipe default at KL 0)", no_prior, "cpp", False, True
+        yield mode, "bayeslayers + IVON, prior_dtype=bfloat16", bf16, "cpp", False, "ivon"
+        yield mode, "bayeslayers + IVON, weight_decay=0, store_prior=False", no_prior, "cpp", False, "ivon"
         yield mode, "paper code design (fp32 UNet copy as prior, naive layers)", bayes, "reference", True, False
 
 
@@ -120,10 +130,19 @@ def gradient_bytes(trainable, layers, fused: bool) -> int:
     """fp32 gradients of ``trainable``; with the fused optimizer the Bayesian layers' d_mu and d_rho exist only
     inside their layer's backward: the other gradients plus the largest layer's pair."""
     total = 4 * sum(p.numel() for p in trainable)
-    if not fused or not layers:
+    if fused is not True or not layers:
         return total
     bayesian = [layer.weight_mu.numel() for _, layer in layers]
     return total - 8 * sum(bayesian) + 8 * max(bayesian)
+
+
+def optimizer_bytes(trainable, layers, optimizer) -> int:
+    """AdamW: two fp32 moments per trainable element. IVON: one (g_m) per Bayesian mean, none for rho (it holds
+    the Hessian estimate), AdamW's two for the rest."""
+    total = 8 * sum(p.numel() for p in trainable)
+    if optimizer != "ivon":
+        return total
+    return total - 12 * sum(layer.weight_mu.numel() for _, layer in layers)
 
 
 def measure(resolutions) -> list[dict]:
@@ -146,7 +165,7 @@ def measure(resolutions) -> list[dict]:
             "bayesian_weights": sum(layer.weight_mu.numel() for _, layer in layers),
             "parameters": nbytes(unet.parameters()),
             "gradients": gradient_bytes(trainable, layers, fused),
-            "optimizer": 8 * sum(p.numel() for p in trainable),
+            "optimizer": optimizer_bytes(trainable, layers, fused),
             "prior": 4 * total_unet
             if full_prior
             else nbytes(layer.prior_mu for _, layer in layers if layer.prior_mu is not None),
@@ -182,7 +201,8 @@ def markdown(rows, resolutions) -> str:
         "",
         f"Produced by `python -m benchmarks.memory_table` ({environment}). Parameters and prior: bytes of the "
         "model's tensors; gradients = trainable elements x 4 B, optimizer = x 8 B (AdamW moments; for LoRA "
-        "mode also measured after a real step and equal); with FusedBayesAdamW the Bayesian layers' d_mu and "
+        "mode also measured after a real step and equal); IVON keeps one moment per Bayesian mean and none for "
+        "rho (4 B instead of AdamW's 16 B for the pair); with FusedBayesAdamW the Bayesian layers' d_mu and "
         "d_rho live only inside their layer's backward, so gradients = the other trainable elements x 4 B plus "
         "the largest Bayesian layer's pair; activations: bytes autograd saves in one CPU training forward. "
         "Device-independent: a GPU holds the same tensors (plus CUDA context and allocator slack; its attention "

@@ -3,7 +3,7 @@ full mode, 2 steps on CPU: plain fine-tuning against the Bayesian designs, each 
 
     python -m benchmarks.recipe_memory [--resolution 128] [--out benchmarks/results]
 
-Every run: batch 1, AdamW (torch's, or FusedBayesAdamW), no gradient clipping (``--max_grad_norm 0``, which the
+Every run: batch 1, AdamW (torch's, or FusedBayesAdamW) or IVON, no gradient clipping (``--max_grad_norm 0``, which the
 fused optimizer needs), KL weight 0 (the recipe's default), no checkpoint, the final export included. The peak is
 the child process's own ``ru_maxrss`` (``os.wait4``). Memory-heavy (~19 GiB): run it alone.
 """
@@ -32,6 +32,8 @@ DESIGNS = {
     "bayeslayers, torch AdamW, fp32 prior (before)": ["--no-fused_optimizer", "--store_prior"],
     "bayeslayers, FusedBayesAdamW, fp32 prior": ["--fused_optimizer", "--store_prior"],
     "bayeslayers, FusedBayesAdamW, no prior (default at KL 0)": ["--fused_optimizer"],
+    "bayeslayers, IVON, bf16 prior": ["--optimizer", "ivon", "--prior_dtype", "bfloat16"],
+    "bayeslayers, IVON, no prior": ["--optimizer", "ivon", "--no-store_prior", "--ivon_weight_decay", "0"],
 }
 
 

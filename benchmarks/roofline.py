@@ -179,6 +179,26 @@ def adam_posterior(nk) -> Kernel:
     return Kernel("AdamW mu, rho", "optimizer", {"mu, rho": 2 * ADAM_BYTES * nk}, {}, ops=2 * ADAM_OPS * nk)
 
 
+def ivon_posterior(nk, prior_bytes) -> Kernel:
+    """IVON's step on a Bayesian weight as one pass (bayeslayers.optim.IVON runs it as torch elementwise ops):
+    reads mu, rho, their gradients, the moment and the prior mean; writes mu, rho and the moment."""
+    return Kernel(
+        "IVON mu, rho",
+        "optimizer",
+        {"mu, rho, d_mu, d_rho, moment": 20 * nk, "prior": prior_bytes * nk},
+        {"mu, rho, moment": 12 * nk},
+        ops=2 * ADAM_OPS * nk,
+    )
+
+
+def ivon_optimizer(kernels: list[Kernel], prior_bytes) -> list[Kernel]:
+    """The kernels of a Bayesian layer's step with IVON's pass in place of AdamW's on mu and rho."""
+    return [
+        ivon_posterior(k.reads["mu, rho"] // (2 * ADAM_BYTES), prior_bytes) if k.name == "AdamW mu, rho" else k
+        for k in kernels
+    ]
+
+
 def step_in_gradient_pass(kernel: Kernel) -> Kernel:
     """``kernel`` (a gradient pass writing d_mu, d_rho) with AdamW fused in: it reads the four moments and writes
     mu, rho and the moments instead of d_mu and d_rho (FusedBayesAdamW's update inside the gradient pass)."""
@@ -393,9 +413,10 @@ LINEAR_PATHS = ("sample_then_map", "weight_grad_epilogue", "sample_in_gemm")
 LORA_PATHS = ("unfused_lora", "fused_lora")
 
 
-def layer_kernels(layer: Layer, path: str | None, lora: bool, fused_optimizer: bool = False) -> list[Kernel]:
+def layer_kernels(layer: Layer, path: str | None, lora: bool, fused_optimizer: bool | str = False) -> list[Kernel]:
     """Kernels of one layer: ``path`` None for the deterministic layer (LoRA preset: plain LoRA);
-    ``fused_optimizer``: a Bayesian Linear's AdamW runs inside its gradient pass."""
+    ``fused_optimizer``: True, a Bayesian Linear's AdamW runs inside its gradient pass; "ivon", IVON's one pass
+    replaces its AdamW."""
     if layer.kind == "attention":
         return attention(layer.m, layer.heads, layer.n, layer.kv_tokens, layer.k)
     if layer.kind == "conv2d":
@@ -413,10 +434,12 @@ def layer_kernels(layer: Layer, path: str | None, lora: bool, fused_optimizer: b
     if path is None or not layer.converted:
         return deterministic_linear(layer.m, layer.n, layer.k, trained=not lora)
     kernels = bayesian_linear(layer.m, layer.n, layer.k, path, layer.prior_bytes)
+    if fused_optimizer == "ivon":
+        return ivon_optimizer(kernels, layer.prior_bytes)
     return fuse_optimizer(kernels) if fused_optimizer else kernels
 
 
-def roofline(layers: list[Layer], gpu: GPU, lora: bool, fused_optimizer: bool = False) -> dict:
+def roofline(layers: list[Layer], gpu: GPU, lora: bool, fused_optimizer: bool | str = False) -> dict:
     """Per converted layer and path: time (s) and ratio to the deterministic layer; step totals."""
     paths = LORA_PATHS if lora else LINEAR_PATHS
     rows, kernel_rows = [], []
@@ -480,7 +503,8 @@ def markdown(result: dict, args, gpu: GPU, layers: list[Layer]) -> str:
     n_conv = sum(layer.converted for layer in layers)
     out = [
         f"# Roofline: {args.model} {args.preset}, {args.resolution} px, batch {args.batch}, {gpu.name}"
-        + (", AdamW fused into the gradient pass" if args.fused_optimizer else ""),
+        + (", AdamW fused into the gradient pass" if args.fused_optimizer else "")
+        + (", IVON on the Bayesian layers" if args.ivon else ""),
         "",
         f"Spec sheet: {gpu.bandwidth / 1e12:.2f} TB/s, {gpu.tensor_flops / 1e12:.0f} TFLOP/s bf16 tensor, "
         f"{gpu.alu_ops / 1e12:.1f} T lane-ops/s. Lower bounds (`benchmarks/roofline.py`): each kernel takes "
@@ -492,6 +516,10 @@ def markdown(result: dict, args, gpu: GPU, layers: list[Layer]) -> str:
             " Bayesian layers: AdamW on mu and rho fused into the pass that forms d_mu and d_rho (it reads the "
             "moments and writes mu, rho and the moments; no d_mu, d_rho written, no separate optimizer pass)."
             if args.fused_optimizer
+            else " Bayesian layers: IVON in one pass (reads mu, rho, d_mu, d_rho, its moment and the prior; writes mu, "
+            "rho and the moment) in place of AdamW on mu and rho; bayeslayers.optim.IVON runs it as torch elementwise "
+            "ops today, so this is the bound a one-pass kernel would reach."
+            if args.ivon
             else ""
         ),
         "",
@@ -550,16 +578,20 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--fused_optimizer", action="store_true", help="model AdamW on mu, rho inside the gradient pass"
     )
+    parser.add_argument("--ivon", action="store_true", help="model IVON's one pass in place of AdamW on mu, rho")
     args = parser.parse_args(argv)
-    if args.fused_optimizer and "lora" in args.preset:
-        parser.error("--fused_optimizer is modelled for the full preset (dreambooth-bnn) only")
+    if (args.fused_optimizer or args.ivon) and "lora" in args.preset:
+        parser.error("--fused_optimizer and --ivon are modelled for the full preset (dreambooth-bnn) only")
+    if args.fused_optimizer and args.ivon:
+        parser.error("--fused_optimizer and --ivon model two different optimizers: pass one")
     if args.resolution % 64 or args.resolution <= 0 or args.batch <= 0:
         parser.error("--resolution must be a positive multiple of 64 and --batch positive")
     gpu = GPUS[args.gpu]
     layers = unet_layers(args.model, args.preset, args.resolution, args.batch)
-    result = roofline(layers, gpu, lora="lora" in args.preset, fused_optimizer=args.fused_optimizer)
+    optimizer = "ivon" if args.ivon else args.fused_optimizer
+    result = roofline(layers, gpu, lora="lora" in args.preset, fused_optimizer=optimizer)
     stem = f"roofline_{args.model}_{args.preset}_{args.resolution}px_b{args.batch}_{args.gpu}"
-    stem += "_fused_optimizer" if args.fused_optimizer else ""
+    stem += "_fused_optimizer" if args.fused_optimizer else "_ivon" if args.ivon else ""
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.md").write_text(markdown(result, args, gpu, layers))
     with open(args.out / f"{stem}.csv", "w", newline="") as file:

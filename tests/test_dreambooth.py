@@ -115,16 +115,22 @@ def test_use_peft_trains_a_peft_adapter_that_stock_diffusers_and_peft_tools_read
     np.testing.assert_allclose(_image(in_library), base, atol=2e-5)
 
 
-@pytest.mark.parametrize("step_flags", [(), ("--sigma_space", "--rho_learning_rate", "1e-3")])
+@pytest.mark.parametrize(
+    "step_flags",
+    [(), ("--sigma_space", "--rho_learning_rate", "1e-3"), ("--optimizer", "ivon", "--ivon_beta2", "0.9")],
+    ids=["adamw", "sigma-space", "ivon"],
+)
 def test_interrupted_run_resumes_to_the_same_weights(workspace, step_flags):
     from safetensors.torch import load_file
+
+    kl_weight = "0" if "ivon" in step_flags else "1e-2"  # IVON's prior is its weight decay
 
     def on_step(args, step):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
     name = "-".join(["run", *step_flags])
-    full = main(_args(workspace, f"straight{name}", "--max_train_steps", "5", "--kl_weight", "1e-2", *step_flags))
+    full = main(_args(workspace, f"straight{name}", "--max_train_steps", "5", "--kl_weight", kl_weight, *step_flags))
     stopped = main(
         _args(
             workspace,
@@ -132,7 +138,7 @@ def test_interrupted_run_resumes_to_the_same_weights(workspace, step_flags):
             "--max_train_steps",
             "5",
             "--kl_weight",
-            "1e-2",
+            kl_weight,
             "--checkpointing_steps",
             "100",
             *step_flags,
@@ -147,7 +153,7 @@ def test_interrupted_run_resumes_to_the_same_weights(workspace, step_flags):
             "--max_train_steps",
             "5",
             "--kl_weight",
-            "1e-2",
+            kl_weight,
             "--resume_from_checkpoint",
             "latest",
             *step_flags,

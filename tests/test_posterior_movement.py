@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 import bayeslayers
 from bayeslayers import BayesConfig
-from bayeslayers.optim import SigmaAdamW
+from bayeslayers.optim import IVON, SigmaAdamW
 
 
 def test_sigma_movement_statistics_per_group():
@@ -90,6 +90,16 @@ def test_sigma_moves_with_the_sigma_space_step_at_the_papers_learning_rate(tmp_p
         assert result[f"final_sigma_ratio/up_blocks/{stat}"] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_ivon_moves_sigma_by_its_hessian_estimate(tmp_path):
+    """The same 4 steps with --optimizer ivon: sigma is IVON's curvature estimate, and it moves >= 10x more than
+    under rho-space AdamW; the stored prior (the pretrained weights) is its centre."""
+    _, rho_space = _recipe(tmp_path, "rho")
+    result, ivon = _recipe(tmp_path, "ivon", "--optimizer", "ivon")
+    assert result["optimizer"] == "IVON"
+    assert ivon >= 10 * rho_space
+    assert result["final_sigma_ratio/all/p95"] > 1.0 + 10 * rho_space
+
+
 def test_recipe_optimizer_groups(tmp_path):
     from bayeslayers.integrations.dreambooth import parse_args
     from bayeslayers.integrations.dreambooth.recipe import build_optimizer
@@ -104,9 +114,21 @@ def test_recipe_optimizer_groups(tmp_path):
     assert split.param_groups[1]["params"] == [model[1].weight_rho]
     sigma = build_optimizer(params, parse_args([*base, "--sigma_space"]), 1, models=(model,))
     assert type(sigma) is SigmaAdamW and [g["sigma_space"] for g in sigma.param_groups] == [False, True]
+    ivon = build_optimizer(
+        params, parse_args([*base, "--optimizer", "ivon", "--ivon_beta2", "0.9"]), 1, models=(model,)
+    )
+    assert type(ivon) is IVON and [g["ivon"] for g in ivon.param_groups] == [True, False]
+    assert ivon.param_groups[0]["params"] == [model[1].weight_mu, model[1].weight_rho]
+    assert ivon.param_groups[0]["betas"] == (0.9, 0.9) and ivon.param_groups[1]["lr"] == 1e-4
     for extra, message in (
         (["--rho_learning_rate", "0"], "rho_learning_rate"),
         (["--sigma_space", "--use_8bit_adam"], "8bit"),
+        (["--optimizer", "ivon", "--kl_weight", "1e-4"], "--optimizer ivon cannot be used with --kl_weight"),
+        (["--optimizer", "ivon", "--sigma_space"], "--optimizer ivon cannot be used with --sigma_space"),
+        (["--optimizer", "ivon", "--no-bayesian"], "--optimizer ivon cannot be used with --no-bayesian"),
+        (["--optimizer", "ivon", "--ivon_ess", "0"], "--ivon_ess must be > 0"),
+        (["--optimizer", "ivon", "--ivon_beta2", "1"], "--ivon_beta2 must be in"),
+        (["--optimizer", "ivon", "--fused_optimizer", "--max_grad_norm", "0"], "--optimizer ivon is another"),
     ):
         with pytest.raises(ValueError, match=message):
             parse_args([*base, *extra])

@@ -174,3 +174,18 @@ def test_fused_optimizer_reads_the_moments_in_the_gradient_pass_and_drops_the_ad
     assert step.reads["moments"] == step.writes["moments"] == 16 * n * k and "d_mu_ptr" not in step.writes
     # d_mu, d_rho no longer written (8 B) nor read back with mu, rho by the AdamW pass (16 B)
     assert sum(kern.bytes for kern in unfused) - sum(kern.bytes for kern in fused) == 24 * n * k
+
+
+def test_ivon_replaces_the_adamw_pass_on_mu_and_rho(tmp_path):
+    m, n, k, prior_bytes = 256, 320, 640, 2
+    adamw = roofline.bayesian_linear(m, n, k, "sample_then_map", prior_bytes)
+    ivon = roofline.ivon_optimizer(adamw, prior_bytes)
+    (step,) = [kern for kern in ivon if kern.phase == "optimizer"]
+    assert step.name == "IVON mu, rho"
+    # AdamW on the pair reads and writes 56 B per weight; IVON's pass 22 + 12 B (bf16 prior)
+    assert sum(step.reads.values()) == 22 * n * k and sum(step.writes.values()) == 12 * n * k
+    assert [kern.name for kern in ivon if kern.phase != "optimizer"] == [
+        kern.name for kern in adamw if kern.phase != "optimizer"
+    ]
+    assert roofline.main(["--ivon", "--gpu", "h100", "--out", str(tmp_path)]) == 0
+    assert "IVON" in (tmp_path / "roofline_sd15_dreambooth-bnn_512px_b1_h100_ivon.md").read_text()

@@ -212,6 +212,26 @@ def _bayesian_flags(add) -> None:
     BayesConfig.add_arguments(add, OPTIMIZER_FIELDS)  # --rho_learning_rate, --sigma_space (docs/posterior.md)
     add("--kl_weight", type=float, default=0.0)
     add(
+        "--optimizer",
+        type=str,
+        default="adamw",
+        choices=["adamw", "ivon"],
+        help="adamw: torch AdamW (or FusedBayesAdamW, AdamW8bit); ivon: bayeslayers.optim.IVON on the Bayesian "
+        "layers (sigma is its Hessian estimate; the prior enters through --ivon_weight_decay, so --kl_weight 0), "
+        "AdamW at --learning_rate on the rest (docs/optim.md)",
+    )
+    add("--ivon_learning_rate", type=float, default=1e-3, help="IVON's learning rate (its own scale, not AdamW's)")
+    add("--ivon_ess", type=float, default=1e7, help="IVON's effective sample size: sigma^2 = 1 / (ess (h + delta))")
+    add("--ivon_beta2", type=float, default=0.999, help="IVON's Hessian averaging (its first moment: --adam_beta1)")
+    add(
+        "--ivon_weight_decay",
+        type=float,
+        default=1e-4,
+        help="IVON's delta: prior precision per unit of ess, centred on the pretrained weights (a stored prior)",
+    )
+    add("--ivon_hess_init", type=float, default=None, help="IVON's initial h (default: from --init_sigma)")
+    add("--ivon_clip_radius", type=float, default=float("inf"), help="bound on each weight's IVON step")
+    add(
         "--fused_optimizer",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -251,10 +271,11 @@ def tiny_sd_defaults() -> dict:
 
 def posterior_options(args) -> dict:
     """The posterior's ``BayesConfig`` options as the flags set them (``--init_sigma`` ... ``--store_prior``;
-    ``--store_prior`` unset: a prior only with ``--kl_weight`` > 0, since nothing else reads it)."""
+    ``--store_prior`` unset: a prior only with ``--kl_weight`` > 0 or ``--optimizer ivon``, since nothing else
+    reads it)."""
     options = {name: getattr(args, name) for name in POSTERIOR_FIELDS}
-    if options["store_prior"] is None:
-        options["store_prior"] = args.kl_weight > 0
+    if options["store_prior"] is None:  # IVON centres its prior (weight decay) on the stored one
+        options["store_prior"] = args.kl_weight > 0 or args.optimizer == "ivon"
     return options
 
 
@@ -311,6 +332,7 @@ def fused_optimizer_blocker(args, num_processes: int = 1) -> str:
         (args.mixed_precision == "fp16", "--mixed_precision fp16 needs GradScaler's inf check first (bf16 works)"),
         (args.use_8bit_adam, "--use_8bit_adam is another optimizer"),
         (args.sigma_space, "--sigma_space steps sigma with SigmaAdamW"),
+        (args.optimizer != "adamw", f"--optimizer {args.optimizer} is another optimizer"),
         (num_processes > 1, "several processes (DDP) are not supported by it yet"),
     ]
     return next((reason for blocked, reason in reasons if blocked), "")
@@ -338,6 +360,8 @@ def _check_combinations(args) -> None:
         _fail("--use_peft needs --train_mode lora (it adds the LoRA adapter with peft)")
     if args.use_peft and args.train_text_encoder:
         _fail("--use_peft trains the UNet's adapter only; drop --train_text_encoder or --use_peft")
+    if args.optimizer == "ivon":
+        _check_ivon(args)
     if args.sigma_space and args.use_8bit_adam:
         _fail("--sigma_space steps sigma with SigmaAdamW (fp32 moments); it cannot be used with --use_8bit_adam")
     if args.validation_images is not None:
@@ -352,6 +376,31 @@ def _check_combinations(args) -> None:
             "--hub_token together with --report_to=wandb would expose the token in the wandb logs; "
             "log in with `hf auth login` instead"
         )
+
+
+def _check_ivon(args) -> None:
+    for flag in ("ivon_learning_rate", "ivon_ess", "ivon_clip_radius"):
+        if not getattr(args, flag) > 0:
+            _fail(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    if not 0 <= args.ivon_beta2 < 1:
+        _fail(f"--ivon_beta2 must be in [0, 1), got {args.ivon_beta2}")
+    if args.ivon_weight_decay < 0:
+        _fail(f"--ivon_weight_decay must be >= 0, got {args.ivon_weight_decay}")
+    conflicts = [
+        (not args.bayesian, "--no-bayesian (IVON steps Bayesian layers)"),
+        (args.kl_weight > 0, "--kl_weight > 0 (IVON's prior is --ivon_weight_decay: pass --kl_weight 0)"),
+        (args.sigma_space, "--sigma_space (IVON sets sigma itself)"),
+        (args.rho_learning_rate is not None, "--rho_learning_rate (IVON sets sigma itself)"),
+        (args.use_8bit_adam, "--use_8bit_adam"),
+        (bool(args.fused_optimizer), "--fused_optimizer"),
+        (
+            args.store_prior is False and args.ivon_weight_decay > 0,
+            "--no-store_prior and --ivon_weight_decay > 0 (the prior is its centre; --ivon_weight_decay 0: none)",
+        ),
+    ]
+    for conflict, flag in conflicts:
+        if conflict:
+            _fail(f"--optimizer ivon cannot be used with {flag}")
 
 
 def _resolve_evaluation(args, bundled_prompts) -> None:

@@ -54,8 +54,25 @@ def build_optimizer(params, args, num_processes: int, fused: bool = False, model
     """AdamW (or AdamW8bit) over ``params``; ``fused``: bayeslayers' FusedBayesAdamW, which updates the Bayesian
     layers' mu and rho in their gradient pass. With ``--rho_learning_rate`` or ``--sigma_space`` the posteriors'
     rho of ``models`` form their own group (``bayeslayers.optim.SigmaAdamW`` steps it in sigma space with
-    ``--sigma_space``)."""
+    ``--sigma_space``). ``--optimizer ivon``: ``bayeslayers.optim.IVON`` on the Bayesian layers of ``models``."""
     lr = scaled_learning_rate(args, num_processes)
+    if args.optimizer == "ivon":
+        from bayeslayers.optim import IVON
+
+        return IVON(
+            models,
+            lr=args.ivon_learning_rate,
+            ess=args.ivon_ess,
+            betas=(args.adam_beta1, args.ivon_beta2),
+            weight_decay=args.ivon_weight_decay,
+            clip_radius=args.ivon_clip_radius,
+            hess_init=args.ivon_hess_init,
+            params=params,
+            other_lr=lr,
+            other_betas=(args.adam_beta1, args.adam_beta2),
+            other_eps=args.adam_epsilon,
+            other_weight_decay=args.adam_weight_decay,
+        )
     if fused:
         from bayeslayers.optim import FusedBayesAdamW
 

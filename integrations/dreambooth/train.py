@@ -285,13 +285,16 @@ def main(args, step_callback=None) -> dict:
     if args.train_text_encoder:  # checkpoint names: UNet parameters as they are, text encoder ones prefixed
         named_params.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
     fused = use_fused_optimizer(args, accelerator.num_processes)
-    if args.bayesian and not fused:
+    if args.bayesian and not fused and args.optimizer == "adamw":
         reason = fused_optimizer_blocker(args, accelerator.num_processes) or "--no-fused_optimizer"
         accelerator.print(f"optimizer: torch AdamW, not the fused one ({reason})")
     optimizer = build_optimizer(
         list(named_params.values()), args, accelerator.num_processes, fused, (unet, text_encoder)
     )
     optimizer_name = type(optimizer).__name__
+    # IVON's rho gradients are its Hessian estimate, not a step: clipping leaves them alone
+    ivon = args.optimizer == "ivon"
+    clipped_params = [p for n, p in named_params.items() if not (ivon and n.endswith("weight_rho"))]
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
     if args.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
@@ -376,7 +379,7 @@ def main(args, step_callback=None) -> dict:
                 total = loss + args.kl_weight * kl if args.kl_weight > 0 else loss
                 accelerator.backward(total)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:  # 0: no clipping
-                    accelerator.clip_grad_norm_(list(named_params.values()), args.max_grad_norm)
+                    accelerator.clip_grad_norm_(clipped_params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=args.set_grads_to_none)

@@ -1,4 +1,4 @@
-"""The study's arms and settings: six fine-tuning methods, each a set of recipe flags, and the sizes of the full
+"""The study's arms and settings: seven fine-tuning methods, each a set of recipe flags, and the sizes of the full
 and quick studies."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ class Arm:
     flags: tuple[str, ...]  # bayeslayers-dreambooth flags that make this arm
     bayesian: bool
     train_mode: str
+    kl_weight: float | None = None  # None: the study's KL weight for the arm's train mode
 
 
 _FULL_BNN = ("--train_mode", "full", "--bayesian", "--bayes_preset", "dreambooth-bnn")
@@ -26,6 +27,8 @@ ARMS = {
         # sigma stepped in sigma space (SigmaAdamW), as the seed paper's code: the posterior moves ~100x more
         Arm("dreambooth-bnn-sigma", (*_FULL_BNN, "--sigma_space"), True, "full"),
         Arm("lora-bnn-sigma", (*_LORA_BNN, "--sigma_space"), True, "lora"),
+        # IVON (natural-gradient VI): sigma is its Hessian estimate; its prior is the weight decay, so KL weight 0
+        Arm("dreambooth-bnn-ivon", (*_FULL_BNN, "--optimizer", "ivon"), True, "full", kl_weight=0.0),
     )
 }
 

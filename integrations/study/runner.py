@@ -89,7 +89,8 @@ def recipe_flags(subject: SubjectData, arm: str, seed: int, settings: StudySetti
         subject.instance_data_dir,
     ]
     if spec.bayesian:
-        flags += ["--kl_weight", str(settings.kl_weight[spec.train_mode])]
+        kl_weight = settings.kl_weight[spec.train_mode] if spec.kl_weight is None else spec.kl_weight
+        flags += ["--kl_weight", str(kl_weight)]
     if settings.with_prior_preservation:
         class_dir = Path(root, "class_images", subject.class_prompt.replace(" ", "_"))
         flags += ["--with_prior_preservation", "--class_data_dir", str(class_dir)]
