@@ -118,6 +118,7 @@ def test_texture_subjects_carry_high_frequencies_the_corruption_score_measures()
         pattern("zigzag", ((0, 0, 0), (255, 255, 255)), 2, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resolution", models.RESOLUTIONS)
 def test_training_resumes_bit_identically_after_interruptions(tiny_runs, tmp_path, monkeypatch, resolution):
     """Killed after the VAE's step-2 checkpoint, then after the UNet's: rerunning the command twice gives the
@@ -152,6 +153,7 @@ def test_training_resumes_bit_identically_after_interruptions(tiny_runs, tmp_pat
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_size_is_refused(tiny_runs, tmp_path):
     import shutil
 
@@ -160,6 +162,7 @@ def test_a_checkpoint_of_another_model_size_is_refused(tiny_runs, tmp_path):
         _run(tmp_path, 64)
 
 
+@pytest.mark.slow
 def test_build_assets_of_a_tiny_64px_run_gives_a_loadable_64px_pipeline(tiny_runs, tmp_path):
     from diffusers import StableDiffusionPipeline
 
