@@ -121,6 +121,7 @@ def test_settings_from_flags_per_training_mode():
 
     default = cli.settings_from_args(cli.parse_args([]))
     assert default.kl_weight == {"full": 1e-4, "lora": 0.0} and default == arms.FULL
+    assert "dreambooth-bnn-ivon" in default.arms and not any(a.endswith("-sigma") for a in default.arms)
     both = cli.settings_from_args(cli.parse_args(["--kl_weight", "0.5", "--kl_weight_lora", "2"]))
     assert both.kl_weight == {"full": 0.5, "lora": 2.0}
     rate = cli.settings_from_args(cli.parse_args(["--learning_rate_full", "1e-5", "--seeds", "4,5"]))
@@ -234,12 +235,13 @@ def test_report_only_puts_the_reused_arms_beside_the_new_ones(tmp_path):
     (run / "uncertainty.json").write_text(json.dumps(images))
     flags = ["--report_only", "--arms", "lora-bnn-sigma", "--subjects", "checker_star", "--seeds", "0"]
     report = cli.main(cli.parse_args([*flags, "--reuse_dir", str(committed), "--output_dir", str(tmp_path)]))
-    arms = ["dreambooth", "dreambooth-bnn", "lora", "lora-bnn", "lora-bnn-sigma"]
+    committed_arms = dict.fromkeys(r["arm"] for r in cli.read_csv(committed / "evaluations.csv"))
+    arms = [a for a in committed_arms if a != "lora-bnn-sigma"] + ["lora-bnn-sigma"]
     assert list(dict.fromkeys(e["arm"] for e in report["table"])) == arms
     final = {(e["arm"], e["metric"]): e["final"] for e in report["table"]}
     shift = final[("lora-bnn", "judge_prompt_accuracy")] - final[("lora-bnn-sigma", "judge_prompt_accuracy")]
     assert shift == pytest.approx(0.1)
-    assert report["sigma"] == [
+    assert [e for e in report["sigma"] if e["arm"] == "lora-bnn-sigma"] == [
         {
             "arm": "lora-bnn-sigma",
             "runs": 1,

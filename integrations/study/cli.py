@@ -34,7 +34,9 @@ def parse_args(input_args=None) -> argparse.Namespace:
     )
     p.add_argument("--output_dir", default="outputs/study")
     p.add_argument("--subjects", default=None, help="comma-separated bundled subjects (default: all four)")
-    p.add_argument("--arms", default=None, help=f"comma-separated, from {', '.join(ARMS)} (default: all)")
+    p.add_argument(
+        "--arms", default=None, help=f"comma-separated, from {', '.join(ARMS)} (default: {', '.join(FULL.arms)})"
+    )
     p.add_argument("--seeds", default=None, help="comma-separated training seeds (default: 0,1,2)")
     p.add_argument("--max_train_steps", type=int, default=None)
     p.add_argument("--evaluations", type=int, default=None, help="evaluation points after step 0 (default 15)")
