@@ -268,3 +268,18 @@ def test_fused_optimizer_trains_as_torch_adamw_and_resumes(workspace):
 def test_fused_optimizer_refuses_what_it_cannot_serve(workspace, extra, message):
     with pytest.raises(ValueError, match=f"--fused_optimizer cannot be used here: .*{message}"):
         _args(workspace, "refused", *extra)
+
+
+def test_release_optimizer_state_drops_moments_and_gradients():
+    from accelerate import Accelerator
+
+    from bayeslayers.integrations.dreambooth.train import release_optimizer_state
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = Accelerator(cpu=True).prepare(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    model(torch.randn(4, 3)).square().sum().backward()
+    optimizer.step()
+    model(torch.randn(4, 3)).square().sum().backward()
+    assert len(optimizer.optimizer.state) == 2 and model.weight.grad is not None
+    release_optimizer_state(optimizer)
+    assert len(optimizer.optimizer.state) == 0 and model.weight.grad is None and model.bias.grad is None

@@ -207,6 +207,13 @@ def movement_logs(model, sigma_0: float, prefix: str = "") -> dict:
     return {f"sigma_ratio/{prefix}{group}/{k}": v for group, values in stats.items() for k, v in values.items()}
 
 
+def release_optimizer_state(optimizer) -> None:
+    """Drops the gradients and the optimizer's per-parameter state once training is over (the last checkpoint is
+    written): the end of a run (validation, export) then peaks without them."""
+    optimizer.zero_grad(set_to_none=True)
+    getattr(optimizer, "optimizer", optimizer).state.clear()  # accelerate's wrapper holds the torch optimizer
+
+
 def main(args, step_callback=None) -> dict:
     """Trains, checkpoints, validates and exports; returns the final metrics.
 
@@ -446,6 +453,7 @@ def main(args, step_callback=None) -> dict:
                 break
     progress.close()
     seconds = time.perf_counter() - started
+    release_optimizer_state(optimizer)  # the export below copies weights: not while the moments are alive
     if interrupted is not None:
         accelerator.print(
             f"stopped by signal {interrupted} at step {step}; checkpoint saved, resume with "
