@@ -99,7 +99,8 @@ def sigma_movement(model: nn.Module, sigma_0: float, samples_per_layer: int = 65
             sums, counts, picked = groups.setdefault(key, ([], [], []))
             sums.append(sigma.sum())
             counts.append(sigma.numel())
-            picked.append(sigma[:: max(1, sigma.numel() // samples_per_layer)])
+            # a copy: a strided view would keep every layer's whole sigma alive until the concatenation
+            picked.append(sigma[:: max(1, sigma.numel() // samples_per_layer)].clone())
     stats = {}
     for key, (sums, counts, picked) in groups.items():
         sample = torch.cat(picked) / sigma_0
