@@ -98,3 +98,25 @@ def test_cpu_peak_counts_the_frees_of_blocks_allocated_before_the_call():
         del temporary
 
     assert peak_bytes(step, torch.device("cpu")) == 4 * size
+
+
+def test_optimizer_step_benchmark_times_every_design_and_writes_its_table(tmp_path, monkeypatch):
+    """On a tiny UNet in place of SD1.5: every design trains (the Bayesian ones convert and step) and the table
+    has one row per design, ratios to the plain step."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from benchmarks import optimizer_step
+
+    def tiny():
+        torch.manual_seed(0)
+        return UNet2DConditionModel(**unet_step.unet_config("micro"))
+
+    monkeypatch.setattr(optimizer_step, "sd15_unet", tiny)
+    optimizer_step.main(["--resolution", "64", "--steps", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "optimizer_step_sd15.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["design"] for r in rows] == list(optimizer_step.DESIGNS)
+    assert [r["optimizer"] for r in rows] == ["AdamW", "AdamW", "FusedBayesAdamW", "IVON"]
+    assert all(float(r["median_s"]) > 0 for r in rows)
+    assert "| 1.00x |" in (tmp_path / "optimizer_step_sd15.md").read_text()
