@@ -68,6 +68,10 @@ def build_layer(op: str, shape: tuple, device: torch.device, dtype: torch.dtype)
     else:
         layer_type = bayeslayers.BayesLinear if op == "linear" else bayeslayers.BayesConv2d
         module = layer_type.from_module(plain, init_sigma=0.01, prior_sigma=0.02)
+    for factor in (getattr(module, "lora_A", None), getattr(module, "lora_B", None)):
+        if factor is not None and not isinstance(factor, bayeslayers.BayesianLayer):  # else from the global RNG
+            with torch.no_grad():
+                factor.weight.normal_(0, 0.3, generator=generator)
     for _, layer in bayeslayers.posterior_layers(module):
         with torch.no_grad():
             layer.weight_mu.normal_(0, 0.2, generator=generator)

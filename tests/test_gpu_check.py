@@ -144,9 +144,11 @@ def test_the_float64_check_catches_a_wrong_sample(monkeypatch):
     device = torch.device("cpu")
     assert gpu_correctness.check_layer("linear", (13, 24, 20), "torch", {}, device, torch.float32) < 1e-5
     draw = bayeslayers.materialize_eps
-    monkeypatch.setattr(bayeslayers, "materialize_eps", lambda *a, **k: draw(*a, **k) * 1.01)
+    # 5 % off: the LoRA layer's output moves least (only its up factor is sampled), about 5e-3 there
+    monkeypatch.setattr(bayeslayers, "materialize_eps", lambda *a, **k: draw(*a, **k) * 1.05)
     for op, shape in (("linear", (13, 24, 20)), ("conv2d", (1, 5, 6)), ("lora", (13, 24, 20, 2))):
-        assert gpu_correctness.check_layer(op, shape, "torch", {}, device, torch.float32) > 1e-3, op
+        error = gpu_correctness.check_layer(op, shape, "torch", {}, device, torch.float32)
+        assert error > gpu_correctness.TOLERANCE[torch.float32], op
 
 
 def test_roofline_predictions_for_benchmark_shapes():
