@@ -100,6 +100,7 @@ def test_cpu_peak_counts_the_frees_of_blocks_allocated_before_the_call():
     assert peak_bytes(step, torch.device("cpu")) == 4 * size
 
 
+@pytest.mark.slow
 def test_optimizer_step_benchmark_times_every_design_and_writes_its_table(tmp_path, monkeypatch):
     """On a tiny UNet in place of SD1.5: every design trains (the Bayesian ones convert and step) and the table
     has one row per design, ratios to the plain step."""

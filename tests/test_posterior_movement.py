@@ -90,6 +90,7 @@ def test_sigma_moves_with_the_sigma_space_step_at_the_papers_learning_rate(tmp_p
         assert result[f"final_sigma_ratio/up_blocks/{stat}"] == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_ivon_moves_sigma_by_its_hessian_estimate(tmp_path):
     """The same 4 steps with --optimizer ivon: sigma is IVON's curvature estimate, and it moves >= 10x more than
     under rho-space AdamW; the stored prior (the pretrained weights) is its centre."""
