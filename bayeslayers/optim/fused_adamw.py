@@ -35,6 +35,36 @@ UNSUPPORTED_OPTIONS = {
 }
 
 
+def adamw_state(state: dict, param: torch.Tensor) -> dict:
+    """``state`` (one parameter's optimizer state) filled as torch.optim.AdamW initialises it, when empty."""
+    if not state:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return state
+
+
+def adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+    """torch's single-tensor AdamW step on ``param`` with ``grad``, ``state`` and ``group``'s options."""
+    beta1, beta2 = group["betas"]
+    adamw(
+        [param],
+        [grad],
+        [state["exp_avg"]],
+        [state["exp_avg_sq"]],
+        [],
+        [state["step"]],
+        foreach=False,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        maximize=False,
+    )
+
+
 class FusedBayesAdamW(torch.optim.AdamW):
     """AdamW (torch's update, bit for bit) whose update of every Bayesian layer's ``weight_mu`` / ``weight_rho``
     runs in backward as soon as the layer's gradient pass has formed them.
@@ -110,12 +140,7 @@ class FusedBayesAdamW(torch.optim.AdamW):
         return group
 
     def _state(self, param: torch.Tensor) -> dict:
-        state = self.state[param]
-        if not state:  # as torch.optim.AdamW initialises it
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return state
+        return adamw_state(self.state[param], param)
 
     @torch.no_grad()
     def fused_adamw_arguments(self, mu: torch.Tensor, rho: torch.Tensor):
@@ -151,24 +176,7 @@ class FusedBayesAdamW(torch.optim.AdamW):
             grad = grad.contiguous()
             dist.all_reduce(grad, group=self._process_group)
             grad.div_(dist.get_world_size(self._process_group))
-        state = self._state(param)
-        beta1, beta2 = group["betas"]
-        adamw(
-            [param],
-            [grad],
-            [state["exp_avg"]],
-            [state["exp_avg_sq"]],
-            [],
-            [state["step"]],
-            foreach=False,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=False,
-        )
+        adamw_update(param, grad, self._state(param), group)
         self._stepped_in_backward.add(id(param))
 
     def step(self, closure=None):

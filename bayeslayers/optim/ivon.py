@@ -32,8 +32,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.optim.adamw import adamw
 
+from .fused_adamw import adamw_state, adamw_update
 from .sigma_adamw import inverse_softplus
 
 
@@ -233,31 +233,9 @@ class IVON(torch.optim.Optimizer):
             rho.copy_(inverse_softplus((h.mul_(ess)).rsqrt_()))
 
     def _adamw_step(self, group) -> None:
-        beta1, beta2 = group["betas"]
         for param in group["params"]:
-            if param.grad is None:
-                continue
-            state = self.state[param]
-            if not state:  # as torch.optim.AdamW initialises it
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            adamw(
-                [param],
-                [param.grad],
-                [state["exp_avg"]],
-                [state["exp_avg_sq"]],
-                [],
-                [state["step"]],
-                foreach=False,
-                amsgrad=False,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=False,
-            )
+            if param.grad is not None:
+                adamw_update(param, param.grad, adamw_state(self.state[param], param), group)
 
     def hessian(self, layer) -> torch.Tensor:
         """The Hessian estimate h that ``layer``'s sigma holds: 1 / (ess sigma^2) - delta."""
