@@ -213,8 +213,9 @@ def test_judge_metrics_match_tiny_sd_fidelity():
     # clean renders of the world: the judge reads what the caption says
     for attribute in ("colour", "shape", "size", "background"):
         assert float(values[f"judge_{attribute}_accuracy"].mean()) >= 0.9
-    # a 64 px version is resized to the judge's 32 px, and gives nearly the same reading
-    big = F.interpolate(images, scale_factor=2, mode="nearest")
+    # a 96 px version (no judge of its size) is resized to the 32 px judge's, and gives nearly the same reading
+    big = F.interpolate(images, scale_factor=3, mode="nearest")
+    assert metrics.judge_resolution(big) == 32
     assert float(metrics.judge_metrics(big, prompts)["judge_prompt_accuracy"].mean()) >= 0.9
     noisy = (images + 0.5 * torch.randn_like(images)).clamp(-1, 1)
     assert metrics.judge_metrics(noisy, prompts)["judge_corruption"].mean() > 3 * values["judge_corruption"].mean()
@@ -390,3 +391,29 @@ def test_load_images_reads_a_folder_a_file_or_a_list(tmp_path):
     assert listed.shape == (2, 3, 8, 8) and listed.min() >= -1 and listed.max() <= 1
     assert torch.equal(load_images(tmp_path), listed) and torch.equal(load_images(str(tmp_path)), listed)
     assert torch.equal(load_images(tmp_path / "1.png"), listed[1:])
+
+
+def test_64px_images_are_scored_by_the_64px_models_judge_at_full_resolution():
+    """The 64 px model's images keep their 2-pixel textures: its own judge reads them at 64 px, and the
+    corruption score is their Laplacian energy at 64 px (resized to 32 px, the texture is averaged away)."""
+    from bayeslayers.integrations import tiny_sd
+    from bayeslayers.integrations.tiny_sd.judge import corruption_score
+    from bayeslayers.integrations.tiny_sd.subject import TEXTURE_SUBJECTS
+    from bayeslayers.integrations.tiny_sd.world import make_dataset, to_tensor
+
+    pixels, scenes = make_dataset(16, seed=11, resolution=64)
+    images = to_tensor(pixels)
+    prompts = [s.caption for s in scenes]
+    assert metrics.judge_resolution(images) == 64
+    assert metrics.judge_resolution(images[..., :32]) == 32  # not square: the 32 px judge
+    values = metrics.judge_metrics(images, prompts)
+    judge, clean = tiny_sd.load_judge(64)
+    assert values["judge_corruption"].tolist() == pytest.approx(corruption_score(images, clean).tolist(), rel=1e-6)
+    held_out = tiny_sd.judge_config(64)["held_out_accuracy"]
+    for attribute in ("colour", "shape", "background"):
+        assert float(values[f"judge_{attribute}_accuracy"].mean()) >= held_out[attribute] - 0.15
+    texture = to_tensor(np.stack([np.asarray(im) for im in TEXTURE_SUBJECTS["fine_checker_star"].render()]))
+    at_64 = metrics.judge_metrics(texture, ["a sks star"] * len(texture))["judge_corruption"]
+    at_32 = corruption_score(metrics.judge_input(texture, 32), tiny_sd.load_judge(32)[1])
+    assert float(at_64.mean()) > 2 * float(values["judge_corruption"].mean())  # the texture is high frequency
+    assert float(at_64.mean()) > 2 * float(at_32.mean())

@@ -271,3 +271,74 @@ def test_plot_only_redraws_the_committed_curves_in_two_rows(tmp_path):
     assert 1.2 < width / height < 2.0  # five metrics: two rows of three panels, not one row of five
     rows = cli.read_csv(tmp_path / "evaluations.csv")
     assert isinstance(rows[0]["seed"], int) and isinstance(rows[0]["judge_subject_similarity"], float)
+
+
+def test_corruption_study_settings_and_its_bundled_model():
+    from bayeslayers.integrations import tiny_sd
+    from bayeslayers.integrations.study import arms, cli
+
+    corruption = cli.settings_from_args(cli.parse_args(["--corruption"]))
+    assert corruption == arms.CORRUPTION and corruption.resolution == 64 and arms.FULL.resolution == 32
+    assert corruption.arms == ("dreambooth", "dreambooth-bnn") and corruption.eval_steps == 50  # every 5 %
+    smoke = cli.settings_from_args(cli.parse_args(["--corruption", "--quick"]))
+    assert smoke.model == "tiny-sd-64" and smoke.max_train_steps == arms.QUICK.max_train_steps
+    assert smoke.subjects == ("fine_checker_star",) and smoke.uncertainty_samples == 0
+    with pytest.raises(ValueError, match="--subjects: unknown or no names \\['checker_star'\\]"):
+        cli.settings_from_args(cli.parse_args(["--corruption", "--subjects", "checker_star"]))
+    with pytest.raises(ValueError, match="--subjects: unknown or no names \\['fine_checker_star'\\]"):
+        cli.settings_from_args(cli.parse_args(["--subjects", "fine_checker_star"]))
+    model, flags = cli.model_flags(cli.parse_args(["--corruption"]), corruption)
+    assert flags == ["--pretrained_model_name_or_path", model, "--resolution", "64"]
+    assert model == str(tiny_sd.assets_dir(64) / "pipeline")
+    assert cli.model_flags(cli.parse_args([]), arms.FULL) == (None, [])
+    user = cli.parse_args(["--corruption", "--pretrained_model_name_or_path", "sd15", "--resolution", "512"])
+    assert cli.model_flags(user, corruption) == (
+        "sd15",
+        ["--pretrained_model_name_or_path", "sd15", "--resolution", "512"],
+    )
+
+
+def test_settings_a_saved_study_does_not_record_take_their_defaults(tmp_path):
+    """docs/study's settings.json predates ``model``: it reads as the 32 px model's, not as the 64 px one's."""
+    from bayeslayers.integrations.study import arms, cli
+
+    saved = json.loads(json.dumps(arms.FULL.__dict__, default=list))
+    del saved["model"]
+    current = json.loads(json.dumps(arms.FULL.__dict__, default=list))
+    assert cli.settings_differ(saved, current) == []
+    assert cli.settings_differ(saved, {**current, "model": "tiny-sd-64"}) == ["model"]
+    (tmp_path / "settings.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other settings \\(.*model"):
+        cli.check_settings(tmp_path, arms.CORRUPTION)
+
+
+def test_grid_shows_each_arm_at_evenly_spaced_steps_and_the_plain_arms_corruption_peak(tmp_path):
+    from PIL import Image
+
+    from bayeslayers.integrations.study import grids
+    from bayeslayers.integrations.study.runner import run_dir
+
+    steps, colours = (0, 10, 20, 30, 40), {"dreambooth": 60, "dreambooth-bnn": 200}
+    rows = []
+    for arm, seed, step in itertools.product(colours, (0, 1), steps):
+        peak = 1.0 + (arm == "dreambooth") * (step == 30) * (1 + seed)  # plain peaks at step 30 in both seeds
+        rows.append({"subject": "s", "arm": arm, "seed": seed, "step": step, "corruption": peak})
+        folder = run_dir(tmp_path, "s", arm, seed) / "eval" / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (colours[arm], step, 40 * i)).save(folder / f"{i:03d}.png")
+    assert grids.dip_step(rows, "s", "dreambooth") == 30 and grids.dip_step(rows, "t", "dreambooth") is None
+    assert grids.grid_steps(rows, "s", 3, dip=30) == [0, 20, 30, 40]
+    with pytest.raises(ValueError, match="columns must be >= 2"):
+        grids.grid_steps(rows, "s", 1, dip=None)
+    (path,) = grids.write_grids(tmp_path, rows, list(colours))
+    assert path == tmp_path / "grid_s.png"
+    grid = np.asarray(Image.open(path))
+    side, label_w, label_h, pad = 16, 110, 14, 4  # 8 px images at 2x
+    cell_w = 2 * side + pad
+    for i, arm in enumerate(colours):
+        for j, step in enumerate((0, 10, 20, 30, 40)):  # 5 evenly spaced columns include the dip
+            for k in range(2):
+                y, x = label_h + i * (side + pad) + side // 2, label_w + j * cell_w + k * side + side // 2
+                assert tuple(grid[y, x]) == (colours[arm], step, 40 * k)
+    assert grids.write_grids(tmp_path, rows, [*colours, "lora"]) == []  # an arm without saved images: no grid

@@ -35,12 +35,17 @@ def read_eval_prompts(path) -> list[str]:
 
 
 def is_bundled_model(path) -> bool:
+    """Whether ``path`` is a bundled tiny model's pipeline (either size): its judge is the default metric."""
     try:
         from bayeslayers.integrations import tiny_sd
-
-        return Path(path).resolve() == tiny_sd.pipeline_path().resolve()
-    except (ImportError, FileNotFoundError, OSError):
+        from bayeslayers.integrations.tiny_sd.models import RESOLUTIONS
+    except ImportError:
         return False
+    try:
+        resolved = Path(path).resolve()
+    except OSError:
+        return False
+    return any(resolved == (tiny_sd.assets_dir(r) / "pipeline").resolve() for r in RESOLUTIONS)
 
 
 class Evaluator:

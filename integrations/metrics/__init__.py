@@ -11,7 +11,7 @@ from .clip import IQA_PROMPTS, clip_i, clip_image_features, clip_iqa, clip_t, cl
 from .dino import dino, dino_features
 from .diversity import dino_diversity, pairwise_diversity
 from .images import Preprocessing, check_images, check_prompts, image_files, load_images
-from .judge import judge_metrics, prompt_attributes
+from .judge import judge_input, judge_metrics, judge_resolution, prompt_attributes
 from .models import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, load_clip, load_dino
 from .registry import (
     JUDGE_METRICS,
@@ -48,7 +48,9 @@ __all__ = [
     "dino_features",
     "evaluate",
     "image_files",
+    "judge_input",
     "judge_metrics",
+    "judge_resolution",
     "load_clip",
     "load_dino",
     "load_images",

@@ -55,6 +55,13 @@ class StudySettings:
     guidance_scale: float = 3.0
     uncertainty_samples: int = 6  # posterior samples per image for the uncertainty analysis (0: skip it)
     uncertainty_images_per_prompt: int = 8
+    model: str = "tiny-sd-32"  # the bundled model (tiny_sd.models.CONFIGS) whose subjects and judge are used
+
+    @property
+    def resolution(self) -> int:
+        from bayeslayers.integrations.tiny_sd.models import CONFIGS
+
+        return next(c.resolution for c in CONFIGS.values() if c.name == self.model)
 
     @property
     def eval_steps(self) -> int:
@@ -76,8 +83,7 @@ FULL = StudySettings(
     evaluations=15,
     images_per_prompt=4,
 )
-QUICK = FULL.replace(
-    subjects=("checker_star",),
+SMOKE = dict(  # the sizes of a smoke run (--quick)
     seeds=(0,),
     max_train_steps=8,
     evaluations=2,
@@ -87,4 +93,18 @@ QUICK = FULL.replace(
     eval_inference_steps=4,
     uncertainty_samples=2,
     uncertainty_images_per_prompt=2,
+)
+QUICK = FULL.replace(subjects=("checker_star",), **SMOKE)
+# The corruption stage on the 64 px model (its 16x16x4 latent holds 2-pixel textures): plain vs Bayesian full
+# fine-tuning at a learning rate and length where plain fine-tuning overfits, evaluated every 5 % of training
+CORRUPTION = FULL.replace(
+    model="tiny-sd-64",
+    subjects=("fine_checker_star", "pinstripe_square"),
+    arms=("dreambooth", "dreambooth-bnn"),
+    max_train_steps=1000,
+    evaluations=20,
+    images_per_prompt=2,
+    learning_rate={"full": 5e-4, "lora": 1e-3},
+    train_batch_size=1,
+    uncertainty_samples=0,
 )

@@ -2,14 +2,17 @@
 DreamBooth and LoRA, several subjects and seeds.
 
     python -m bayeslayers.integrations.study [--quick] [--output_dir outputs/study]
+    python -m bayeslayers.integrations.study --corruption [--output_dir outputs/corruption]  # the 64 px model
     python -m bayeslayers.integrations.study --pretrained_model_name_or_path path/to/sd15 \\
         --instance_data_dir dog --instance_prompt "a photo of sks dog" --class_prompt "a photo of dog" \\
         --eval_prompts dog_prompts.txt --metrics clip_t,clip_i,dino,diversity,clip_iqa --resolution 512
 
 Writes ``evaluations.csv`` (every evaluation of every run), ``curves.png`` (each metric against the fraction of
 training, mean over subjects, band = +-1 std over seeds), ``results.md`` / ``results.json`` (best and final
-values, where the best was reached, dip area per arm) and, for the Bayesian arms, ``uncertainty.json`` (rank
-correlation of each image's posterior uncertainty with its fidelity, gain from dropping the most uncertain 25 %).
+values, where the best was reached, dip area per arm), ``grid_<subject>.png`` (the first seed's evaluation images
+across training, one row per arm, the plain arm's corruption peak marked) and, for the Bayesian arms,
+``uncertainty.json`` (rank correlation of each image's posterior uncertainty with its fidelity, gain from dropping
+the most uncertain 25 %).
 A finished run is kept in ``runs/`` and not rerun: the same command resumes an interrupted study.
 """
 
@@ -22,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from .arms import ARMS, FULL, QUICK, StudySettings
+from .arms import ARMS, CORRUPTION, FULL, QUICK, SMOKE, StudySettings
 
 
 def parse_args(input_args=None) -> argparse.Namespace:
@@ -31,6 +34,12 @@ def parse_args(input_args=None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="one subject, one seed, a few steps (a smoke run, about 1.3 min on 2 cores)",
+    )
+    p.add_argument(
+        "--corruption",
+        action="store_true",
+        help="the corruption-stage study on the 64 px model: plain vs Bayesian full fine-tuning, 2 texture "
+        "subjects, 3 seeds, 1000 steps at lr 5e-4, evaluated every 5 %% (with --quick: its smoke run)",
     )
     p.add_argument("--output_dir", default="outputs/study")
     p.add_argument("--subjects", default=None, help="comma-separated bundled subjects (default: all four)")
@@ -98,11 +107,15 @@ def _names(value: str | None, default: tuple, choices, flag: str) -> tuple:
 
 
 def settings_from_args(args) -> StudySettings:
-    from bayeslayers.integrations.tiny_sd.subject import SUBJECTS
+    from bayeslayers.integrations.tiny_sd.subject import subjects
 
-    base = QUICK if args.quick else FULL
+    if args.corruption:
+        smoke = {k: v for k, v in SMOKE.items() if not k.startswith("uncertainty")}
+        base = CORRUPTION.replace(subjects=CORRUPTION.subjects[:1], **smoke) if args.quick else CORRUPTION
+    else:
+        base = QUICK if args.quick else FULL
     changes = {
-        "subjects": _names(args.subjects, base.subjects, SUBJECTS, "--subjects"),
+        "subjects": _names(args.subjects, base.subjects, subjects(base.resolution), "--subjects"),
         "arms": _names(args.arms, base.arms, ARMS, "--arms"),
         "seeds": tuple(int(s) for s in _names(args.seeds, tuple(map(str, base.seeds)), None, "--seeds")),
     }
@@ -121,14 +134,24 @@ def settings_from_args(args) -> StudySettings:
     return base.replace(**changes)
 
 
+def settings_differ(saved: dict, current: dict) -> list[str]:
+    """The settings (other than subjects, arms and seeds) in which two studies differ; a setting a saved study
+    does not record has its default."""
+    from dataclasses import MISSING, fields
+
+    defaults = {f.name: f.default for f in fields(StudySettings) if f.default is not MISSING}
+    return sorted(
+        k for k in current if k not in ("subjects", "arms", "seeds") and saved.get(k, defaults.get(k)) != current[k]
+    )
+
+
 def check_settings(root: Path, settings: StudySettings) -> None:
     """Records the settings in ``root/settings.json``; finished runs there are reused only if everything but the
     list of subjects, arms and seeds is the same (otherwise their curves would not be comparable)."""
     path = root / "settings.json"
     current = json.loads(json.dumps(settings.__dict__, default=list))
     if path.exists():
-        saved = json.loads(path.read_text())
-        differs = sorted(k for k in current if k not in ("subjects", "arms", "seeds") and saved.get(k) != current[k])
+        differs = settings_differ(json.loads(path.read_text()), current)
         if differs:
             raise ValueError(
                 f"--output_dir {root} holds runs made with other settings ({', '.join(differs)}); "
@@ -164,7 +187,7 @@ def reused_rows(folder: Path, settings: StudySettings) -> tuple[list[dict], list
     this study's subjects and seeds; a ValueError if its settings differ (other than subjects, arms, seeds)."""
     saved = json.loads((folder / "settings.json").read_text())
     current = json.loads(json.dumps(settings.__dict__, default=list))
-    differs = sorted(k for k in current if k not in ("subjects", "arms", "seeds") and saved.get(k) != current[k])
+    differs = settings_differ(saved, current)
     if differs:
         raise ValueError(f"--reuse_dir {folder} was made with other settings ({', '.join(differs)})")
 
@@ -194,17 +217,14 @@ def plot_only(root: Path) -> Path:
     settings = json.loads((root / "settings.json").read_text())
     rows = read_csv(root / "evaluations.csv")
     metrics = [m for m in analysis.METRICS if any(m.column in r for r in rows)]
-    lr = settings["learning_rate"]
-    title = (
-        f"{len(settings['subjects'])} subjects x {len(settings['seeds'])} seeds, {settings['max_train_steps']} steps, "
-        f"lr full {lr['full']:g} / lora {lr['lora']:g}"
-    )
+    title = _title(settings, len(settings["subjects"]))
     analysis.plot_curves(rows, list(settings["arms"]), root / "curves.png", metrics, title=title)
     return root / "curves.png"
 
 
 def main(args) -> dict:
     from . import analysis
+    from .grids import write_grids
     from .runner import SubjectData
 
     if args.plot_only:
@@ -226,11 +246,11 @@ def main(args) -> dict:
             )
         ]
     else:
-        subjects = [SubjectData.bundled(name) for name in settings.subjects]
+        subjects = [SubjectData.bundled(name, settings.resolution) for name in settings.subjects]
     started = time.perf_counter()
-    model = args.pretrained_model_name_or_path
+    model, flags = model_flags(args, settings)
     tasks = [
-        (subject, arm, seed, settings, root, user_flags(args), model)
+        (subject, arm, seed, settings, root, flags, model)
         for subject in subjects
         for seed in settings.seeds
         for arm in settings.arms
@@ -257,7 +277,9 @@ def main(args) -> dict:
     write_csv(root / "evaluations.csv", rows)
     metrics = [m for m in analysis.METRICS if any(m.column in r for r in rows)]
     table = analysis.arm_table(rows, arms, metrics)
-    analysis.plot_curves(rows, arms, root / "curves.png", metrics, title=_title(settings, subjects))
+    title = _title(json.loads(json.dumps(settings.__dict__, default=list)), len(subjects))
+    analysis.plot_curves(rows, arms, root / "curves.png", metrics, title=title)
+    grids = write_grids(root, rows, [a for a in arms if a in settings.arms], seed=settings.seeds[0])
     sigma = analysis.sigma_table(rows, arms)
     uncertainty = analysis.uncertainty_summary(image_rows)
     if image_rows:
@@ -268,6 +290,7 @@ def main(args) -> dict:
         "table": table,
         "sigma": sigma,
         "uncertainty": uncertainty,
+        "grids": [str(p) for p in grids],
     }
     if args.reuse_dir is not None:
         report["reused"] = {"dir": args.reuse_dir, "arms": [a for a in arms if a not in settings.arms]}
@@ -281,7 +304,7 @@ def main(args) -> dict:
         text += analysis.uncertainty_markdown(uncertainty)
     (root / "results.md").write_text(text + "\n")
     print(text)
-    print(f"[study] wrote {root / 'evaluations.csv'}, {root / 'curves.png'}, {root / 'results.md'}")
+    print(f"[study] wrote {root / 'evaluations.csv'}, {root / 'curves.png'}, {root / 'results.md'}", *grids)
     return report
 
 
@@ -321,6 +344,19 @@ def _run_all(tasks: list, args, started: float) -> list:
     return results
 
 
+def model_flags(args, settings: StudySettings) -> tuple[str | None, list[str]]:
+    """(the model every run starts from, None for the recipe's default; the recipe flags that choose it): the
+    user's model, else the bundled model of ``settings.model``."""
+    flags = user_flags(args)
+    if args.pretrained_model_name_or_path is not None or settings.resolution == 32:
+        return args.pretrained_model_name_or_path, flags
+    from bayeslayers.integrations import tiny_sd
+
+    model = str(tiny_sd.pipeline_path(settings.resolution))
+    flags = ["--pretrained_model_name_or_path", model, "--resolution", str(settings.resolution)] + flags
+    return model, flags
+
+
 def user_flags(args) -> list[str]:
     """Recipe flags for a user's own model: its path, resolution and metrics."""
     flags = []
@@ -332,10 +368,12 @@ def user_flags(args) -> list[str]:
     return flags
 
 
-def _title(settings: StudySettings, subjects) -> str:
+def _title(settings: dict, subjects: int) -> str:
+    model = settings.get("model", "tiny-sd-32")
     return (
-        f"{len(subjects)} subjects x {len(settings.seeds)} seeds, {settings.max_train_steps} steps, "
-        f"lr full {settings.learning_rate['full']:g} / lora {settings.learning_rate['lora']:g}"
+        f"{'' if model == 'tiny-sd-32' else model + ': '}{subjects} subjects x {len(settings['seeds'])} seeds, "
+        f"{settings['max_train_steps']} steps, batch {settings.get('train_batch_size', 4)}, "
+        f"lr full {settings['learning_rate']['full']:g} / lora {settings['learning_rate']['lora']:g}"
     )
 
 

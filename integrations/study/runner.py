@@ -25,13 +25,14 @@ class SubjectData:
     eval_prompts: tuple[str, ...]
 
     @classmethod
-    def bundled(cls, name: str) -> SubjectData:
+    def bundled(cls, name: str, resolution: int = 32) -> SubjectData:
+        """A subject of the bundled model of that size (``tiny_sd.subject.subjects(resolution)``)."""
         from bayeslayers.integrations import tiny_sd
 
-        prompts = tiny_sd.subject_prompts(name)
+        prompts = tiny_sd.subject_prompts(name, resolution)
         return cls(
             name,
-            str(tiny_sd.subject_path(name)),
+            str(tiny_sd.subject_path(name, resolution)),
             prompts["instance_prompt"],
             prompts["class_prompt"],
             tuple(prompts["eval_prompts"]),
