@@ -40,11 +40,29 @@ def tiny_runs(tmp_path_factory):
     return runs
 
 
-def test_32px_config_is_the_bundled_models():
-    """The bundled pipeline was trained with CONFIGS[32]: every config key matches the shipped config.json."""
-    for part, config in (("vae", models.CONFIGS[32].vae), ("unet", models.CONFIGS[32].unet)):
-        shipped = json.loads((tiny_sd.pipeline_path() / part / "config.json").read_text())
-        assert {k: shipped[k] for k in config} == {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+@pytest.mark.parametrize("resolution", models.RESOLUTIONS)
+def test_each_size_is_bundled_with_its_config(resolution):
+    """Both pipelines were trained with their CONFIGS entry (every config key matches the shipped config.json),
+    fit the 25 MB budget, and are known to the recipe as bundled models (judge metrics by default)."""
+    from bayeslayers.integrations.dreambooth.evaluation import is_bundled_model
+
+    config = models.CONFIGS[resolution]
+    for part, expected in (("vae", config.vae), ("unet", config.unet)):
+        shipped = json.loads((tiny_sd.pipeline_path(resolution) / part / "config.json").read_text())
+        assert {k: shipped[k] for k in expected} == {
+            k: list(v) if isinstance(v, tuple) else v for k, v in expected.items()
+        }
+    assert is_bundled_model(tiny_sd.pipeline_path(resolution))
+    assert not is_bundled_model(tiny_sd.assets_dir(resolution)) and not is_bundled_model("no/such/model")
+    folder = tiny_sd.assets_dir(resolution)
+    other = {c.name for c in models.CONFIGS.values()}  # the 64 px folder sits inside the 32 px one
+    files = [p for p in folder.rglob("*") if p.is_file() and not other & set(p.relative_to(folder).parts)]
+    assert sum(p.stat().st_size for p in files) < 25 * 2**20
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert f"{config.unet_steps} steps" in card and "Judge" in card and "Prompt accuracy" in card
+
+
+def test_config_sizes():
     assert models.CONFIGS[32].latent_side == 8 and models.CONFIGS[64].latent_side == 16
     with pytest.raises(ValueError, match="resolution must be one of"):
         models.get_config(48)

@@ -1,7 +1,7 @@
 """The bundled tiny Stable Diffusion (trained by the project on a synthetic captioned world), its judge and
 few-shot subjects. Accessors return paths inside the installed package; diffusers loads only when a
-pipeline is built. ``resolution`` picks the model size (``models.CONFIGS``): 32 is the bundled model; 64
-(``tiny-sd-64``) has its training code but ships no weights yet.
+pipeline is built. ``resolution`` picks the model size (``models.CONFIGS``): 32 (``tiny-sd-32``, the default)
+or 64 (``tiny-sd-64``: a 16x16x4 latent and texture subjects, for the corruption-stage study).
 
     from diffusers import StableDiffusionPipeline
     from bayeslayers.integrations import tiny_sd

@@ -128,6 +128,12 @@ def _limits(report, accuracy, budget_minutes: int) -> str:
     )
 
 
+def _changed_sizes(report, config) -> str:
+    """The training command's flags for the sizes that differ from the model size's defaults."""
+    names = ("num_images", "batch_size", "vae_steps", "unet_steps")
+    return "".join(f" --{k} {report[k]}" for k in names if k in report and report[k] != getattr(config, k))
+
+
 def write_card(report, measured, out: Path):
     config = models.get_config(report.get("resolution", 32))
     side, latent = config.resolution, config.latent_side
@@ -161,7 +167,10 @@ def write_card(report, measured, out: Path):
         ),
         "",
         "Reproduce: `python -m bayeslayers.integrations.tiny_sd.train --output_dir RUN --seed "
-        f"{report['seed']}" + (f" --resolution {side}" if side != 32 else "") + "` (resumable: rerun the same "
+        f"{report['seed']}"
+        + (f" --resolution {side}" if side != 32 else "")
+        + _changed_sizes(report, config)
+        + "` (resumable: rerun the same "
         "command) then "
         "`python -m bayeslayers.integrations.tiny_sd.build_assets --run_dir RUN`.",
         "",
