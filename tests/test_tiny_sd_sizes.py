@@ -189,11 +189,12 @@ def test_build_assets_of_a_tiny_64px_run_gives_a_loadable_64px_pipeline(tiny_run
     from bayeslayers.integrations.tiny_sd.subject import TEXTURE_SUBJECTS
 
     out = tmp_path / "assets64"
+    shipped = {p: p.read_bytes() for p in tiny_sd.assets_dir(64).rglob("*") if p.is_file()}
     build_assets.main(
         ["--run_dir", str(tiny_runs[64]), "--output_dir", str(out), "--judge_steps", "2", "--judge_images", "24"]
         + ["--eval_images", "4", "--inference_steps", "2", "--guidance_sweep", ""]
     )
-    assert not tiny_sd.assets_dir(64).exists()  # nothing lands in the package
+    assert shipped == {p: p.read_bytes() for p in tiny_sd.assets_dir(64).rglob("*") if p.is_file()}  # untouched
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(
