@@ -31,8 +31,9 @@ def test_wheel_has_no_top_level_kernels_or_integrations(wheel):
     assert "bayeslayers/integrations/presets.py" in names
     assert "bayeslayers/kernels/cpu/csrc/reparameterization_cpu.cpp" in names  # the C++ kernels build from the wheel
     for model in ("", "tiny-sd-64/"):  # both bundled model sizes, weights included
-        assert f"bayeslayers/integrations/tiny_sd/assets/{model}pipeline/unet/diffusion_pytorch_model.safetensors" in names
-        assert f"bayeslayers/integrations/tiny_sd/assets/{model}judge.safetensors" in names
+        folder = f"bayeslayers/integrations/tiny_sd/assets/{model}"
+        assert f"{folder}pipeline/unet/diffusion_pytorch_model.safetensors" in names
+        assert f"{folder}judge.safetensors" in names
 
 
 def test_import_from_installed_wheel(wheel, tmp_path):
