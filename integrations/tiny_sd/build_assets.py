@@ -22,6 +22,7 @@ from .evaluate import GRID_PROMPTS, prompt_accuracy, sample_grid, seconds_per_im
 from .judge import judge_config
 from .subject import DEFAULT_SUBJECTS, save_subjects, subjects
 from .tokenizer import save_tokenizer_files
+from .train import SIZED
 from .train_judge import train_judge
 
 
@@ -130,8 +131,7 @@ def _limits(report, accuracy, budget_minutes: int) -> str:
 
 def _changed_sizes(report, config) -> str:
     """The training command's flags for the sizes that differ from the model size's defaults."""
-    names = ("num_images", "batch_size", "vae_steps", "unet_steps")
-    return "".join(f" --{k} {report[k]}" for k in names if k in report and report[k] != getattr(config, k))
+    return "".join(f" --{k} {report[k]}" for k in SIZED if k in report and report[k] != getattr(config, k))
 
 
 def write_card(report, measured, out: Path):
